@@ -1,0 +1,108 @@
+"""kohya sd-scripts / A1111 / ComfyUI LoRA files, converted by hand both ways.
+
+Keys: "lora_unet_<path with '.' -> '_'>.lora_down.weight" (A), ".lora_up.weight" (B) and a scalar ".alpha";
+text encoders "lora_te_" (SDXL: "lora_te1_", "lora_te2_"). The scale is alpha / r per module, and quantune writes
+each module's own alpha so alpha / r survives exactly (diffusers' own kohya writer stores alpha = r, which
+mis-scales a LoRA trained with alpha != r). Metadata carries kohya's `ss_network_*` fields.
+
+Mixed alphas: diffusers' kohya reader (0.42) keys its per-module alpha_pattern with its old attention names
+("attn1.processor.to_v_lora...") that peft never matches, so every module gets the most common alpha. When the
+modules' alphas differ, quantune therefore writes the most common alpha A* everywhere and folds the ratio into the
+up factor of the others (B' = B * alpha_i / A*): each module's update (A* / r) B' A is unchanged, so kohya tools,
+A1111, ComfyUI and diffusers all apply the same deltas; the modules with alpha A* keep their factors bit-exact.
+
+The flattened names lose the dots; they are restored against the model's own module names when a model is given,
+else by a vocabulary of the multi-word names in diffusers' UNet and CLIP (down_blocks, to_q, self_attn, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import torch
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.lora.weights import LoraModule, LoraWeights
+
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_", "transformer": "lora_unet_"}
+_READ_PREFIXES = [("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                  ("lora_te_", "text_encoder")]
+# Names in diffusers' UNet / CLIP that contain "_" themselves (longest first when joining tokens).
+_VOCAB = {
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
+    "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+    "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+    "layer_norm1", "layer_norm2", "final_layer_norm", "encoder_hid_proj", "class_embedding", "add_k_proj",
+    "add_v_proj", "add_q_proj", "to_add_out", "norm_out", "pos_embed", "time_text_embed", "context_embedder",
+    "text_projection", "proj_mlp", "ff_context",
+}
+
+
+def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sd: dict[str, torch.Tensor] = {}
+    common_alpha = Counter(m.alpha for m in weights.values()).most_common(1)[0][0]
+    has_te2 = any(k.startswith("text_encoder_2.") for k in weights)
+    for key, mod in weights.items():
+        if mod.soft:
+            raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
+        component, _, path = key.partition(".")
+        prefix = "lora_te1_" if (component == "text_encoder" and has_te2) else PREFIXES[component]
+        name = prefix + path.replace(".", "_")
+        sd[f"{name}.lora_down.weight"] = mod.down
+        up = mod.up if mod.alpha == common_alpha else (mod.up.float() * (mod.alpha / common_alpha)).to(mod.up.dtype)
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.alpha"] = torch.tensor(common_alpha, dtype=torch.float32)
+    ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks),
+        "ss_network_alpha": str(common_alpha),
+        "ss_network_args": json.dumps({"conv_dim": ranks} if any(m.down.dim() == 4 for m in weights.values()) else {}),
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+    }
+    return sd, meta
+
+
+def unflatten(flat: str, names: list[str] | None = None) -> str:
+    """Restore the dots of a kohya module name, exactly against `names` when given, else by vocabulary."""
+    if names is not None:
+        lookup = {n.replace(".", "_"): n for n in names}
+        if flat in lookup:
+            return lookup[flat]
+    tokens = flat.split("_")
+    out, i = [], 0
+    while i < len(tokens):
+        for n in (3, 2, 1):
+            word = "_".join(tokens[i : i + n])
+            if n == 1 or word in _VOCAB:
+                out.append(word)
+                i += n
+                break
+    return ".".join(out)
+
+
+def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
+    names = {c: [n for n, _ in m.named_modules()] for c, m in (components or {}).items()}
+    weights: LoraWeights = {}
+    used = set()
+    for key, down in sd.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        flat_full = key[: -len(".lora_down.weight")]
+        match = next(((p, c) for p, c in _READ_PREFIXES if flat_full.startswith(p)), None)
+        if match is None:
+            raise QuantuneError(f"kohya key {key!r} has no lora_unet_/lora_te_ prefix: not a kohya LoRA")
+        prefix, component = match
+        up_key, alpha_key = f"{flat_full}.lora_up.weight", f"{flat_full}.alpha"
+        if up_key not in sd:
+            raise QuantuneError(f"{key} has no lora_up partner: the file is incomplete")
+        alpha = float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0])  # kohya: no alpha means alpha = r
+        path = unflatten(flat_full[len(prefix) :], names.get(component))
+        weights[f"{component}.{path}"] = LoraModule(down=down, up=sd[up_key], alpha=alpha)
+        used.update((key, up_key, alpha_key))
+    unknown = [k for k in sd if k not in used]
+    if unknown:
+        raise QuantuneError(f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (LoHa/LoKr/DoRA are not read)")
+    return weights

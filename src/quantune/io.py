@@ -1,0 +1,119 @@
+"""Atomic writes and safe reads for every file quantune touches.
+
+Writes go to a temporary file (or folder) in the destination's folder and are renamed into place only when complete,
+so an interrupted or failed write never leaves a half-written output. Pickles are read only through
+`torch.load(weights_only=True)`, which refuses any pickle that would run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from quantune.errors import QuantuneError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed last)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise QuantuneError(f"{path} exists and is not a folder: choose another --out")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write tensors (made contiguous, storage not shared) atomically as safetensors."""
+    tensors = {k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def _shares(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file into (tensors, metadata); a missing, truncated or foreign file is a QuantuneError."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantuneError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantuneError(
+            f"{path} is not a readable safetensors file ({reason}): it may be truncated or of another format; "
+            "re-download or re-export it"
+        ) from None
+    return tensors, metadata
+
+
+def load_pickle(path: str | os.PathLike) -> object:
+    """Read a torch pickle (.pt/.ckpt/.bin) with weights_only=True: tensors and plain containers only."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantuneError(f"no such file: {path}")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise QuantuneError(
+                f"refused to load {path}: the pickle would run code ({first[:160]}); only plain tensor pickles "
+                "are read. Convert it to safetensors with a tool you trust"
+            ) from None
+        raise QuantuneError(f"{path} is not a readable torch pickle ({first[:160]}): it may be truncated") from None
+
+
+def write_json(obj: object, path: str | os.PathLike) -> None:
+    """Write JSON (indent 2, sorted keys) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -1,0 +1,22 @@
+"""LoRA layers, injection by config, canonical weights, merge / mix / extract."""
+
+from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS, LoraConfig
+from quantune.lora.inject import (
+    add_lora,
+    find_targets,
+    lora_layers,
+    lora_parameters,
+    merge_lora,
+    remove_lora,
+    set_lora_multiplier,
+    unmerge_lora,
+)
+from quantune.lora.layers import LoraLayer
+from quantune.lora.merge import extract, merge_into, mix
+from quantune.lora.weights import LoraModule, LoraWeights, apply_lora, get_lora_weights
+
+__all__ = [
+    "ATTENTION_TARGETS", "TEXT_ENCODER_TARGETS", "LoraConfig", "LoraLayer", "LoraModule", "LoraWeights",
+    "add_lora", "apply_lora", "extract", "find_targets", "get_lora_weights", "lora_layers", "lora_parameters",
+    "merge_into", "merge_lora", "mix", "remove_lora", "set_lora_multiplier", "unmerge_lora",
+]

@@ -1,0 +1,67 @@
+"""`load_pipeline(ref)`: a built-in `zoo:NAME`, a local diffusers folder, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from quantune.errors import QuantuneError
+from quantune.models.zoo import ZOO
+
+logger = logging.getLogger(__name__)
+
+
+def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix."""
+    if ref.startswith("zoo:"):
+        name = ref[4:]
+        if name not in ZOO:
+            raise QuantuneError(f"unknown built-in model {ref!r}: choose one of {', '.join('zoo:' + k for k in ZOO)}")
+        pipe = ZOO[name]()
+    elif Path(ref).exists():
+        pipe = _load_folder(Path(ref), torch_dtype)
+    elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise QuantuneError(f"no such model folder: {ref} (give a diffusers folder, a hub id 'org/name', or zoo:tiny)")
+    else:
+        pipe = _load_hub(ref, torch_dtype)
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+    if not (path / "model_index.json").is_file():
+        raise QuantuneError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json): save one with "
+            "`pipe.save_pretrained(DIR)` or `quantune lora merge ... --out DIR`"
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantuneError(f"could not load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+    try:  # the local cache first: no network needed when the model was downloaded before
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise QuantuneError(
+            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it where there is "
+            f"network (`hf download {repo_id} --local-dir DIR`) and pass --model DIR"
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype)
+    except Exception as e:  # network errors come in many types (OSError, httpx, requests)
+        logger.debug("hub load failed", exc_info=True)
+        raise QuantuneError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}): check the id and the "
+            f"network, or download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass --model DIR"
+        ) from None

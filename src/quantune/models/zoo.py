@@ -1,0 +1,83 @@
+"""Built-in models: `zoo:tiny` (random, for tests) and the registry that later adds `zoo:emoji`.
+
+zoo:tiny is a real `StableDiffusionPipeline` with the Stable Diffusion architecture at toy size: a
+UNet2DConditionModel with cross-attention (CrossAttn down/up blocks, a mid block, 3x3 convs and 1x1 proj_in/out),
+an AutoencoderKL, a CLIPTextModel and the generated CLIP-style tokenizer shipped in models/assets/tokenizer.
+Every weight is drawn from torch's generator seeded per component, so two builds are bit-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+MAX_TOKENS = 77
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """The shipped CLIP-style BPE tokenizer (see tokenizer_gen.py)."""
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=MAX_TOKENS
+    )
+
+
+def tiny_components(sample_px: int = 64) -> dict:
+    """The components of zoo:tiny, deterministic (seeded per component)."""
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=sample_px // 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        in_channels=4,
+        out_channels=4,
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=sample_px,
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def build_tiny() -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        **tiny_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+ZOO = {"tiny": build_tiny}
