@@ -61,7 +61,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write tensors (made contiguous, storage not shared) atomically as safetensors."""
-    tensors = {k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {
+        k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 

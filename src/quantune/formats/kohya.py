@@ -26,17 +26,61 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.lora.weights import LoraModule, LoraWeights
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_", "transformer": "lora_unet_"}
-_READ_PREFIXES = [("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                  ("lora_te_", "text_encoder")]
+PREFIXES = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te_",
+    "text_encoder_2": "lora_te2_",
+    "transformer": "lora_unet_",
+}
+_READ_PREFIXES = [
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+]
 # Names in diffusers' UNet / CLIP that contain "_" themselves (longest first when joining tokens).
 _VOCAB = {
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
-    "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-    "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-    "layer_norm1", "layer_norm2", "final_layer_norm", "encoder_hid_proj", "class_embedding", "add_k_proj",
-    "add_v_proj", "add_q_proj", "to_add_out", "norm_out", "pos_embed", "time_text_embed", "context_embedder",
-    "text_projection", "proj_mlp", "ff_context",
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "proj_in",
+    "proj_out",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "layer_norm1",
+    "layer_norm2",
+    "final_layer_norm",
+    "encoder_hid_proj",
+    "class_embedding",
+    "add_k_proj",
+    "add_v_proj",
+    "add_q_proj",
+    "to_add_out",
+    "norm_out",
+    "pos_embed",
+    "time_text_embed",
+    "context_embedder",
+    "text_projection",
+    "proj_mlp",
+    "ff_context",
 }
 
 

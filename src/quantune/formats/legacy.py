@@ -73,8 +73,10 @@ def _positional(pairs, model: nn.Module, component: str, targets: set[str]) -> L
             f"the cloneofsimo LoRA has {len(pairs)} {component} modules but walking the model for {sorted(targets)} "
             f"finds {len(order)}: it was made for another model or other target classes"
         )
-    return {f"{component}.{name}": LoraModule(down=down, up=up, alpha=float(down.shape[0]))
-            for name, (up, down) in zip(order, pairs)}
+    return {
+        f"{component}.{name}": LoraModule(down=down, up=up, alpha=float(down.shape[0]))
+        for name, (up, down) in zip(order, pairs)
+    }
 
 
 def ldm_to_diffusers_path(path: str, layers_per_block: int = 2) -> str:
@@ -99,8 +101,12 @@ def ldm_to_diffusers_path(path: str, layers_per_block: int = 2) -> str:
 
 
 def _resnet(rest: str) -> str:
-    table = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
-             "skip_connection": "conv_shortcut"}
+    table = {
+        "in_layers.2": "conv1",
+        "out_layers.3": "conv2",
+        "emb_layers.1": "time_emb_proj",
+        "skip_connection": "conv_shortcut",
+    }
     if rest not in table:
         raise QuantuneError(f"CompVis resnet module {rest!r} is not mapped to diffusers")
     return table[rest]

@@ -35,7 +35,9 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
         for component, mods in groups.items():
             paths = list(mods)
             cfg = peft_config_dict(paths, [m.rank for m in mods.values()], [m.alpha for m in mods.values()])
-            cfg.update({"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True})
+            cfg.update(
+                {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True}
+            )
             sd = {}
             for path, mod in mods.items():
                 sd[f"{PREFIX}{path}.lora_A.weight"] = mod.down
@@ -47,7 +49,8 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
 
 def is_peft_dir(path: Path) -> bool:
     return path.is_dir() and (
-        (path / "adapter_config.json").is_file() or any((path / c / "adapter_config.json").is_file() for c in COMPONENTS)
+        (path / "adapter_config.json").is_file()
+        or any((path / c / "adapter_config.json").is_file() for c in COMPONENTS)
     )
 
 
@@ -65,10 +68,14 @@ def load_peft(path, component: str = "unet") -> LoraWeights:
         try:
             cfg = json.loads((folder / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise QuantuneError(f"{folder}/adapter_config.json is not valid JSON ({e}): re-export the adapter") from None
+            raise QuantuneError(
+                f"{folder}/adapter_config.json is not valid JSON ({e}): re-export the adapter"
+            ) from None
         if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-            raise QuantuneError(f"{folder} is a {cfg.get('peft_type')} adapter (DoRA={cfg.get('use_dora')}): "
-                                "quantune reads plain LoRA adapters")
+            raise QuantuneError(
+                f"{folder} is a {cfg.get('peft_type')} adapter (DoRA={cfg.get('use_dora')}): "
+                "quantune reads plain LoRA adapters"
+            )
         sd, _ = load_safetensors(folder / "adapter_model.safetensors")
         for name, down in sd.items():
             m = _KEY.match(name)

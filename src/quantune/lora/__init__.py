@@ -16,7 +16,23 @@ from quantune.lora.merge import extract, merge_into, mix
 from quantune.lora.weights import LoraModule, LoraWeights, apply_lora, get_lora_weights
 
 __all__ = [
-    "ATTENTION_TARGETS", "TEXT_ENCODER_TARGETS", "LoraConfig", "LoraLayer", "LoraModule", "LoraWeights",
-    "add_lora", "apply_lora", "extract", "find_targets", "get_lora_weights", "lora_layers", "lora_parameters",
-    "merge_into", "merge_lora", "mix", "remove_lora", "set_lora_multiplier", "unmerge_lora",
+    "ATTENTION_TARGETS",
+    "TEXT_ENCODER_TARGETS",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModule",
+    "LoraWeights",
+    "add_lora",
+    "apply_lora",
+    "extract",
+    "find_targets",
+    "get_lora_weights",
+    "lora_layers",
+    "lora_parameters",
+    "merge_into",
+    "merge_lora",
+    "mix",
+    "remove_lora",
+    "set_lora_multiplier",
+    "unmerge_lora",
 ]

@@ -64,7 +64,9 @@ def _module(components: dict[str, nn.Module], component: str, path: str, key: st
     try:
         module = components[component].get_submodule(path)
     except (KeyError, AttributeError):
-        raise QuantuneError(f"the LoRA module {key} is not in the model: the LoRA was made for another model") from None
+        raise QuantuneError(
+            f"the LoRA module {key} is not in the model: the LoRA was made for another model"
+        ) from None
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise QuantuneError(f"{key} is a {type(module).__name__}, not a Linear/Conv2d (does it already hold a LoRA?)")
     return module
@@ -85,8 +87,10 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
             raise QuantuneError(f"{key} is a soft conv LoRA: it cannot be mixed")
         if mode == "sum":
             if len({m.rank for m, _ in parts}) > 1:
-                raise QuantuneError(f"--mode sum needs equal ranks, {key} has {[m.rank for m, _ in parts]}: "
-                                    "use --mode concat (exact) or --mode svd")
+                raise QuantuneError(
+                    f"--mode sum needs equal ranks, {key} has {[m.rank for m, _ in parts]}: "
+                    "use --mode concat (exact) or --mode svd"
+                )
             up = sum(m.up.float() * (m.scale * s) for m, s in parts)
             down = sum(m.down.float() * s for m, s in parts)
             out[key] = LoraModule(down=down, up=up, alpha=float(down.shape[0]))
@@ -121,8 +125,14 @@ def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = 1.0) -> tu
     return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), err
 
 
-def extract(base, tuned, rank: int, clamp_quantile: float = 0.99, min_rel_change: float = 1e-6,
-            targets: list[str] | None = None) -> tuple[LoraWeights, MixReport]:
+def extract(
+    base,
+    tuned,
+    rank: int,
+    clamp_quantile: float = 0.99,
+    min_rel_change: float = 1e-6,
+    targets: list[str] | None = None,
+) -> tuple[LoraWeights, MixReport]:
     """A LoRA of rank `rank` for every Linear/Conv2d whose weight differs between `base` and `tuned`."""
     if rank < 1:
         raise QuantuneError("--rank must be a positive integer")

@@ -54,8 +54,8 @@ def _load_hub(repo_id: str, torch_dtype: torch.dtype | None) -> DiffusionPipelin
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise QuantuneError(
-            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it where there is "
-            f"network (`hf download {repo_id} --local-dir DIR`) and pass --model DIR"
+            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it where "
+            f"there is network (`hf download {repo_id} --local-dir DIR`) and pass --model DIR"
         )
     try:
         return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype)

@@ -17,9 +17,12 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
