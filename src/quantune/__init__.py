@@ -1,9 +1,27 @@
-"""quantune: fine-tune and compress diffusion models (LoRA, IntLoRA, EDA-DM PTQ, integer inference)."""
+"""quantune: fine-tune and compress diffusion models (LoRA, IntLoRA, EDA-DM PTQ, integer inference).
 
-from quantune.api import load_lora, save_lora
-from quantune.errors import QuantuneError
-from quantune.lora import LoraConfig, add_lora, remove_lora
-from quantune.models import load_pipeline
+The top-level names are imported lazily so that `quantune --help` and the CLI start without loading diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LoraConfig", "QuantuneError", "add_lora", "load_lora", "load_pipeline", "remove_lora", "save_lora"]
+
+_EXPORTS = {
+    "LoraConfig": "quantune.lora.config",
+    "add_lora": "quantune.lora.inject",
+    "remove_lora": "quantune.lora.inject",
+    "save_lora": "quantune.api",
+    "load_lora": "quantune.api",
+    "load_pipeline": "quantune.models.loading",
+    "QuantuneError": "quantune.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'quantune' has no attribute {name!r}")

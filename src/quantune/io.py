@@ -38,12 +38,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed last)."""
+def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed last).
+
+    An existing non-empty folder is replaced only if it holds one of `markers` (a previous output of the same
+    kind, e.g. "model_index.json"), so a mistyped --out never deletes unrelated files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise QuantuneError(f"{path} exists and is not a folder: choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not any(list(path.glob(m)) for m in markers):
+        raise QuantuneError(f"{path} exists and holds other files: choose a new or empty --out folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

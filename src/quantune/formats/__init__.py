@@ -17,7 +17,7 @@ from pathlib import Path
 from quantune.errors import QuantuneError
 from quantune.formats import diffusers_format, kohya, legacy, peft_format, quantune_format
 from quantune.io import load_pickle, load_safetensors, save_safetensors
-from quantune.lora.weights import LoraWeights, components_of
+from quantune.lora.weights import LoraWeights, canonicalize, components_of
 
 WRITABLE = ("quantune", "diffusers", "peft", "kohya")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -108,6 +108,8 @@ def read_lora(path, pipe=None, component: str = "unet") -> tuple[LoraWeights, st
             weights = diffusers_format.from_diffusers(sd, meta)
     if not weights:
         raise QuantuneError(f"{path} holds no LoRA modules")
+    if pipe is not None:
+        weights = canonicalize(weights, pipe)
     return weights, fmt, meta
 
 

@@ -7,8 +7,8 @@ mis-scales a LoRA trained with alpha != r). Metadata carries kohya's `ss_network
 
 Mixed alphas: diffusers' kohya reader (0.42) keys its per-module alpha_pattern with its old attention names
 ("attn1.processor.to_v_lora...") that peft never matches, so every module gets the most common alpha. When the
-modules' alphas differ, quantune therefore writes the most common alpha A* everywhere and folds the ratio into the
-up factor of the others (B' = B * alpha_i / A*): each module's update (A* / r) B' A is unchanged, so kohya tools,
+modules' alphas differ within a component, quantune therefore writes that component's most common alpha A* for all
+its modules and folds the ratio into the up factor of the others (B' = B * alpha_i / A*): each module's update (A* / r) B' A is unchanged, so kohya tools,
 A1111, ComfyUI and diffusers all apply the same deltas; the modules with alpha A* keep their factors bit-exact.
 
 The flattened names lose the dots; they are restored against the model's own module names when a model is given,
@@ -84,21 +84,31 @@ _VOCAB = {
 }
 
 
+_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+
+
 def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd: dict[str, torch.Tensor] = {}
-    common_alpha = Counter(m.alpha for m in weights.values()).most_common(1)[0][0]
+    common = {}  # per component, as diffusers builds one peft config per component
+    for key, mod in weights.items():
+        common.setdefault(key.split(".")[0], Counter())[mod.alpha] += 1
+    common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
     has_te2 = any(k.startswith("text_encoder_2.") for k in weights)
     for key, mod in weights.items():
         if mod.soft:
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
         component, _, path = key.partition(".")
         prefix = "lora_te1_" if (component == "text_encoder" and has_te2) else PREFIXES[component]
+        if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
+            path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
         name = prefix + path.replace(".", "_")
         sd[f"{name}.lora_down.weight"] = mod.down
-        up = mod.up if mod.alpha == common_alpha else (mod.up.float() * (mod.alpha / common_alpha)).to(mod.up.dtype)
+        alpha = common[component]
+        up = mod.up if mod.alpha == alpha else (mod.up.float() * (mod.alpha / alpha)).to(mod.up.dtype)
         sd[f"{name}.lora_up.weight"] = up
-        sd[f"{name}.alpha"] = torch.tensor(common_alpha, dtype=torch.float32)
+        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0]
+    common_alpha = Counter(common.values()).most_common(1)[0][0]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks),

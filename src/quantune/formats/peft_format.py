@@ -31,7 +31,7 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
         component, _, path = key.partition(".")
         groups.setdefault(component, {})[path] = mod
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, markers=("*/adapter_config.json",)) as tmp:
         for component, mods in groups.items():
             paths = list(mods)
             cfg = peft_config_dict(paths, [m.rank for m in mods.values()], [m.alpha for m in mods.values()])

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.weights import LoraModule, LoraWeights, check_shapes, components_of, split_key
+from quantune.lora.weights import LoraModule, LoraWeights, check_shapes, components_of, resolve_path, split_key
 
 logger = logging.getLogger(__name__)
 

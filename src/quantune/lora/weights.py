@@ -62,6 +62,30 @@ def split_key(key: str) -> tuple[str, str]:
     return component, path
 
 
+def resolve_path(model: nn.Module, path: str) -> str | None:
+    """The module path in `model` that a file's path names, or None.
+
+    CLIP text encoders are named "text_model.encoder..." in files made with transformers 4 (every SD 1.x / SDXL
+    LoRA in the wild) and "encoder..." in transformers 5's CLIPTextModel: either spelling finds the module.
+    """
+    names = dict(model.named_modules())
+    for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def canonicalize(weights: LoraWeights, pipe_or_model) -> LoraWeights:
+    """Rename keys to the model's own module paths where a file spells them otherwise (see resolve_path)."""
+    components = components_of(pipe_or_model)
+    out: LoraWeights = {}
+    for key, mod in weights.items():
+        component, path = split_key(key)
+        real = resolve_path(components[component], path) if component in components else None
+        out[f"{component}.{real}" if real else key] = mod
+    return out
+
+
 def get_lora_weights(pipe_or_model) -> LoraWeights:
     """Collect the LoRA layers of a pipeline or model into canonical weights (detached copies)."""
     weights: LoraWeights = {}
@@ -85,10 +109,8 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
         if component not in components:
             raise QuantuneError(f"the LoRA has weights for {component!r}, which this model does not have")
         model = components[component]
-        try:
-            base = model.get_submodule(path)
-        except AttributeError:
-            base = None
+        path = resolve_path(model, path) or path
+        base = model.get_submodule(path) if _has(model, path) else None
         if isinstance(base, LoraLayer):
             raise QuantuneError(f"{key} already has a LoRA: remove it first, or mix the LoRAs into one")
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
@@ -110,12 +132,17 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
     return list(weights)
 
 
-def _exists(components: dict[str, nn.Module], key: str) -> bool:
-    component, path = split_key(key)
+def _has(model: nn.Module, path: str) -> bool:
     try:
-        return component in components and isinstance(components[component].get_submodule(path), nn.Module)
+        model.get_submodule(path)
+        return True
     except AttributeError:
         return False
+
+
+def _exists(components: dict[str, nn.Module], key: str) -> bool:
+    component, path = split_key(key)
+    return component in components and resolve_path(components[component], path) is not None
 
 
 def check_shapes(key: str, mod: LoraModule, base: nn.Module) -> None:

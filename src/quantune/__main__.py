@@ -1,0 +1,5 @@
+import sys
+
+from quantune.cli import main
+
+sys.exit(main())

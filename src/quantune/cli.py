@@ -1,0 +1,217 @@
+"""The `quantune` command line: parses, calls the library, prints. No logic of its own.
+
+Every QuantuneError is printed as one line `error: ...` with exit status 2; nothing half-written is left behind
+(the library writes atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from quantune.errors import QuantuneError
+
+logger = logging.getLogger("quantune")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantune", description="Fine-tune and compress diffusion models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images, optionally with LoRAs at one or several strengths")
+    g.add_argument("--model", required=True, help="zoo:tiny, a diffusers folder, or a hub id")
+    g.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] or FILE:S1,S2,... (repeatable)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", type=int, default=None, help="image side in px (default: the model's)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--out", required=True)
+
+    lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
+        dest="lora_command", required=True
+    )
+    i = lora.add_parser("inspect", help="format, ranks, alphas, module count, dtype and size")
+    i.add_argument("file")
+    i.add_argument("--model", help="needed for positional cloneofsimo and lora_wrapper files")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    c = lora.add_parser("convert", help="convert between quantune, diffusers, peft and kohya")
+    c.add_argument("input")
+    c.add_argument("--to", required=True, choices=["quantune", "diffusers", "peft", "kohya"])
+    c.add_argument("--out", required=True)
+    c.add_argument("--model", help="needed to read cloneofsimo / lora_wrapper files, and to restore kohya names")
+    c.add_argument("--component", default="unet", help="part a bare peft folder or cloneofsimo .pt is for")
+
+    m = lora.add_parser("merge", help="merge LoRAs into a base model and save a diffusers folder")
+    m.add_argument("--model", required=True)
+    m.add_argument("--lora", action="append", required=True, help="FILE[:SCALE] (repeatable)")
+    m.add_argument("--out", required=True)
+
+    x = lora.add_parser("mix", help="mix several LoRAs into one")
+    x.add_argument("loras", nargs="+", help="FILE:WEIGHT")
+    x.add_argument("--mode", required=True, choices=["sum", "concat", "svd"])
+    x.add_argument("--rank", type=int)
+    x.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
+    x.add_argument("--model", help="needed to read cloneofsimo / lora_wrapper inputs")
+    x.add_argument("--out", required=True)
+
+    e = lora.add_parser("extract", help="extract a LoRA from two models (truncated SVD of the difference)")
+    e.add_argument("--base", required=True)
+    e.add_argument("--tuned", required=True)
+    e.add_argument("--rank", type=int, required=True)
+    e.add_argument("--clamp-quantile", type=float, default=0.99)
+    e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
+    e.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
+    e.add_argument("--out", required=True)
+    return p
+
+
+def _size(path) -> str:
+    from quantune.formats.inspect import disk_size
+    from quantune.io import human_size
+
+    return human_size(disk_size(path))
+
+
+def cmd_generate(a) -> None:
+    from quantune.generate import LoraSpec, attach_loras, generate
+    from quantune.models import load_pipeline
+
+    pipe = load_pipeline(a.model)
+    scales = attach_loras(pipe, [LoraSpec.parse(s) for s in a.lora])
+    paths = generate(pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance)
+    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
+
+
+def cmd_inspect(a) -> None:
+    from quantune.formats import read_lora
+    from quantune.formats.inspect import describe
+    from quantune.io import human_size
+
+    pipe = _load(a.model)
+    weights, fmt, meta = read_lora(a.file, pipe)
+    info = describe(weights, fmt, a.file, meta)
+    if a.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return
+    print(f"{info['path']}: {info['format']} LoRA, {human_size(info['size_bytes'])}")
+    for key in ("modules", "components", "layer_kinds", "ranks", "alphas", "dtype", "parameters"):
+        print(f"  {key:12s} {info[key]}")
+
+
+def _load(ref):
+    if ref is None:
+        return None
+    from quantune.models import load_pipeline
+
+    return load_pipeline(ref)
+
+
+def cmd_convert(a) -> None:
+    from quantune.formats import read_lora, write_lora
+
+    weights, fmt, meta = read_lora(a.input, _load(a.model), a.component)
+    out = write_lora(weights, a.out, a.to, meta.get("lora_config"))
+    print(f"{fmt} -> {a.to}: {len(weights)} modules, wrote {out} ({_size(out)})")
+
+
+def cmd_merge(a) -> None:
+    from quantune.formats import read_lora
+    from quantune.generate import LoraSpec
+    from quantune.io import atomic_dir
+    from quantune.lora.merge import merge_into
+
+    pipe = _load(a.model)
+    loras = []
+    for spec in map(LoraSpec.parse, a.lora):
+        if len(spec.scales) != 1:
+            raise QuantuneError("lora merge takes one scale per LoRA (FILE:SCALE)")
+        loras.append((read_lora(spec.path, pipe)[0], spec.scales[0]))
+    n = merge_into(pipe, loras)
+    with atomic_dir(a.out, markers=("model_index.json",)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    print(f"merged {len(loras)} LoRA(s) into {n} modules; wrote diffusers folder {a.out} ({_size(a.out)})")
+
+
+def cmd_mix(a) -> None:
+    from quantune.formats import read_lora, write_lora
+    from quantune.generate import LoraSpec
+    from quantune.lora.merge import mix
+
+    pipe = _load(a.model)
+    specs = [LoraSpec.parse(s) for s in a.loras]
+    if any(len(s.scales) != 1 for s in specs):
+        raise QuantuneError("lora mix takes FILE:WEIGHT with one weight each")
+    mixed, report = mix([(read_lora(s.path, pipe)[0], s.scales[0]) for s in specs], a.mode, a.rank)
+    out = write_lora(mixed, a.out, a.to)
+    ranks = sorted({m.rank for m in mixed.values()})
+    print(f"mixed {len(specs)} LoRAs ({a.mode}): {len(mixed)} modules, rank(s) {ranks}; wrote {out} ({_size(out)})")
+    if a.mode == "svd":
+        print(f"  relative error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g}")
+    elif a.mode == "sum":
+        print("  note: sum mixes the factors (cloneofsimo), not the deltas; use concat or svd for the exact sum")
+
+
+def cmd_extract(a) -> None:
+    from quantune.formats import write_lora
+    from quantune.lora.merge import extract
+
+    weights, report = extract(_load(a.base), _load(a.tuned), a.rank, a.clamp_quantile, targets=a.targets)
+    out = write_lora(weights, a.out, a.to)
+    print(f"extracted {len(weights)} modules at rank {a.rank}; wrote {out} ({_size(out)})")
+    print(f"  relative error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g}")
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "inspect": cmd_inspect,
+    "convert": cmd_convert,
+    "merge": cmd_merge,
+    "mix": cmd_mix,
+    "extract": cmd_extract,
+}
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported by a command
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    command = args.lora_command if args.command == "lora" else args.command
+    try:
+        COMMANDS[command](args)
+    except QuantuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""zoo:tiny: a real, deterministic StableDiffusionPipeline; load_pipeline's three kinds of reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from quantune.errors import QuantuneError
+from quantune.models import build_tiny, load_pipeline, load_tokenizer
+
+
+def test_tiny_is_a_deterministic_sd_pipeline():
+    a, b = build_tiny(), build_tiny()
+    assert isinstance(a, StableDiffusionPipeline)
+    assert type(a.unet).__name__ == "UNet2DConditionModel" and a.unet.config.cross_attention_dim == 32
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_tiny_generates_64px(tiny):
+    out = tiny("red apple", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+    assert out.images.std() > 0.01
+
+
+def test_tokenizer_is_clip_style():
+    tok = load_tokenizer()
+    ids = tok("red apple").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.convert_ids_to_tokens(ids[1:2]) == ["red</w>"]
+    assert tok.model_max_length == 77
+
+
+def test_local_folder_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    loaded = load_pipeline(str(tmp_path / "m"))
+    sd_a, sd_b = tiny.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_bad_references(tmp_path):
+    with pytest.raises(QuantuneError, match="zoo:tiny"):
+        load_pipeline("zoo:nope")
+    with pytest.raises(QuantuneError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(QuantuneError, match="no such model folder"):
+        load_pipeline("./missing/folder")
+
+
+def test_unreachable_hub_id_names_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(QuantuneError, match="hf download") as e:
+        load_pipeline("nobody-xyz/not-a-model")
+    assert "\n" not in str(e.value)
