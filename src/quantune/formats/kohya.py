@@ -8,8 +8,9 @@ mis-scales a LoRA trained with alpha != r). Metadata carries kohya's `ss_network
 Mixed alphas: diffusers' kohya reader (0.42) keys its per-module alpha_pattern with its old attention names
 ("attn1.processor.to_v_lora...") that peft never matches, so every module gets the most common alpha. When the
 modules' alphas differ within a component, quantune therefore writes that component's most common alpha A* for all
-its modules and folds the ratio into the up factor of the others (B' = B * alpha_i / A*): each module's update (A* / r) B' A is unchanged, so kohya tools,
-A1111, ComfyUI and diffusers all apply the same deltas; the modules with alpha A* keep their factors bit-exact.
+its modules and folds the ratio into the up factor of the others (B' = B * alpha_i / A*): each module's update
+(A* / r) B' A is unchanged, so kohya tools, A1111, ComfyUI and diffusers all apply the same deltas; the modules
+with alpha A* keep their factors bit-exact.
 
 The flattened names lose the dots; they are restored against the model's own module names when a model is given,
 else by a vocabulary of the multi-word names in diffusers' UNet and CLIP (down_blocks, to_q, self_attn, ...).

@@ -61,12 +61,10 @@ def merge_into(pipe_or_model, loras: list[tuple[LoraWeights, float]]) -> int:
 
 
 def _module(components: dict[str, nn.Module], component: str, path: str, key: str) -> nn.Module:
-    try:
-        module = components[component].get_submodule(path)
-    except (KeyError, AttributeError):
-        raise QuantuneError(
-            f"the LoRA module {key} is not in the model: the LoRA was made for another model"
-        ) from None
+    real = resolve_path(components[component], path) if component in components else None
+    if real is None:
+        raise QuantuneError(f"the LoRA module {key} is not in the model: the LoRA was made for another model")
+    module = components[component].get_submodule(real)
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise QuantuneError(f"{key} is a {type(module).__name__}, not a Linear/Conv2d (does it already hold a LoRA?)")
     return module
