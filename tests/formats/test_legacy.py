@@ -32,7 +32,7 @@ TEXT_TARGETS = {"CLIPAttention"}  # cloneofsimo's TEXT_ENCODER_DEFAULT_TARGET_RE
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 GEGLU = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"
-TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"
+TE_Q_SUFFIX = "encoder.layers.0.self_attn.q_proj"
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
@@ -68,6 +68,14 @@ def add_delta(model: nn.Module, path: str, delta: torch.Tensor) -> None:
     """The reference: fold a weight delta into a fresh model's layer by hand."""
     w = model.get_submodule(path).weight
     w += delta.reshape(w.shape).to(w.dtype)
+
+
+def te_path(pipe, suffix: str = TE_Q_SUFFIX) -> str:
+    """The text encoder's own name for a CLIP module: "text_model.encoder..." in transformers 4, "encoder..." in 5
+    (read_lora renames keys to the model's own spelling)."""
+    names = [n for n, _ in pipe.text_encoder.named_modules() if n in (suffix, f"text_model.{suffix}")]
+    assert len(names) == 1
+    return names[0]
 
 
 def assert_outputs_equal(a, b) -> None:
@@ -127,7 +135,7 @@ def test_cloneofsimo_pt_list_text_encoder(tmp_path):
     base = build_tiny()
     walk = cloneofsimo_walk(base.text_encoder, TEXT_TARGETS)
     assert len(walk) == 8  # 2 layers x (k, v, q, out): CLIPAttention defines k_proj first
-    assert walk[0][0] == "text_model.encoder.layers.0.self_attn.k_proj"
+    assert walk[0][0] == te_path(base, "encoder.layers.0.self_attn.k_proj")
     pairs = random_pairs(walk, r=2, seed=1, std=0.3)
     path = tmp_path / "lora.text_encoder.pt"
     torch.save([t for pair in pairs for t in pair], path)
@@ -135,7 +143,7 @@ def test_cloneofsimo_pt_list_text_encoder(tmp_path):
     weights, fmt, _ = read_lora(path, base, component="text_encoder")
     assert fmt == "cloneofsimo"
     assert list(weights) == [f"text_encoder.{name}" for name, _ in walk]
-    assert torch.equal(weights[f"text_encoder.{TE_Q}"].up, pairs[2][0])  # q_proj is the third module
+    assert torch.equal(weights[f"text_encoder.{te_path(base)}"].up, pairs[2][0])  # q_proj is the third module
     assert all(m.alpha == 2.0 for m in weights.values())
 
     base_te = pipe_outputs(base)[0]
@@ -179,7 +187,7 @@ def test_cloneofsimo_safetensors(tmp_path):
     assert json.loads(meta["unet"]) == sorted(UNET_TARGETS) and meta["unet:0:rank"] == "4"
     expected = [f"{c}.{name}" for c in ("text_encoder", "unet") for name, _ in walks[c][0]]
     assert sorted(weights) == sorted(expected)
-    assert f"unet.{Q}" in weights and f"unet.{GEGLU}" in weights and f"text_encoder.{TE_Q}" in weights
+    assert f"unet.{Q}" in weights and f"unet.{GEGLU}" in weights and f"text_encoder.{te_path(base)}" in weights
     for key, mod in weights.items():
         assert mod.alpha == (4.0 if key.startswith("unet.") else 2.0)
 
@@ -323,11 +331,17 @@ def _wrapper_ckpt():
     return sd
 
 
-WRAPPER_EXPECTED = {  # CompVis module -> (canonical key, scale, rank)
-    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": (f"unet.{Q}", 0.5, 2),
-    "model.diffusion_model.input_blocks.1.1.proj_in": ("unet.down_blocks.0.attentions.0.proj_in", 2.0, 3),
-    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj": (f"text_encoder.{TE_Q}", 1.5, 2),
-}
+def wrapper_expected(pipe) -> dict:
+    """CompVis module -> (canonical key, lora_scale, rank) for `_wrapper_ckpt`."""
+    return {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": (f"unet.{Q}", 0.5, 2),
+        "model.diffusion_model.input_blocks.1.1.proj_in": ("unet.down_blocks.0.attentions.0.proj_in", 2.0, 3),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj": (
+            f"text_encoder.{te_path(pipe)}",
+            1.5,
+            2,
+        ),
+    }
 
 
 @pytest.mark.parametrize("wrapped_in_state_dict", [False, True])
@@ -338,8 +352,9 @@ def test_lora_wrapper_checkpoint(tmp_path, wrapped_in_state_dict):
     base = build_tiny()
     weights, fmt, _ = read_lora(path, base)
     assert fmt == "lora_wrapper"
-    assert sorted(weights) == sorted(key for key, _, _ in WRAPPER_EXPECTED.values())
-    for module, (key, scale, r) in WRAPPER_EXPECTED.items():
+    expected = wrapper_expected(base)
+    assert sorted(weights) == sorted(key for key, _, _ in expected.values())
+    for module, (key, scale, r) in expected.items():
         mod = weights[key]
         assert mod.rank == r and mod.alpha == pytest.approx(scale * r) and not mod.soft
         assert torch.equal(mod.down.flatten(1), sd[f"{module}.lora_A"])
@@ -351,7 +366,7 @@ def test_lora_wrapper_checkpoint(tmp_path, wrapped_in_state_dict):
     wrapped = build_tiny()
     apply_lora(wrapped, weights)
     merged = build_tiny()
-    for module, (key, scale, _) in WRAPPER_EXPECTED.items():
+    for module, (key, scale, _) in expected.items():
         component, _, path_in = key.partition(".")
         # lora_wrapper's forward: W + lora_scale * lora_B @ lora_A (a 1x1 conv viewed as the same matrix)
         add_delta(getattr(merged, component), path_in, scale * sd[f"{module}.lora_B"] @ sd[f"{module}.lora_A"])

@@ -1,0 +1,176 @@
+"""CLI smoke tests on zoo:tiny (64 px, 2 steps): every command of the contract, and bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from quantune.cli import main
+from quantune.formats import write_lora
+from quantune.lora import get_lora_weights
+
+
+@pytest.fixture
+def lora_file(lora_pipe, tmp_path) -> Path:
+    return write_lora(get_lora_weights(lora_pipe), tmp_path / "lora.safetensors", "quantune")
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_scale_grid(lora_file, tmp_path, capsys):
+    rc, out, _ = _run(
+        capsys,
+        "generate",
+        "--model",
+        "zoo:tiny",
+        "--lora",
+        f"{lora_file}:0,1",
+        "--prompt",
+        "red apple",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--out",
+        tmp_path / "gen",
+    )
+    assert rc == 0, out
+    names = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert names == ["grid.png", "scale0_seed0.png", "scale0_seed1.png", "scale1_seed0.png", "scale1_seed1.png"]
+    assert Image.open(tmp_path / "gen" / "grid.png").size == (128, 128)  # 2 columns x 2 rows of 64 px
+    # the seed is fixed across rows, so only the LoRA strength differs between row 0 and row 1
+    row0 = Image.open(tmp_path / "gen" / "scale0_seed0.png").tobytes()
+    assert row0 != Image.open(tmp_path / "gen" / "scale1_seed0.png").tobytes()
+    rc, _, _ = _run(
+        capsys,
+        "generate",
+        "--model",
+        "zoo:tiny",
+        "--prompt",
+        "red apple",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--out",
+        tmp_path / "plain",
+    )
+    assert rc == 0 and Image.open(tmp_path / "plain" / "seed0.png").tobytes() == row0  # strength 0 == no LoRA
+
+
+def test_inspect(lora_file, capsys):
+    rc, out, _ = _run(capsys, "lora", "inspect", lora_file, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["format"] == "quantune" and info["modules"] == 52
+    assert info["components"] == {"unet": 44, "text_encoder": 8} and info["dtype"] == "float32"
+    rc, out, _ = _run(capsys, "lora", "inspect", lora_file)
+    assert "quantune LoRA" in out and "ranks" in out
+
+
+def test_convert_every_way(lora_file, tmp_path, capsys):
+    src = lora_file
+    for fmt in ("diffusers", "peft", "kohya", "quantune"):
+        out = tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+        rc, text, err = _run(capsys, "lora", "convert", src, "--to", fmt, "--out", out, "--model", "zoo:tiny")
+        assert rc == 0, err
+        assert f"-> {fmt}" in text
+        src = out
+    rc, out, _ = _run(capsys, "lora", "inspect", src, "--json")
+    assert json.loads(out)["modules"] == 52
+
+
+def test_merge_writes_a_loadable_diffusers_folder(lora_file, tmp_path, capsys):
+    rc, out, err = _run(
+        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", f"{lora_file}:0.8", "--out", tmp_path / "merged"
+    )
+    assert rc == 0, err
+    from diffusers import StableDiffusionPipeline
+
+    from quantune.models import load_pipeline
+
+    assert isinstance(load_pipeline(str(tmp_path / "merged")), StableDiffusionPipeline)
+    StableDiffusionPipeline.from_pretrained(tmp_path / "merged")  # diffusers loads it too
+    rc, _, err = _run(
+        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", f"{lora_file}:0.8", "--out", tmp_path / "merged"
+    )
+    assert rc == 0, err  # a previous merge output may be replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    rc, _, err = _run(
+        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", str(lora_file), "--out", tmp_path / "mine"
+    )
+    assert rc == 2 and "other files" in err and (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_mix_and_extract(lora_file, tmp_path, capsys):
+    for mode, extra in (("sum", []), ("concat", []), ("svd", ["--rank", "3"])):
+        rc, out, err = _run(
+            capsys,
+            "lora",
+            "mix",
+            f"{lora_file}:0.5",
+            f"{lora_file}:0.5",
+            "--mode",
+            mode,
+            *extra,
+            "--out",
+            tmp_path / f"{mode}.safetensors",
+        )
+        assert rc == 0, err
+    assert "relative error" in out
+    rc, _, _ = _run(
+        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", str(lora_file), "--out", tmp_path / "tuned"
+    )
+    rc, out, err = _run(
+        capsys,
+        "lora",
+        "extract",
+        "--base",
+        "zoo:tiny",
+        "--tuned",
+        tmp_path / "tuned",
+        "--rank",
+        "4",
+        "--clamp-quantile",
+        "1",
+        "--out",
+        tmp_path / "ex.safetensors",
+    )
+    assert rc == 0, err
+    assert "extracted 52 modules" in out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["lora", "inspect", "missing.safetensors"], "no such file"),
+        (["lora", "convert", "missing.safetensors", "--to", "kohya", "--out", "x.safetensors"], "no such file"),
+        (["generate", "--model", "zoo:nothing", "--prompt", "x", "--out", "o"], "zoo:tiny"),
+        (["lora", "mix", "a.safetensors:1", "--mode", "svd", "--out", "m.safetensors"], "--rank"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[1] == "mix":
+        (tmp_path / "a.safetensors").write_bytes(b"junk")
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and (match in lines[0] or "not a readable" in lines[0])
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_console_entry_point_runs():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    done = subprocess.run([sys.executable, "-m", "quantune", "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "generate" in done.stdout and "lora" in done.stdout
