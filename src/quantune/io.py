@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -104,7 +105,8 @@ def load_pickle(path: str | os.PathLike) -> object:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch puts terminal colour codes in the message
+        first = text.splitlines()[0] if text else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise QuantuneError(
                 f"refused to load {path}: the pickle would run code ({first[:160]}); only plain tensor pickles "

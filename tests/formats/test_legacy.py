@@ -299,7 +299,12 @@ def test_ldm_names_map_onto_tiny_unet():
     for ldm, (diffusers_path, shape) in table.items():
         assert ldm_to_diffusers_path(ldm, layers_per_block=1) == diffusers_path
         assert tuple(unet.get_submodule(diffusers_path).weight.shape) == shape
-    for unmapped in ("input_blocks.0.0", "input_blocks.2.0.op", "input_blocks.1.0.in_layers.0", "out.2"):
+    assert ldm_to_diffusers_path("input_blocks.2.0.op", layers_per_block=1) == "down_blocks.0.downsamplers.0.conv"
+    assert ldm_to_diffusers_path("output_blocks.1.1.conv", layers_per_block=1) == "up_blocks.0.upsamplers.0.conv"
+    for name in ("down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"):
+        assert isinstance(unet.get_submodule(name), torch.nn.Conv2d)
+    assert ldm_to_diffusers_path("input_blocks.0.0") == "conv_in" and ldm_to_diffusers_path("out.2") == "conv_out"
+    for unmapped in ("input_blocks.2.0.in_layers.2", "input_blocks.1.0.in_layers.0", "label_emb.0.0"):
         with pytest.raises(QuantuneError):
             ldm_to_diffusers_path(unmapped, layers_per_block=1)
 
@@ -311,8 +316,10 @@ def test_ldm_names_sd1_layout():
     assert ldm_to_diffusers_path("input_blocks.11.0.in_layers.2") == "down_blocks.3.resnets.1.conv1"
     assert ldm_to_diffusers_path("output_blocks.2.0.out_layers.3") == "up_blocks.0.resnets.2.conv2"
     assert ldm_to_diffusers_path("output_blocks.11.1.proj_out") == "up_blocks.3.attentions.2.proj_out"
+    assert ldm_to_diffusers_path("input_blocks.3.0.op") == "down_blocks.0.downsamplers.0.conv"
+    assert ldm_to_diffusers_path("output_blocks.5.2.conv") == "up_blocks.1.upsamplers.0.conv"
     with pytest.raises(QuantuneError, match="downsampler"):
-        ldm_to_diffusers_path("input_blocks.3.0.op")
+        ldm_to_diffusers_path("input_blocks.3.0.in_layers.2")
 
 
 def _wrapper_ckpt():
@@ -412,16 +419,30 @@ def test_lora_wrapper_soft_conv(tmp_path):
         mod.delta()  # a soft conv cannot be merged
 
 
-def test_lora_wrapper_incomplete_or_foreign(tmp_path):
-    pipe = build_tiny()
-    sd = _wrapper_linear_ckpt()
-    del sd["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_B"]
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_B",
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_A",
+        "input_blocks.1.0.in_layers.2.lora_A.weight",  # soft conv: the r -> C_out conv
+        "input_blocks.1.0.in_layers.2.lora_B.weight",  # soft conv: the C_in -> r conv
+    ],
+)
+def test_lora_wrapper_incomplete(tmp_path, missing):
+    """Either half of a pair missing is an error, never a silently dropped module (the others still read)."""
+    sd = _wrapper_ckpt()
+    soft = "model.diffusion_model.input_blocks.1.0.in_layers.2"
+    sd[f"{soft}.lora_B.weight"], sd[f"{soft}.lora_A.weight"] = torch.zeros(4, 32, 3, 3), torch.zeros(32, 4, 3, 3)
+    del sd[f"model.diffusion_model.{missing}"]
     torch.save(sd, tmp_path / "half.ckpt")
     with pytest.raises(QuantuneError, match="incomplete"):
-        read_lora(tmp_path / "half.ckpt", pipe)
+        read_lora(tmp_path / "half.ckpt", build_tiny())
+
+
+def test_lora_wrapper_foreign_checkpoint(tmp_path):
     torch.save({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3)}, tmp_path / "plain.ckpt")
     with pytest.raises(QuantuneError, match="unknown LoRA pickle"):
-        read_lora(tmp_path / "plain.ckpt", pipe)
+        read_lora(tmp_path / "plain.ckpt", build_tiny())
 
 
 # --- unsafe and broken pickles ---------------------------------------------------------------------------------------

@@ -31,14 +31,13 @@ CLONEOFSIMO_TARGETS = {"unet": {"CrossAttention", "Attention", "GEGLU"}, "text_e
 
 def cloneofsimo_module_order(model: nn.Module, ancestor_classes: set[str]) -> list[str]:
     """Module names in the order cloneofsimo's `_find_modules` visits them (ancestors, then their Linear/Conv)."""
-    names, seen = [], set()
+    names = []
     for anc_name, ancestor in model.named_modules():
         if type(ancestor).__name__ not in ancestor_classes:
             continue
         for child_name, child in ancestor.named_modules():
             full = f"{anc_name}.{child_name}" if child_name else anc_name
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and full not in seen:
-                seen.add(full)
+            if isinstance(child, (nn.Linear, nn.Conv2d)):  # nested targets repeat modules, as cloneofsimo does
                 names.append(full)
     return names
 
@@ -81,12 +80,22 @@ def _positional(pairs, model: nn.Module, component: str, targets: set[str]) -> L
 
 def ldm_to_diffusers_path(path: str, layers_per_block: int = 2) -> str:
     """Map a CompVis UNet module path (no "model.diffusion_model." prefix) to diffusers' UNet2DConditionModel."""
+    fixed = {
+        "input_blocks.0.0": "conv_in",
+        "out.2": "conv_out",
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+    }
+    if path in fixed:
+        return fixed[path]
     m = re.match(r"^input_blocks\.(\d+)\.(\d+)\.(.+)$", path)
     if m:
         i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
         block, layer = (i - 1) // (layers_per_block + 1), (i - 1) % (layers_per_block + 1)
-        if i == 0 or layer == layers_per_block:
-            raise QuantuneError(f"CompVis module {path!r} (conv_in or a downsampler) is not mapped: exclude it")
+        if layer == layers_per_block and j == 0 and rest == "op":
+            return f"down_blocks.{block}.downsamplers.0.conv"
+        if layer == layers_per_block:
+            raise QuantuneError(f"CompVis module {path!r} (a downsampler) is not mapped: exclude it")
         return f"down_blocks.{block}.{'attentions' if j else 'resnets'}.{layer}.{_resnet(rest) if j == 0 else rest}"
     m = re.match(r"^middle_block\.(\d+)\.(.+)$", path)
     if m:
@@ -96,6 +105,8 @@ def ldm_to_diffusers_path(path: str, layers_per_block: int = 2) -> str:
     if m:
         i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
         block, layer = i // (layers_per_block + 1), i % (layers_per_block + 1)
+        if j > 0 and rest == "conv":  # the upsampler sits after the resnet (and the attention, if any)
+            return f"up_blocks.{block}.upsamplers.0.conv"
         return f"up_blocks.{block}.{'attentions' if j else 'resnets'}.{layer}.{_resnet(rest) if j == 0 else rest}"
     raise QuantuneError(f"CompVis module {path!r} has no diffusers equivalent that quantune maps")
 
@@ -118,6 +129,9 @@ def from_lora_wrapper(sd: dict, layers_per_block: int = 2) -> LoraWeights:
         sd = sd["state_dict"]
     weights: LoraWeights = {}
     for key in sd:
+        for orphan, partner in ((".lora_B", ".lora_A"), (".lora_A.weight", ".lora_B.weight")):
+            if key.endswith(orphan) and key[: -len(orphan)] + partner not in sd:
+                raise QuantuneError(f"lora_wrapper checkpoint lacks the partner of {key!r}: the file is incomplete")
         if key.endswith(".lora_A") or key.endswith(".lora_B.weight"):
             soft = key.endswith(".lora_B.weight")
             module = key[: -len(".lora_B.weight")] if soft else key[: -len(".lora_A")]

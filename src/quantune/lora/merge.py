@@ -159,5 +159,5 @@ def extract(
             out[key], report.rel_errors[key] = factorize(delta, rank, clamp_quantile)
     if not out:
         raise QuantuneError("the two models have the same weights in every Linear/Conv2d: nothing to extract")
-    logger.info("extracted %d modules at rank %d (max rel. error %.3g)", len(out), rank, report.max_error)
+    logger.debug("extracted %d modules at rank %d (max rel. error %.3g)", len(out), rank, report.max_error)
     return out, report
