@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None, help="image side in px (default: the model's)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     g.add_argument("--out", required=True)
 
     lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
@@ -82,10 +84,12 @@ def _size(path) -> str:
 
 def cmd_generate(a) -> None:
     from quantune.generate import LoraSpec, attach_loras, generate
-    from quantune.models import load_pipeline
+    from quantune.models import load_pipeline, resolve_device
 
-    pipe = load_pipeline(a.model)
+    device, dtype = resolve_device(a.device, a.dtype)
+    pipe = load_pipeline(a.model, torch_dtype=dtype)
     scales = attach_loras(pipe, [LoraSpec.parse(s) for s in a.lora])
+    pipe.to(device)
     paths = generate(pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance)
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
 

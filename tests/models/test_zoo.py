@@ -54,3 +54,17 @@ def test_unreachable_hub_id_names_the_fix(monkeypatch):
     with pytest.raises(QuantuneError, match="hf download") as e:
         load_pipeline("nobody-xyz/not-a-model")
     assert "\n" not in str(e.value)
+
+
+def test_resolve_device_on_cpu():
+    import torch
+
+    from quantune.models import resolve_device
+
+    dev, dtype = resolve_device("cpu", "auto")
+    assert dev.type == "cpu" and dtype == torch.float32
+    assert resolve_device("cpu", "bf16")[1] == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", "auto")[0].type == "cpu"
+        with pytest.raises(QuantuneError, match="--device cpu"):
+            resolve_device("cuda", "auto")

@@ -56,7 +56,7 @@ def merge_into(pipe_or_model, loras: list[tuple[LoraWeights, float]]) -> int:
     with torch.no_grad():
         for key, d in deltas.items():
             base = _module(components, *split_key(key), key)
-            base.weight.add_(d.to(base.weight.dtype))
+            base.weight.add_(d.to(base.weight))  # device and dtype of the base
     return len(deltas)
 
 

@@ -15,6 +15,21 @@ from quantune.models.zoo import ZOO
 logger = logging.getLogger(__name__)
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """'auto' picks CUDA when present; the dtype 'auto' is fp16 on CUDA and fp32 on CPU (CPU half is slow)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantuneError(f"--device {device}: CUDA is not available here; use --device cpu")
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise QuantuneError(f"unknown dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+    return dev, names[dtype]
+
+
 def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix."""
     if ref.startswith("zoo:"):
