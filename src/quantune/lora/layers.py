@@ -68,10 +68,10 @@ class LoraLayer(nn.Module):
             self.register_buffer("scale", scale)
         self.multiplier = 1.0
         self.merged_multiplier: float | None = None  # the multiplier folded into base_layer.weight, if merged
+        self.reset_parameters(init, generator)  # on the CPU in fp32 (a seeded CPU generator works for any device)
         w = base_layer.weight
         self.lora_down.to(device=w.device, dtype=w.dtype)
         self.lora_up.to(device=w.device, dtype=w.dtype)
-        self.reset_parameters(init, generator)
 
     def reset_parameters(self, init: str = "kaiming", generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
