@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     g.add_argument("--out", required=True)
 
+    t = sub.add_parser("train", help="train a LoRA or the full UNet from a TOML config")
+    t.add_argument("config", nargs="?", help="a TOML file (configs/ has examples); defaults apply without one")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    t.add_argument("--resume", help="latest, or a checkpoint folder name (step-000100)")
+
     lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
         dest="lora_command", required=True
     )
@@ -92,6 +97,21 @@ def cmd_generate(a) -> None:
     pipe.to(device)
     paths = generate(pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance)
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
+
+
+def cmd_train(a) -> None:
+    from quantune.train.config import resolve_config
+    from quantune.train.trainer import train
+
+    cfg = resolve_config(a.config, a.set)
+    result = train(cfg, resume=a.resume)
+    if result.outputs:
+        print(
+            f"trained {result.steps} steps in {result.seconds:.0f} s (final loss {result.final_loss:.4f}, "
+            f"peak memory {result.peak_memory_mb:.0f} MB)"
+        )
+        for path in result.outputs:
+            print(f"  {path} ({_size(path)})")
 
 
 def cmd_inspect(a) -> None:
@@ -174,6 +194,7 @@ def cmd_extract(a) -> None:
 
 
 COMMANDS = {
+    "train": cmd_train,
     "generate": cmd_generate,
     "inspect": cmd_inspect,
     "convert": cmd_convert,

@@ -36,7 +36,7 @@ def fit_lora(subset: str, steps: int, seed: int, out: Path) -> Path:
     from quantune import LoraConfig, add_lora, load_pipeline, save_lora
     from quantune.data import openmoji_dataset, to_tensor
     from quantune.lora import TEXT_ENCODER_TARGETS, lora_parameters
-    from quantune.train import denoising_loss
+    from quantune.train.objective import denoising_loss, latent_params, sample_latents
 
     pipe = load_pipeline("zoo:tiny")
     data = openmoji_dataset(size=32, subset=subset)
@@ -52,7 +52,8 @@ def fit_lora(subset: str, steps: int, seed: int, out: Path) -> Path:
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(data), (4,), generator=g)
-        loss = denoising_loss(pipe, pixels[idx], [captions[i] for i in idx], g)
+        latents = sample_latents(pipe, latent_params(pipe, pixels[idx]), g)
+        loss = denoising_loss(pipe, latents, [captions[i] for i in idx], g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,37 +1,75 @@
-"""The latent-diffusion training objective (Ho et al. 2020, DDPM; Rombach et al. 2022, LDM).
+"""The latent-diffusion training objective (Ho et al. 2020, DDPM; Rombach et al. 2022, LDM), with the options
+users of the peers expect.
 
-z0 = s_vae * E(x),  t ~ U{0..T-1},  eps ~ N(0, I),  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-L = || eps_theta(z_t, t, c) - target ||^2,  target = eps (epsilon prediction) or v = sqrt(abar_t) eps -
-sqrt(1 - abar_t) z0 (v prediction), as the scheduler's prediction_type says.
+    z0 = s_vae * E(x),  t ~ U{0..T-1},  eps ~ N(0, I) (+ noise_offset * N(0, 1) per channel, Guttenberg 2023),
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
+    L_i = w_i * || eps_theta(z_t, t, c) - target ||^2,  target = eps (epsilon prediction) or
+          v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 (v prediction), as the scheduler's prediction_type says;
+    min-SNR weighting (Hang et al. 2023, arXiv:2303.09556): w_i = min(SNR_t, gamma) / SNR_t for epsilon,
+    min(SNR_t, gamma) / (SNR_t + 1) for v; otherwise w_i = 1.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 
-def encode_prompts(pipe, captions: list[str]) -> torch.Tensor:
-    """Token ids [B, 77] -> CLIP hidden states [B, 77, D] (with the gradient, for text-encoder LoRA)."""
+def encode_prompts(pipe, captions: list[str], text_encoder=None) -> torch.Tensor:
+    """Captions -> token ids [B, 77] -> CLIP hidden states [B, 77, D] (with the gradient when it trains)."""
+    text_encoder = text_encoder or pipe.text_encoder
     ids = pipe.tokenizer(
         captions,
         padding="max_length",
         max_length=pipe.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+    ).input_ids.to(pipe.unet.device)
+    return text_encoder(ids)[0]
 
 
-def denoising_loss(pipe, pixels: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
-    """The mean-squared denoising loss of `pipe.unet` on images [B, 3, H, W] in [-1, 1] with their captions."""
+@torch.no_grad()
+def latent_params(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's parameters [B, 2C, h, w] (mean and log-variance), what a latent cache stores."""
+    vae = pipe.vae
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+
+def sample_latents(pipe, params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z0 = s_vae * (mean + std * N(0, I)) from posterior parameters [B, 2C, h, w] -> [B, C, h, w]."""
+    mean, logvar = params.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * noise) * pipe.vae.config.scaling_factor
+
+
+def denoising_loss(
+    pipe,
+    latents: torch.Tensor,
+    captions: list[str],
+    generator: torch.Generator,
+    unet=None,
+    text_encoder=None,
+    min_snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+) -> torch.Tensor:
+    """Per-sample losses [B] of the UNet (or its wrapped `unet`) on clean latents [B, C, h, w] with captions."""
+    unet = unet or pipe.unet
     scheduler = pipe.scheduler
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.sample(generator) * pipe.vae.config.scaling_factor  # [B,4,h,w]
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    cond = encode_prompts(pipe, captions)
-    pred = pipe.unet(noisy, t, cond).sample
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    return F.mse_loss(pred.float(), target.float())
+    cond = encode_prompts(pipe, captions, text_encoder)
+    pred = unet(noisy.to(cond.dtype), t, cond).sample
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+    if min_snr_gamma is not None:
+        snr = compute_snr(scheduler, t)
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        per_sample = per_sample * (clipped / snr if epsilon else clipped / (snr + 1))
+    return per_sample

@@ -1,0 +1,264 @@
+"""The trainer's configuration: TOML validated into typed dataclasses, with dotted `--set key=value` overrides.
+
+Every unknown key or bad value is a QuantuneError naming the key and what is allowed, raised before any model
+loads. `resolve_config(path, overrides)` is the one entry point; `TrainConfig.to_dict()` is what the run saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from quantune.errors import QuantuneError
+from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
+
+TASKS = ("dreambooth", "text-to-image", "full")
+METHODS = ("lora", "full")  # the IntLoRA issue adds qlora, intlora-mul, intlora-shift (train/methods.py)
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise QuantuneError(f"{name} = {value!r} is not allowed: choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+        raise QuantuneError(f"{name} = {value!r} must be a {'non-negative' if zero_ok else 'positive'} number")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "zoo:tiny"  # zoo:NAME, a diffusers folder or a hub id
+
+    def __post_init__(self) -> None:
+        if not self.pretrained:
+            raise QuantuneError("model.pretrained is empty: give zoo:tiny, a diffusers folder or a hub id")
+
+
+@dataclass
+class DataConfig:
+    source: str = "openmoji"  # openmoji | folder (captioned) | dreambooth (instance folder)
+    path: str = ""  # the folder for source = folder / dreambooth
+    subset: str | int | list[str] | None = None  # openmoji: N, a caption regex, or a list
+    resolution: int = 32
+    instance_prompt: str = ""  # dreambooth
+    class_prompt: str = ""  # dreambooth with prior preservation
+    class_dir: str = ""  # where generated class images are cached (default: OUTPUT/class_images)
+    num_class_images: int = 0  # 0: no prior preservation
+    prior_loss_weight: float = 1.0
+    caption_column: str = "text"
+    random_flip: bool = False
+    cache_latents: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, ("openmoji", "folder", "dreambooth"))
+        _positive("data.resolution", self.resolution)
+        _positive("data.num_class_images", self.num_class_images, zero_ok=True)
+        if self.source in ("folder", "dreambooth") and not self.path:
+            raise QuantuneError(f"data.path is required for data.source = {self.source!r}")
+        if self.source == "dreambooth" and not self.instance_prompt:
+            raise QuantuneError("data.instance_prompt is required for dreambooth (e.g. 'a sks emoji')")
+        if self.num_class_images and not self.class_prompt:
+            raise QuantuneError("data.class_prompt is required when data.num_class_images > 0 (prior preservation)")
+        if self.random_flip and self.cache_latents:
+            raise QuantuneError("data.random_flip and data.cache_latents exclude each other: cached latents are fixed")
+
+
+@dataclass
+class LoraSection:
+    r: int = 4
+    alpha: float | None = None
+    targets: str | list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    exclude: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    dropout: float = 0.0
+    use_rslora: bool = False
+    trainable_scale: bool = False
+    init: str = "kaiming"
+    conv_mode: str = "hard"
+    text_encoder: bool = False  # also a LoRA on the text encoder
+    text_encoder_r: int = 4
+    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+
+    def __post_init__(self) -> None:
+        self.unet_config()  # validates through LoraConfig
+
+    def unet_config(self, seed: int | None = None):
+        from quantune.lora.config import LoraConfig
+
+        fields = {f.name for f in dataclasses.fields(LoraConfig)}
+        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        return LoraConfig(**kwargs, seed=seed)
+
+    def text_encoder_config(self, seed: int | None = None):
+        from quantune.lora.config import LoraConfig
+
+        return LoraConfig(r=self.text_encoder_r, targets=self.text_encoder_targets, dropout=self.dropout, seed=seed)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    use_8bit_adam: bool = False  # needs bitsandbytes and CUDA
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _choice("optim.scheduler", self.scheduler, SCHEDULERS)
+        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise QuantuneError(f"optim.betas = {self.betas!r} must be two numbers in [0, 1)")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU); CPU runs fp32
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    min_snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023), e.g. 5.0
+    noise_offset: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    train_text_encoder: bool = False  # full fine-tuning: also train the text encoder
+    deterministic: bool = False  # torch.use_deterministic_algorithms (for bit-exact resume tests)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            _positive(f"train.{name}", getattr(self, name))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if self.min_snr_gamma is not None:
+            _positive("train.min_snr_gamma", self.min_snr_gamma)
+        if not 0 < self.ema_decay < 1:
+            raise QuantuneError(f"train.ema_decay = {self.ema_decay!r} must be in (0, 1)")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # loss / lr to TensorBoard
+    validation_every: int = 0  # 0: only at the end
+    validation_prompts: list[str] = field(default_factory=lambda: ["cat face", "red apple", "rocket"])
+    validation_images: int = 2  # per prompt
+    validation_steps: int = 20  # sampler steps
+    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("log.every", self.every)
+        for name in ("validation_every", "checkpoint_every"):
+            _positive(f"log.{name}", getattr(self, name), zero_ok=True)
+        _positive("log.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class TrainConfig:
+    task: str = "text-to-image"
+    method: str = "lora"
+    output_dir: str = "outputs/train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("method", self.method, METHODS)
+        if self.task == "full" and self.method != "full":
+            raise QuantuneError("task = 'full' trains the whole UNet: set method = 'full' as well")
+        if self.task == "dreambooth" and self.data.source != "dreambooth":
+            raise QuantuneError("task = 'dreambooth' needs data.source = 'dreambooth' (an instance folder)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a dict, refusing unknown keys and values of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise QuantuneError(f"unknown config key {name!r}: allowed keys here are {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise QuantuneError(f"config key {name!r} must be a table ([{name}])")
+            kwargs[key] = _build(hint, value, f"{name}.")
+        else:
+            _check_type(name, value, hint)
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise QuantuneError(f"bad config under {prefix or 'the top level'}: {e}") from None
+
+
+def _check_type(name: str, value, hint) -> None:
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if t is type(None) and value is None:
+            return
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return
+    names = ", ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise QuantuneError(f"config key {name!r} = {value!r} has the wrong type: expected {names}")
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise QuantuneError(f"--set {item!r} must look like key=value (dotted keys, e.g. optim.lr=1e-4)")
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise QuantuneError(f"--set {key}: {part!r} is not a table")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return values
+
+
+def resolve_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config (or start from the defaults), apply --set overrides, validate everything."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise QuantuneError(f"no such config file: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise QuantuneError(f"{path} is not valid TOML: {e}") from None
+    return _build(TrainConfig, apply_overrides(values, overrides or []))
