@@ -16,7 +16,7 @@ import tomllib
 from quantune.errors import QuantuneError
 from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
 
-TASKS = ("dreambooth", "text-to-image", "full")
+TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
 METHODS = ("lora", "full")  # the IntLoRA issue adds qlora, intlora-mul, intlora-shift (train/methods.py)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -136,6 +136,7 @@ class TrainSection:
     ema_decay: float = 0.999
     train_text_encoder: bool = False  # full fine-tuning: also train the text encoder
     deterministic: bool = False  # torch.use_deterministic_algorithms (for bit-exact resume tests)
+    kl_weight: float = 1e-6  # task = autoencoder: weight of the KL term
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):

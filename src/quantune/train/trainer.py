@@ -77,6 +77,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
 
     from quantune.models import load_pipeline
 
+    if cfg.task == "autoencoder":
+        from quantune.train.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg)
     out = Path(cfg.output_dir)
     mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
     if mixed != cfg.train.mixed_precision:
@@ -84,6 +88,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             "train.mixed_precision = %s needs a GPU: training in fp32 on the CPU", cfg.train.mixed_precision
         )
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # on CPU, several processes (WORLD_SIZE > 1) run gloo (MULTI_CPU)
         mixed_precision=mixed,
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_dir=str(out / "logs"),
