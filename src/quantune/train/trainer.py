@@ -10,6 +10,7 @@ uninterrupted run. Only the main process writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,6 +41,17 @@ class TrainResult:
     final_loss: float
     peak_memory_mb: float
     outputs: list[Path] = field(default_factory=list)
+    num_processes: int = 1
+    digest: str = ""
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the trainable tensors (name-sorted): equal on every rank when DDP kept them in sync."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -210,6 +222,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     bar.close()
     seconds = time.time() - start
 
+    digest = state_digest(method.trainable_state(pipe))
+    logger.info("rank %d/%d: trainable state sha256 %s", rank, world, digest)
     outputs: list[Path] = []
     if main:
         if ema is not None:
@@ -218,7 +232,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         outputs.append(_validate(pipe, cfg, out, ts.step, accelerator, unet, final=True))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result = TrainResult(out, ts.step, seconds, loss_value, _peak_memory_mb(accelerator.device), outputs)
+    peak = _peak_memory_mb(accelerator.device)
+    result = TrainResult(out, ts.step, seconds, loss_value, peak, outputs, world, digest)
     if main:
         write_json(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items() if k != "outputs"}
