@@ -132,4 +132,21 @@ def build_emoji_init() -> StableDiffusionPipeline:
     return _pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler())
 
 
-ZOO = {"tiny": build_tiny, "emoji-init": build_emoji_init}
+EMOJI_DIR = Path(__file__).parent / "assets" / "emoji"
+
+
+def build_emoji() -> StableDiffusionPipeline:
+    """zoo:emoji: the pretrained emoji pipeline shipped in models/assets/emoji (fp16 on disk, fp32 in memory)."""
+    from quantune.errors import QuantuneError
+
+    if not (EMOJI_DIR / "model_index.json").is_file():
+        raise QuantuneError(
+            f"zoo:emoji's weights are missing from {EMOJI_DIR}: reinstall quantune, or rebuild them with the recipe "
+            "in configs/emoji_vae.toml and configs/emoji_pretrain.toml"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(str(EMOJI_DIR), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+ZOO = {"tiny": build_tiny, "emoji": build_emoji, "emoji-init": build_emoji_init}

@@ -1,0 +1,92 @@
+"""FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to two sets of image features,
+
+    FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),
+
+computed by torchmetrics' FrechetInceptionDistance with a custom feature extractor: quantune's OpenMoji feature
+network by default (eval/features.py), or a CLIP vision tower from a local folder (never downloaded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from quantune.errors import QuantuneError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipFeatures(nn.Module):
+    """CLIP image embeddings from a local folder holding a CLIPVisionModelWithProjection (or a full CLIPModel)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise QuantuneError(f"no CLIP model in {folder} (no config.json): give a local folder, nothing is fetched")
+        self.model = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True).eval()
+        self.size = self.model.config.image_size
+        self.num_features = self.model.config.projection_dim
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return self.model(pixel_values=(x - mean) / std).image_embeds
+
+
+def feature_extractor(feature: str | Path | nn.Module = "openmoji") -> nn.Module:
+    if isinstance(feature, nn.Module):
+        return feature
+    if feature == "openmoji":
+        from quantune.eval.features import load_feature_net
+
+        return load_feature_net()
+    path = Path(feature)
+    if not path.exists():
+        raise QuantuneError(f"feature network {feature!r} not found: use 'openmoji' or a local CLIP folder")
+    if path.is_dir():
+        return ClipFeatures(path)
+    from quantune.eval.features import load_feature_net
+
+    return load_feature_net(path)
+
+
+def to_batch(images) -> torch.Tensor:
+    """PIL images, or a tensor [N, 3, H, W] in [0, 1], -> float tensor [N, 3, H, W] in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    if len({a.shape for a in arrays}) > 1:
+        size = arrays[0].shape[:2]
+        arrays = [
+            np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize(size[::-1]), np.float32) / 255.0
+            for a in arrays
+        ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def fid(generated, reference, feature: str | Path | nn.Module = "openmoji", batch: int = 256) -> float:
+    """FID between two image sets (PIL lists or [N, 3, H, W] tensors in [0, 1]); each needs at least 2 images."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = feature_extractor(feature)
+    gen, ref = to_batch(generated), to_batch(reference)
+    if len(gen) < 2 or len(ref) < 2:
+        raise QuantuneError("FID needs at least 2 generated and 2 reference images")
+    metric = FrechetInceptionDistance(feature=net, normalize=True)
+    for i in range(0, len(ref), batch):
+        metric.update(ref[i : i + batch], real=True)
+    for i in range(0, len(gen), batch):
+        metric.update(gen[i : i + batch], real=False)
+    return float(metric.compute())
