@@ -1,21 +1,28 @@
-"""`make demo`: the LoRA toolkit end to end on zoo:tiny, offline, in about a minute on a 2-core CPU.
+"""`make demo`: DreamBooth LoRA on zoo:emoji, then the LoRA toolkit on the result, offline on a 2-core CPU.
 
-It fits two small LoRAs on OpenMoji subsets, saves one in the quantune format, converts it to diffusers, peft and
-kohya and back (checking that diffusers' own loader reproduces quantune's outputs), merges it into the base, mixes
-the two LoRAs three ways, extracts a LoRA back from the merged model, and generates the strength grid. Every step
-is the same call the CLI makes, and it prints the equivalent command and the sizes of what it wrote.
+1. The subject: the unicorn emoji, held out of zoo:emoji's pretraining, as 4 instance images (shifted/scaled).
+2. `quantune train configs/emoji_dreambooth.toml`: LoRA on UNet + text encoder, prior preservation on generated
+   "an emoji" images.
+3. Before/after grids (same seeds) for a few prompts, and FID of the LoRA model's "an emoji" samples against the
+   base model's (prior preservation should keep the class close).
+4. The toolkit on the trained LoRA: inspect, convert to diffusers / peft / kohya and back (diffusers' own loader
+   checked against quantune's outputs), merge into the base, extract it back, and the strength grid.
+Every step prints the equivalent command; the end prints steps, time, peak memory, adapter size and output paths.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import shutil
 import time
 from pathlib import Path
 
 import torch
+
+SUBJECT = "unicorn face"
 
 
 def _say(text: str) -> None:
@@ -25,109 +32,125 @@ def _say(text: str) -> None:
 def _cli(command: str) -> None:
     from quantune.cli import main
 
-    argv = shlex.split(command)
     _say(f"$ quantune {command}")
-    if main(argv) != 0:
-        raise SystemExit(f"demo step failed: quantune {' '.join(argv)}")
+    if main(shlex.split(command)) != 0:
+        raise SystemExit(f"demo step failed: quantune {command}")
 
 
-def fit_lora(subset: str, steps: int, seed: int, out: Path) -> Path:
-    """Fit a LoRA on the UNet (attention + 3x3 resnet convs, LoCon) and the text encoder of zoo:tiny."""
-    from quantune import LoraConfig, add_lora, load_pipeline, save_lora
-    from quantune.data import openmoji_dataset, to_tensor
-    from quantune.lora import TEXT_ENCODER_TARGETS, lora_parameters
-    from quantune.train.objective import denoising_loss, latent_params, sample_latents
+def instance_images(folder: Path) -> list[Path]:
+    """4 views of the held-out subject: the glyph at 4 scales/offsets, as a photographer would vary a subject."""
+    from PIL import Image
 
-    pipe = load_pipeline("zoo:tiny")
-    data = openmoji_dataset(size=32, subset=subset)
-    # 32 px: zoo:tiny's attention at the 16x16 latent is 16x cheaper than at 64 px (32x32), the demo stays fast
-    pixels = torch.stack([to_tensor(data[i]["image"], 32) for i in range(len(data))])  # [N, 3, 32, 32]
-    captions = data.captions
-    unet_cfg = LoraConfig(r=4, alpha=4.0, targets=r".*(to_q|to_k|to_v|to_out\.0|resnets\.\d+\.conv1)", seed=seed)
-    add_lora(pipe.unet, unet_cfg)
-    add_lora(pipe.text_encoder, LoraConfig(r=4, alpha=4.0, targets=TEXT_ENCODER_TARGETS, seed=seed))
-    params = lora_parameters(pipe.unet) + lora_parameters(pipe.text_encoder)
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(data), (4,), generator=g)
-        latents = sample_latents(pipe, latent_params(pipe, pixels[idx]), g)
-        loss = denoising_loss(pipe, latents, [captions[i] for i in idx], g).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    _say(f"fitted a LoRA on {len(data)} OpenMoji '{subset}' images, {steps} steps: loss {first:.4f} -> {last:.4f}")
-    save_lora(pipe, out, config=unet_cfg)
-    return out
+    from quantune.data import openmoji_dataset
+
+    glyph = openmoji_dataset(size=128, subset=[SUBJECT])[0]["image"]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (scale, dx, dy) in enumerate([(1.0, 0, 0), (0.85, 6, 4), (0.9, -5, 3), (0.8, 0, -6)]):
+        canvas = Image.new("RGB", (128, 128), "white")
+        side = int(128 * scale)
+        canvas.paste(glyph.resize((side, side), Image.LANCZOS), ((128 - side) // 2 + dx, (128 - side) // 2 + dy))
+        paths.append(folder / f"subject_{i}.png")
+        canvas.resize((32, 32), Image.LANCZOS).save(paths[-1])
+    return paths
+
+
+@torch.no_grad()
+def before_after(lora: Path, prompts: list[str], out: Path, n: int = 4, steps: int = 25) -> Path:
+    """Rows: prompts; columns: n seeds without the LoRA, then the same n seeds with it."""
+    from quantune.formats import read_lora
+    from quantune.generate import make_grid, save_png
+    from quantune.lora.weights import apply_lora
+    from quantune.models import load_pipeline
+
+    base, tuned = load_pipeline("zoo:emoji"), load_pipeline("zoo:emoji")
+    apply_lora(tuned, read_lora(lora, tuned)[0])
+    rows = []
+    for prompt in prompts:
+        row = []
+        for pipe in (base, tuned):
+            gens = [torch.Generator().manual_seed(s) for s in range(n)]
+            row += pipe([prompt] * n, num_inference_steps=steps, generator=gens).images
+        rows.append(row)
+    path = out / "before_after.png"
+    save_png(make_grid([[im.resize((64, 64)) for im in row] for row in rows]), path)
+    return path
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     a = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
     start = time.time()
 
-    _say("== 1. fit two LoRAs on zoo:tiny (a random Stable-Diffusion-architecture pipeline) ==")
-    cat = fit_lora("cat", a.steps, 0, out / "cat.safetensors")
-    apple = fit_lora("apple", a.steps, 1, out / "apple.safetensors")
-    _cli(f"lora inspect {cat}")
+    _say(f"== 1. the subject: '{SUBJECT}', held out of zoo:emoji's pretraining ==")
+    instance = instance_images(out / "instance")
+    _say(f"wrote {len(instance)} instance images to {out / 'instance'}")
 
-    _say("\n== 2. export in every format, and back ==")
-    _cli(f"lora convert {cat} --to diffusers --out {out}/cat_diffusers.safetensors")
-    _cli(f"lora convert {cat} --to peft --out {out}/cat_peft")
-    _cli(f"lora convert {cat} --to kohya --out {out}/cat_kohya.safetensors")
-    _cli(f"lora convert {out}/cat_kohya.safetensors --to quantune --out {out}/cat_back.safetensors --model zoo:tiny")
-    check_interop(cat, out)
+    _say("\n== 2. DreamBooth LoRA with prior preservation ==")
+    config = Path(__file__).parents[2] / "configs" / "emoji_dreambooth.toml"  # the repository's recipe
+    run = out / "dreambooth"
+    extra = f" --set train.steps={a.steps}" if a.steps else ""
+    _cli(f"train {config} --set output_dir={run} --set data.path={out / 'instance'}{extra}")
+    lora = run / "lora.safetensors"
 
-    _say("\n== 3. merge into the base, mix two LoRAs, extract one back ==")
-    _cli(f"lora merge --model zoo:tiny --lora {cat}:1.0 --out {out}/merged")
-    _cli(f"lora mix {cat}:0.5 {apple}:0.5 --mode sum --out {out}/mix_sum.safetensors")
-    _cli(f"lora mix {cat}:0.5 {apple}:0.5 --mode concat --out {out}/mix_concat.safetensors")
-    _cli(f"lora mix {cat}:0.5 {apple}:0.5 --mode svd --rank 4 --out {out}/mix_svd.safetensors")
-    extracted = out / "extracted.safetensors"
-    _cli(f"lora extract --base zoo:tiny --tuned {out}/merged --rank 4 --clamp-quantile 1 --out {extracted}")
+    _say("\n== 3. before / after (left: zoo:emoji, right: + LoRA; same seeds) ==")
+    grid = before_after(lora, ["a sks emoji", "an emoji", "cat face"], out)
+    _say(f"wrote {grid}")
 
-    _say("\n== 4. the strength grid (one row per LoRA strength, seeds fixed) ==")
+    _say("\n== 4. the LoRA toolkit on the trained adapter ==")
+    _cli(f"lora inspect {lora}")
+    _cli(f"lora convert {lora} --to diffusers --out {out}/lora_diffusers.safetensors")
+    _cli(f"lora convert {lora} --to peft --out {out}/lora_peft")
+    _cli(f"lora convert {lora} --to kohya --out {out}/lora_kohya.safetensors")
     _cli(
-        f"generate --model zoo:tiny --lora {cat}:0,0.5,1,1.5 --prompt 'cat face' --steps 10 --num-images 4 "
-        f"--out {out}/grid"
+        f"lora convert {out}/lora_kohya.safetensors --to quantune --out {out}/lora_back.safetensors --model zoo:emoji"
+    )
+    check_interop(lora, out)
+    _cli(f"lora merge --model zoo:emoji --lora {lora}:1.0 --out {out}/merged")
+    _cli(
+        f"lora extract --base zoo:emoji --tuned {out}/merged --rank 8 --clamp-quantile 1 "
+        f"--out {out}/extracted.safetensors"
+    )
+    _cli(
+        f"generate --model zoo:emoji --lora {lora}:0,0.5,1 --prompt 'a sks emoji' --steps 25 --num-images 4 "
+        f"--out {out}/strength_grid"
     )
 
-    _say(f"\nall outputs in {out} ({time.time() - start:.0f} s):")
     from quantune.formats.inspect import disk_size
     from quantune.io import human_size
 
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _say(f"\n== summary: {time.time() - start:.0f} s, peak memory {peak:.0f} MB ==")
+    _say(f"  training: {(run / 'result.json').read_text().strip()}")
+    _say(f"  adapter: {lora} ({human_size(disk_size(lora))})")
     for path in sorted(out.iterdir()):
-        _say(f"  {path.name:32s} {human_size(disk_size(path)):>10s}")
+        _say(f"  {path.name:28s} {human_size(disk_size(path)):>10s}")
 
 
-def check_interop(cat: Path, out: Path) -> None:
-    """diffusers' own loader on the exported files gives quantune's outputs."""
+def check_interop(lora: Path, out: Path) -> None:
+    """diffusers' own loader on the exported files gives quantune's UNet outputs."""
     from quantune import load_lora
-    from quantune.models import build_tiny
+    from quantune.models import load_pipeline
 
     torch.manual_seed(0)
-    x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
 
     @torch.no_grad()
     def outputs(pipe):
-        ids = pipe.tokenizer(["cat face"], padding="max_length", return_tensors="pt").input_ids
+        ids = pipe.tokenizer(["a sks emoji"], padding="max_length", return_tensors="pt").input_ids
         return pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
 
-    mine = build_tiny()
-    load_lora(cat, into=mine)
+    mine = load_pipeline("zoo:emoji")
+    load_lora(lora, into=mine)
     reference = outputs(mine)
-    for name in ("cat_diffusers.safetensors", "cat_kohya.safetensors"):
-        theirs = build_tiny()
+    for name in ("lora_diffusers.safetensors", "lora_kohya.safetensors"):
+        theirs = load_pipeline("zoo:emoji")
         theirs.load_lora_weights(str(out / name))
         diff = float((outputs(theirs) - reference).abs().max())
         _say(f"  diffusers.load_lora_weights({name}): max |UNet output - quantune's| = {diff:.2e}")

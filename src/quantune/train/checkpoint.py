@@ -63,6 +63,7 @@ def save_checkpoint(root: Path, ts: TrainState, trainable, optimizer, lr_schedul
         "position": ts.position,
         "optimizer": opt_meta,
         "lr_scheduler": lr_scheduler.state_dict(),
+        "ema_step": ema.optimization_step if ema is not None else None,
     }
     with atomic_dir(folder, markers=("state.json",)) as tmp:
         save_safetensors(dict(trainable), tmp / "trainable.safetensors")
@@ -109,4 +110,5 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, ema=None) -> tuple[Tr
         shadow, _ = load_safetensors(folder / "ema.safetensors")
         for i, p in enumerate(ema.shadow_params):
             p.data.copy_(shadow[str(i)])
+        ema.optimization_step = state.get("ema_step") or 0
     return TrainState(step=state["step"], position=state["position"]), trainable

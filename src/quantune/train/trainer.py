@@ -74,6 +74,23 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def _cast_frozen(pipe, mixed: str) -> None:
+    """Mixed precision (GPU): frozen weights in fp16/bf16 to halve their memory, trainable ones kept in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    from quantune.lora.weights import components_of
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
+    if dtype is None:
+        return
+    for model in components_of(pipe).values():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if len(trainable) < sum(1 for _ in model.parameters()):  # frozen (or a frozen base under a LoRA)
+            model.to(dtype)
+            cast_training_params(model, torch.float32)
+    pipe.vae.to(dtype)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -123,6 +140,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         pipe.unet.enable_gradient_checkpointing()
         if any(p.requires_grad for p in pipe.text_encoder.parameters()):
             pipe.text_encoder.gradient_checkpointing_enable()
+    _cast_frozen(pipe, mixed)
     pipe.to(accelerator.device)
     optimizer = make_optimizer(groups, cfg)
     lr_scheduler = get_scheduler(
