@@ -68,3 +68,14 @@ def test_resolve_device_on_cpu():
         assert resolve_device("auto", "auto")[0].type == "cpu"
         with pytest.raises(QuantuneError, match="--device cpu"):
             resolve_device("cuda", "auto")
+
+
+def test_zoo_emoji_is_shipped_small_and_generates():
+    from quantune.models.zoo import EMOJI_DIR
+
+    size = sum(p.stat().st_size for p in EMOJI_DIR.rglob("*") if p.is_file())
+    assert size < 30 * 2**20
+    pipe = load_pipeline("zoo:emoji")
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.unet.dtype == torch.float32
+    image = pipe("cat face", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)

@@ -185,3 +185,25 @@ def test_eight_bit_adam_needs_cuda(tmp_path):
         pytest.skip("CUDA present")
     with pytest.raises(QuantuneError, match="use_8bit_adam"):
         train(_cfg(tmp_path, "optim.use_8bit_adam=true", "train.steps=1"))
+
+
+def test_autoencoder_task_trains_the_vae_and_sets_its_scale(tmp_path):
+    cfg = resolve_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "task=autoencoder",
+            "method=full",
+            "data.subset=8",
+            "train.steps=2",
+            "train.batch_size=2",
+            "log.tensorboard=false",
+        ],
+    )
+    result = train(cfg)
+    from quantune.models import build_tiny, load_pipeline
+
+    trained = load_pipeline(str(tmp_path / "pipeline"))
+    base = build_tiny()
+    assert result.steps == 2 and trained.vae.config.scaling_factor != base.vae.config.scaling_factor
+    assert not torch.equal(trained.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)

@@ -76,7 +76,7 @@ def train_autoencoder(cfg):
         out,
         cfg.train.steps,
         time.time() - start,
-        float(loss),
+        loss.item(),
         _peak_memory_mb(torch.device("cpu")),
         [out / "pipeline"],
     )

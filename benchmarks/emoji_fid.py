@@ -1,0 +1,80 @@
+"""FID of zoo:emoji (and, for scale, of zoo:tiny's random weights) against the OpenMoji images, with quantune's
+OpenMoji feature network (quantune.eval.fid). Prompts are the captions of N glyphs drawn at random (the held-out
+unicorn excluded); the reference set is those glyphs' images. Writes CSV + Markdown.
+
+    python benchmarks/emoji_fid.py [--n 500] [--steps 25] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], steps: int, size: int, batch: int = 50) -> list:
+    images = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        gens = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, height=size, width=size, generator=gens).images
+    return images
+
+
+def main() -> None:
+    from quantune.data import openmoji_dataset
+    from quantune.eval import fid
+    from quantune.models import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args()
+    data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: a.n].tolist()
+    prompts = [data.captions[i] for i in pick]
+    reference = [data[i]["image"] for i in pick]
+    rows = [
+        {
+            "model": "OpenMoji (another draw of N glyphs)",
+            "fid": fid(
+                [
+                    data[i]["image"]
+                    for i in torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[: a.n]
+                ],
+                reference,
+            ),
+            "seconds": 0.0,
+        }
+    ]
+    for ref, size in (("zoo:emoji", 32), ("zoo:tiny", 64)):
+        start = time.time()
+        images = generate(load_pipeline(ref), prompts, a.steps, size)
+        rows.append({"model": ref, "fid": fid(images, reference), "seconds": time.time() - start})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "emoji_fid.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+    lines = [
+        f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps; {machine}",
+        "",
+        "| model | FID | generation time (s) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['model']} | {r['fid']:.2f} | {r['seconds']:.0f} |" for r in rows]
+    (out / "emoji_fid.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
