@@ -30,6 +30,7 @@ def test_defaults_and_overrides():
         ("task=dreambooth", "data.source = 'dreambooth'"),
         ("train.mixed_precision=fp8", "no, fp16, bf16"),
         ("noequals", "key=value"),
+        ("data.caption_dropout=1.5", "caption_dropout"),
     ],
 )
 def test_errors_name_the_key(override, match):

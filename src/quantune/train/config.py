@@ -54,11 +54,14 @@ class DataConfig:
     caption_column: str = "text"
     random_flip: bool = False
     cache_latents: bool = False
+    caption_dropout: float = 0.0  # share of captions replaced by "" so classifier-free guidance has an unconditional
 
     def __post_init__(self) -> None:
         _choice("data.source", self.source, ("openmoji", "folder", "dreambooth"))
         _positive("data.resolution", self.resolution)
         _positive("data.num_class_images", self.num_class_images, zero_ok=True)
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise QuantuneError(f"data.caption_dropout = {self.caption_dropout!r} must be in [0, 1)")
         if self.source in ("folder", "dreambooth") and not self.path:
             raise QuantuneError(f"data.path is required for data.source = {self.source!r}")
         if self.source == "dreambooth" and not self.instance_prompt:

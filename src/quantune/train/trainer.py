@@ -182,6 +182,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             idx = stream_indices(len(train_set), cfg.train.seed, pos, per_rank * world)[rank * per_rank :][:per_rank]
             latents = _latents(pipe, batcher, idx, generator, cfg.data.cache_latents)
             captions = batcher.captions(idx)
+            if cfg.data.caption_dropout:  # the unconditional branch classifier-free guidance samples with
+                drop = torch.rand(len(captions), generator=generator) < cfg.data.caption_dropout
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             if class_batcher is not None:  # DreamBooth prior preservation: its own stream, same positions
                 cidx = stream_indices(len(class_set), cfg.train.seed + 1, pos, per_rank * world)
                 cidx = cidx[rank * per_rank :][:per_rank]
