@@ -1,0 +1,42 @@
+"""The README's zoo:emoji grid: one row per prompt, 6 fixed seeds, shown at 64 px (nearest) beside the OpenMoji
+glyph of the same name. Writes docs/emoji_grid.png.
+
+    python benchmarks/emoji_grid.py [--guidance 4] [--steps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+PROMPTS = ["cat face", "red apple", "rocket", "grinning face", "green heart", "pile of poo", "snowman", "sun with face"]
+
+
+def main() -> None:
+    from quantune.data import openmoji_dataset
+    from quantune.generate import make_grid, save_png
+    from quantune.models import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--out", default="docs/emoji_grid.png")
+    a = p.parse_args()
+    pipe = load_pipeline("zoo:emoji")
+    glyphs = openmoji_dataset(size=32, subset=PROMPTS)
+    reference = {glyphs.captions[i]: glyphs[i]["image"] for i in range(len(glyphs))}
+    rows = []
+    for prompt in PROMPTS:
+        gens = [torch.Generator().manual_seed(s) for s in range(6)]
+        images = pipe([prompt] * 6, num_inference_steps=a.steps, guidance_scale=a.guidance, generator=gens).images
+        rows.append([reference[prompt]] + [Image.new("RGB", (8, 32), "white")] + images)
+    grid = make_grid([[im.resize((im.width * 2, 64), Image.NEAREST) for im in row] for row in rows])
+    save_png(grid, Path(a.out))
+    print(f"wrote {a.out}: rows {PROMPTS}; first column the OpenMoji glyph, then 6 samples (guidance {a.guidance})")
+
+
+if __name__ == "__main__":
+    main()
