@@ -18,12 +18,14 @@ import torch
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], steps: int, size: int, batch: int = 50) -> list:
+def generate(pipe, prompts: list[str], steps: int, size: int, guidance: float, batch: int = 50) -> list:
     images = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
-        images += pipe(chunk, num_inference_steps=steps, height=size, width=size, generator=gens).images
+        images += pipe(
+            chunk, num_inference_steps=steps, height=size, width=size, generator=gens, guidance_scale=guidance
+        ).images
     return images
 
 
@@ -35,28 +37,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: a.n].tolist()
     prompts = [data.captions[i] for i in pick]
     reference = [data[i]["image"] for i in pick]
+    other = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[: a.n].tolist()
     rows = [
         {
-            "model": "OpenMoji (another draw of N glyphs)",
-            "fid": fid(
-                [
-                    data[i]["image"]
-                    for i in torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[: a.n]
-                ],
-                reference,
-            ),
+            "model": "OpenMoji itself (another draw of N glyphs)",
+            "fid": fid([data[i]["image"] for i in other], reference),
             "seconds": 0.0,
         }
     ]
     for ref, size in (("zoo:emoji", 32), ("zoo:tiny", 64)):
         start = time.time()
-        images = generate(load_pipeline(ref), prompts, a.steps, size)
+        images = generate(load_pipeline(ref), prompts, a.steps, size, a.guidance)
         rows.append({"model": ref, "fid": fid(images, reference), "seconds": time.time() - start})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +64,8 @@ def main() -> None:
         w.writerows(rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
     lines = [
-        f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps; {machine}",
+        f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps, "
+        f"guidance {a.guidance}; {machine}",
         "",
         "| model | FID | generation time (s) |",
         "|---|---|---|",

@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-PROMPTS = ["cat face", "red apple", "rocket", "grinning face", "green heart", "pile of poo", "snowman", "sun with face"]
+PROMPTS = [
+    "cat face",
+    "red apple",
+    "rocket",
+    "grinning face",
+    "green heart",
+    "pile of poo",
+    "snowman",
+    "sun with face",
+]
 
 
 def main() -> None:
