@@ -104,3 +104,12 @@ def test_gaussian_init_and_unsupported_modules():
         LoraLayer(nn.LayerNorm(4), r=2, alpha=2)
     with pytest.raises(QuantuneError, match="grouped"):
         LoraLayer(nn.Conv2d(4, 4, 3, groups=2), r=2, alpha=2)
+
+
+def test_loading_a_state_dict_updates_the_scale_used_in_forward():
+    torch.manual_seed(0)
+    a = _random_up(LoraLayer(nn.Linear(8, 8), r=2, alpha=2.0))
+    b = LoraLayer(nn.Linear(8, 8), r=2, alpha=8.0)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(b(x), a(x), atol=ATOL, rtol=0)

@@ -62,6 +62,9 @@ class LoraLayer(nn.Module):
             )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         scale = torch.tensor(alpha / (math.sqrt(r) if use_rslora else r), dtype=torch.float32)
+        self.trainable_scale = trainable_scale
+        self.scaling = float(scale)  # mirrors the `scale` buffer; refreshed when a state_dict is loaded
+        self.register_load_state_dict_post_hook(_refresh_scaling)
         if trainable_scale:
             self.scale = nn.Parameter(scale)
         else:
@@ -96,7 +99,8 @@ class LoraLayer(nn.Module):
         y = self.base_layer(x)
         if self.merged or self.multiplier == 0.0:
             return y
-        return y + self.lora_up(self.lora_down(self.dropout(x))) * (self.scale * self.multiplier)
+        scale = self.scale if self.trainable_scale else self.scaling  # a python float: no tensor op per call
+        return y + self.lora_up(self.lora_down(self.dropout(x))) * (scale * self.multiplier)
 
     def get_delta_weight(self) -> torch.Tensor:
         """s * B A in the base weight's shape (float32 computation, returned in the base dtype)."""
@@ -127,3 +131,7 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={float(self.scale):.4g}, soft={self.soft}"
+
+
+def _refresh_scaling(module: LoraLayer, incompatible_keys) -> None:
+    module.scaling = float(module.scale.detach())
