@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from quantune.io import atomic_dir
 from quantune.lora.inject import add_lora, lora_parameters
@@ -105,7 +104,3 @@ class FullMethod(TrainingMethod):
 
 
 METHODS: dict[str, type[TrainingMethod]] = {"lora": LoraMethod, "full": FullMethod}
-
-
-def trainable_modules(pipe) -> list[nn.Module]:
-    return [m for m in components_of(pipe).values() if any(p.requires_grad for p in m.parameters())]

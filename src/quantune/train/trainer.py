@@ -10,10 +10,10 @@ uninterrupted run. Only the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
                 cidx = cidx[rank * per_rank :][:per_rank]
                 latents = torch.cat([latents, _latents(pipe, class_batcher, cidx, generator, cfg.data.cache_latents)])
                 captions = captions + class_batcher.captions(cidx)
-            sync = accelerator.no_sync(unet) if (micro < accum - 1 and world > 1) else _nullcontext()
+            sync = accelerator.no_sync(unet) if (micro < accum - 1 and world > 1) else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 losses = denoising_loss(
                     pipe,
@@ -264,14 +264,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     return result
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator, cache: bool) -> torch.Tensor:
     if cache:
         missing = [i for i in idx if i not in batcher.latent_cache]
@@ -308,7 +300,3 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
         else:
             flat[section] = values
     return flat
-
-
-def steps_per_epoch(n: int, batch: int, world: int) -> int:
-    return math.ceil(n / (batch * world))
