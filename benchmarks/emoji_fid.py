@@ -8,13 +8,10 @@ unicorn excluded); the reference set is those glyphs' images. Writes CSV + Markd
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from report import write_report
 
 
 @torch.no_grad()
@@ -56,23 +53,12 @@ def main() -> None:
         start = time.time()
         images = generate(load_pipeline(ref), prompts, a.steps, size, a.guidance)
         rows.append({"model": ref, "fid": fid(images, reference), "seconds": time.time() - start})
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "emoji_fid.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
-    lines = [
+    title = (
         f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps, "
-        f"guidance {a.guidance}; {machine}",
-        "",
-        "| model | FID | generation time (s) |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r['model']} | {r['fid']:.2f} | {r['seconds']:.0f} |" for r in rows]
-    (out / "emoji_fid.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"guidance {a.guidance}"
+    )
+    columns = {"model": "{model}", "FID": "{fid:.2f}", "generation time (s)": "{seconds:.0f}"}
+    write_report(rows, a.out, "emoji_fid", title, columns)
 
 
 if __name__ == "__main__":

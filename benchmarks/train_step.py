@@ -10,17 +10,15 @@ and the process's peak resident memory (CPU) or torch's peak allocated memory (C
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from report import write_report
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -141,28 +139,20 @@ def main() -> None:
     for r in rows:
         r["time_vs_peer"] = r["median_s"] / peer["median_s"]
         r["memory_vs_peer"] = r["peak_mb"] / peer["peak_mb"]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"train_step_{a.model.replace(':', '_')}_{rows[0]['device']}"
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
-    lines = [
+    title = (
         f"LoRA training step, {a.model}, batch {a.batch}, {a.res} px, rank {a.rank}, targets {TARGETS}, "
-        f"{rows[0]['device']} ({machine}); median of {a.steps} steps after {a.warmup} warm-up",
-        "",
-        "| variant | median step (s) | peak memory (MB) | trainable params | time vs peer | memory vs peer |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['variant']} | {r['median_s']:.4f} | {r['peak_mb']:.0f} | {r['trainable']} | "
-        f"{r['time_vs_peer']:.2f} | {r['memory_vs_peer']:.2f} |"
-        for r in rows
-    ]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"{rows[0]['device']}; median of {a.steps} steps after {a.warmup} warm-up"
+    )
+    columns = {
+        "variant": "{variant}",
+        "median step (s)": "{median_s:.4f}",
+        "peak memory (MB)": "{peak_mb:.0f}",
+        "trainable params": "{trainable}",
+        "time vs peer": "{time_vs_peer:.2f}",
+        "memory vs peer": "{memory_vs_peer:.2f}",
+    }
+    write_report(rows, a.out, name, title, columns)
 
 
 if __name__ == "__main__":

@@ -27,44 +27,21 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def _generate(capsys, out: Path, *extra: str) -> int:
+    """`quantune generate` on zoo:tiny, 2 steps, 2 images of "red apple"."""
+    argv = ["generate", "--model", "zoo:tiny", *extra, "--prompt", "red apple", "--steps", "2", "--num-images", "2"]
+    return _run(capsys, *argv, "--out", out)[0]
+
+
 def test_generate_scale_grid(lora_file, tmp_path, capsys):
-    rc, out, _ = _run(
-        capsys,
-        "generate",
-        "--model",
-        "zoo:tiny",
-        "--lora",
-        f"{lora_file}:0,1",
-        "--prompt",
-        "red apple",
-        "--steps",
-        "2",
-        "--num-images",
-        "2",
-        "--out",
-        tmp_path / "gen",
-    )
-    assert rc == 0, out
+    assert _generate(capsys, tmp_path / "gen", "--lora", f"{lora_file}:0,1") == 0
     names = sorted(p.name for p in (tmp_path / "gen").iterdir())
     assert names == ["grid.png", "scale0_seed0.png", "scale0_seed1.png", "scale1_seed0.png", "scale1_seed1.png"]
     assert Image.open(tmp_path / "gen" / "grid.png").size == (128, 128)  # 2 columns x 2 rows of 64 px
     # the seed is fixed across rows, so only the LoRA strength differs between row 0 and row 1
     row0 = Image.open(tmp_path / "gen" / "scale0_seed0.png").tobytes()
     assert row0 != Image.open(tmp_path / "gen" / "scale1_seed0.png").tobytes()
-    rc, _, _ = _run(
-        capsys,
-        "generate",
-        "--model",
-        "zoo:tiny",
-        "--prompt",
-        "red apple",
-        "--steps",
-        "2",
-        "--num-images",
-        "2",
-        "--out",
-        tmp_path / "plain",
-    )
+    rc = _generate(capsys, tmp_path / "plain")
     assert rc == 0 and Image.open(tmp_path / "plain" / "seed0.png").tobytes() == row0  # strength 0 == no LoRA
 
 

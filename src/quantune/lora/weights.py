@@ -63,15 +63,17 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def resolve_path(model: nn.Module, path: str) -> str | None:
-    """The module path in `model` that a file's path names, or None.
+    """The module path in `model` that a file's path names, or None (a few attribute lookups, no tree walk).
 
     CLIP text encoders are named "text_model.encoder..." in files made with transformers 4 (every SD 1.x / SDXL
     LoRA in the wild) and "encoder..." in transformers 5's CLIPTextModel: either spelling finds the module.
     """
-    names = dict(model.named_modules())
     for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
-        if candidate in names:
+        try:
+            model.get_submodule(candidate)
             return candidate
+        except AttributeError:
+            continue
     return None
 
 
@@ -109,8 +111,8 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
         if component not in components:
             raise QuantuneError(f"the LoRA has weights for {component!r}, which this model does not have")
         model = components[component]
-        path = resolve_path(model, path) or path
-        base = model.get_submodule(path) if _has(model, path) else None
+        real = resolve_path(model, path)
+        base = model.get_submodule(real) if real else None
         if isinstance(base, LoraLayer):
             raise QuantuneError(f"{key} already has a LoRA: remove it first, or mix the LoRAs into one")
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
@@ -120,7 +122,7 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
                 "another model or architecture"
             )
         check_shapes(key, mod, base)
-        plan.append((model, path, base, mod))
+        plan.append((model, real, base, mod))
     for model, path, base, mod in plan:
         layer = LoraLayer(base, mod.rank, mod.alpha, conv_mode="soft" if mod.soft else "hard")
         with torch.no_grad():
@@ -130,14 +132,6 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
         layer.requires_grad_(False)
         _set_child(model, path, layer)
     return list(weights)
-
-
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _exists(components: dict[str, nn.Module], key: str) -> bool:
