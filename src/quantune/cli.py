@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
     e.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
     e.add_argument("--out", required=True)
+    for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
+        fam = sub.add_parser(family, help=f"merge a {family} run into an integer model ({what})")
+        fm = fam.add_subparsers(dest=f"{family}_command", required=True).add_parser(
+            "merge", help="write a diffusers folder whose UNet holds integer weights"
+        )
+        fm.add_argument("run_dir", help="the training run's output_dir")
+        fm.add_argument("--out", required=True)
+        fm.set_defaults(family=family)
     return p
 
 
@@ -146,6 +154,13 @@ def cmd_convert(a) -> None:
     print(f"{fmt} -> {a.to}: {len(weights)} modules, wrote {out} ({_size(out)})")
 
 
+def cmd_int_merge(a) -> None:
+    from quantune.quant.merge_run import merge_run
+
+    out, n = merge_run(a.run_dir, a.out, a.family)
+    print(f"merged {n} {a.family} layers into integers; wrote diffusers folder {out} ({_size(out)})")
+
+
 def cmd_merge(a) -> None:
     from quantune.formats import read_lora
     from quantune.generate import LoraSpec
@@ -201,6 +216,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "mix": cmd_mix,
     "extract": cmd_extract,
+    "int-merge": cmd_int_merge,
 }
 
 
@@ -226,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     _quiet_libraries()
-    command = args.lora_command if args.command == "lora" else args.command
+    command = {"lora": getattr(args, "lora_command", None), "intlora": "int-merge", "qlora": "int-merge"}.get(
+        args.command, args.command
+    )
     try:
         COMMANDS[command](args)
     except QuantuneError as e:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.quant.layers import QuantConv2d, QuantLinear
 
 
 class LoraLayer(nn.Module):
@@ -42,10 +43,10 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.r = r
         self.soft = False
-        if isinstance(base_layer, nn.Linear):
+        if isinstance(base_layer, (nn.Linear, QuantLinear)):  # a QuantLinear base: QLoRA
             self.lora_down = nn.Linear(base_layer.in_features, r, bias=False)
             self.lora_up = nn.Linear(r, base_layer.out_features, bias=False)
-        elif isinstance(base_layer, nn.Conv2d):
+        elif isinstance(base_layer, (nn.Conv2d, QuantConv2d)):
             conv = base_layer
             if conv.groups != 1:
                 raise QuantuneError(f"LoRA on a grouped conv (groups={conv.groups}) is not supported: exclude it")
@@ -72,9 +73,18 @@ class LoraLayer(nn.Module):
         self.multiplier = 1.0
         self.merged_multiplier: float | None = None  # the multiplier folded into base_layer.weight, if merged
         self.reset_parameters(init, generator)  # on the CPU in fp32 (a seeded CPU generator works for any device)
-        w = base_layer.weight
+        w = base_layer.scale if self.quantized_base else base_layer.weight
         self.lora_down.to(device=w.device, dtype=w.dtype)
         self.lora_up.to(device=w.device, dtype=w.dtype)
+
+    @property
+    def quantized_base(self) -> bool:
+        return isinstance(self.base_layer, (QuantLinear, QuantConv2d))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        b = self.base_layer
+        return tuple(b.weight_shape) if self.quantized_base else tuple(b.weight.shape)
 
     def reset_parameters(self, init: str = "kaiming", generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
@@ -108,13 +118,18 @@ class LoraLayer(nn.Module):
             raise QuantuneError("a soft conv LoRA has no weight delta (it cannot be merged): use conv_mode='hard'")
         up = self.lora_up.weight.float().flatten(1)  # [out, r]
         down = self.lora_down.weight.float().flatten(1)  # [r, in * kh * kw]
-        delta = (up @ down).view(self.base_layer.weight.shape) * self.scale.float()
-        return delta.to(self.base_layer.weight.dtype)
+        delta = (up @ down).view(self.weight_shape) * self.scale.float()
+        return delta if self.quantized_base else delta.to(self.base_layer.weight.dtype)
 
     def merge(self, safe: bool = True) -> None:
         """Fold multiplier * s * B A into the base weight; with safe=True refuse a delta with NaN or inf."""
         if self.merged:
             return
+        if self.quantized_base:
+            raise QuantuneError(
+                "a LoRA on a quantized base cannot be merged in place: `quantune qlora merge RUN_DIR --out DIR` "
+                "dequantizes, adds and re-quantizes"
+            )
         delta = self.get_delta_weight() * self.multiplier
         if safe and not torch.isfinite(delta).all():
             raise QuantuneError("the LoRA delta has NaN or inf values: refusing to merge (the adapter is broken)")

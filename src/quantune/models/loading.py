@@ -56,8 +56,15 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
             f"{path} is not a diffusers pipeline folder (no model_index.json): save one with "
             "`pipe.save_pretrained(DIR)` or `quantune lora merge ... --out DIR`"
         )
+    extra = {}
+    from quantune.quant.quantize import is_quantized_folder, load_quantized_model
+
+    if is_quantized_folder(path / "unet"):  # a UNet with integer weights (quantune intlora/qlora merge, PTQ)
+        from diffusers import UNet2DConditionModel
+
+        extra["unet"] = load_quantized_model(path / "unet", UNet2DConditionModel)
     try:
-        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise QuantuneError(f"could not load the pipeline in {path}: {str(e).splitlines()[0]}") from None
 

@@ -17,7 +17,8 @@ from quantune.errors import QuantuneError
 from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
 
 TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
-METHODS = ("lora", "full")  # the IntLoRA issue adds qlora, intlora-mul, intlora-shift (train/methods.py)
+METHODS = ("lora", "full", "qlora", "intlora-mul", "intlora-shift")  # train/methods.py, train/quant_methods.py
+QUANT_METHODS = ("qlora", "intlora-mul", "intlora-shift")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -106,6 +107,35 @@ class LoraSection:
 
 
 @dataclass
+class QuantSection:
+    """The quantized base of qlora / intlora-mul / intlora-shift (../shared/spec/intlora.md)."""
+
+    bits: int = 8  # base weight bits, 2..8
+    act_bits: int = 0  # 0: weights only; e.g. 8: W?A8 (per-tensor input fake-quant, calibrated on the first batch)
+    lora_bits: int = 0  # IntLoRA-MUL: bits of U's quantizer (0: the same as bits)
+    vmc_alpha: float = 1.5  # IntLoRA's variance-matching exponent (not LoRA's alpha)
+    zero_fix: str = "none"  # IntLoRA: "none" = the reference's zero-drop; "midrise" = quantune's fix
+    shift_span: int = 15  # IntLoRA-SHIFT: exponents clamped to [k_max - shift_span, k_max] per row
+    quantize_rest: bool = False  # also quantize every other UNet Linear / Conv2d at `bits` (as the reference)
+    search: str = "l2.4"  # range search: l2.4 or minmax
+    cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
+
+    def __post_init__(self) -> None:
+        from quantune.quant.primitives import check_bits
+
+        check_bits(self.bits, "quant.bits")
+        if self.act_bits:
+            check_bits(self.act_bits, "quant.act_bits", high=16)
+        if self.lora_bits:
+            check_bits(self.lora_bits, "quant.lora_bits")
+        _choice("quant.zero_fix", self.zero_fix, ("none", "midrise"))
+        _choice("quant.search", self.search, ("l2.4", "minmax"))
+        _positive("quant.vmc_alpha", self.vmc_alpha)
+        if not isinstance(self.shift_span, int) or not 1 <= self.shift_span <= 22:
+            raise QuantuneError(f"quant.shift_span = {self.shift_span!r} must be an integer from 1 to 22")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     text_encoder_lr: float | None = None
@@ -177,6 +207,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    quant: QuantSection = field(default_factory=QuantSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     log: LogConfig = field(default_factory=LogConfig)
@@ -252,6 +283,11 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
                 raise QuantuneError(f"--set {key}: {part!r} is not a table")
         node[parts[-1]] = _parse_value(raw.strip())
     return values
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a saved `to_dict()` (a run's config.json), validated as a TOML file would be."""
+    return _build(TrainConfig, values)
 
 
 def resolve_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -2,7 +2,7 @@
 
 The trainer's loop never looks inside a method: `prepare` makes the trainable parameters (param groups for the
 optimizer), `trainable_state` / `load_trainable_state` give and take exactly those tensors for checkpoints, and
-`export` writes the final artefacts. The IntLoRA issue adds qlora / intlora-mul / intlora-shift here.
+`export` writes the final artefacts. qlora / intlora-mul / intlora-shift live in train/quant_methods.py.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class TrainingMethod:
         with torch.no_grad():
             for key, value in own.items():
                 value.copy_(state[key])
+
+    def calibrate(self, pipe, run) -> None:
+        """Calibrate what needs data before training (activation quantizers); `run()` does one forward."""
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
         raise NotImplementedError
@@ -104,3 +107,7 @@ class FullMethod(TrainingMethod):
 
 
 METHODS: dict[str, type[TrainingMethod]] = {"lora": LoraMethod, "full": FullMethod}
+
+from quantune.train.quant_methods import QUANT_METHODS  # noqa: E402  (they build on the classes above)
+
+METHODS.update(QUANT_METHODS)

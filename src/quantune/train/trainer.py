@@ -86,9 +86,21 @@ def _cast_frozen(pipe, mixed: str) -> None:
     for model in components_of(pipe).values():
         trainable = [p for p in model.parameters() if p.requires_grad]
         if len(trainable) < sum(1 for _ in model.parameters()):  # frozen (or a frozen base under a LoRA)
-            model.to(dtype)
+            _cast_float_modules(model, dtype)
             cast_training_params(model, torch.float32)
     pipe.vae.to(dtype)
+
+
+def _cast_float_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype), except integer layers and IntLoRA layers: their scales stay fp32 (they define the weights)."""
+    from quantune.quant.intlora import IntLoraLayer
+    from quantune.quant.layers import ActQuantizer, _QuantWeight
+
+    keep = (_QuantWeight, IntLoraLayer, ActQuantizer)
+    inside = {id(m) for k in model.modules() if isinstance(k, keep) for m in k.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -142,6 +154,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             pipe.text_encoder.gradient_checkpointing_enable()
     _cast_frozen(pipe, mixed)
     pipe.to(accelerator.device)
+    per_rank = cfg.train.batch_size
+    if not resume:  # e.g. activation quantizers: once, on the first batch (the same one on every rank)
+        method.calibrate(pipe, lambda: _first_batch_forward(pipe, cfg, train_set, per_rank, accelerator))
     optimizer = make_optimizer(groups, cfg)
     lr_scheduler = get_scheduler(
         cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
@@ -262,6 +277,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             out / "result.json",
         )
     return result
+
+
+def _first_batch_forward(pipe, cfg: TrainConfig, train_set, per_rank: int, accelerator) -> None:
+    """One UNet forward on the first batch of the data stream (rank 0's slice), for calibration."""
+    generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, 0, 0))
+    batcher = Batcher(train_set, cfg.data.resolution)
+    idx = stream_indices(len(train_set), cfg.train.seed, 0, per_rank)[:per_rank]
+    latents = _latents(pipe, batcher, idx, generator, cache=False)
+    with accelerator.autocast():
+        denoising_loss(pipe, latents, batcher.captions(idx), generator, pipe.unet, pipe.text_encoder, None, 0.0)
 
 
 def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator, cache: bool) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""IntLoRA: integral low-rank adaptation of a quantized base (Guo et al. 2024, arXiv:2410.21759).
+
+Notation (../shared/spec/intlora.md): W [C_out, C_in] frozen (a conv kernel flattened to [C_out, C_in kh kw]),
+A [r, C_in] (Kaiming-uniform, a = sqrt(5)), B [C_out, r] (zero), b = base bits.
+
+AQS (adaptation-quantization separation): an auxiliary R ~ Laplace(0, 0.5), frozen, drawn from a CPU generator
+seeded by (seed, layer name): regenerated on load, never stored. VMC (variance matching control), per row, once:
+    R* = (a_W^alpha / (a_R + 1e-8)^alpha) R,  a_W = max(|max_row W|, |min_row W|),  a_R = min(|max_row R|, |min_row R|)
+with alpha = `vmc_alpha` (1.5; the reference code's statistics, not the paper's standard deviations).
+The base quantizes W - R* per row, asymmetric, L2.4 search: W_int = q - z (signed), scale s.
+
+Multiplicative form: W' = U (.) W_int,  U = s + (R* + s_lora B A) / W_int  (W_int = 0 replaced by 1 in the division)
+- MUL: (scale_u, zero_u) fitted per row to U at construction (B A = 0: what the reference does on its first
+  forward); U_int = clamp(round_ste(U / scale_u) + zero_u, 0, 2^lb - 1) - zero_u;  W' = scale_u (.) (U_int (.) W_int).
+  Merge: the integers U_int (.) W_int (about 2b bits) with the per-row scale_u: exactly the training weight.
+- SHIFT: k = round_ste(log2(|U| + 1e-16)), clamped per row to [k_hi - shift_span, k_hi] (k_hi: the row's largest
+  k; quantune's stated range, the reference never clamps);  W' = sign(U) (.) 2^k (.) W_int.
+  Merge: the integers sign(U) W_int shifted left by k - k_lo (uint8) with the common 2^k_lo per row factored into
+  the scale, so the shift loses no bits: exactly the training weight.
+Zero-drop: where W_int = 0, W' = 0 (R* and B A are lost there, no gradient). `zero_fix="none"` reproduces it;
+`zero_fix="midrise"` (quantune's fix) quantizes the base on a mid-rise grid, W_int = 2 (q - z) + 1 with scale s/2:
+the same 2^b levels, none of them zero, so nothing is dropped (W_int needs b + 1 bits).
+Activations: optional per-tensor fake quantization of the input (ActQuantizer, calibrated explicitly).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from quantune.errors import QuantuneError
+from quantune.quant.layers import ActQuantizer, _QuantWeight, from_int
+from quantune.quant.primitives import check_bits, pack_int4, quantize, round_ste, search_qparams, unpack_int4
+
+AUX_DTYPE = torch.float16  # R* is rounded to fp16 whether cached or regenerated, so both give the same numbers
+
+
+def layer_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def laplace(shape, scale: float, seed: int) -> torch.Tensor:
+    """R ~ Laplace(0, scale) from a CPU generator (the same numbers on every device), inverse-CDF sampling."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
+    return (-scale * torch.sign(u) * torch.log1p(-2 * u.abs()).clamp_min(-50)).float()
+
+
+class IntLoraLayer(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        name: str,
+        *,
+        mode: str = "mul",
+        r: int = 4,
+        alpha: float | None = None,
+        bits: int = 8,
+        lora_bits: int | None = None,
+        vmc_alpha: float = 1.5,
+        seed: int = 0,
+        zero_fix: str = "none",
+        shift_span: int = 15,
+        act_bits: int | None = None,
+        search: str = "l2.4",
+        cache_aux: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise QuantuneError(f"IntLoRA adapts nn.Linear and nn.Conv2d only, not {type(base).__name__} ({name})")
+        if mode not in ("mul", "shift"):
+            raise QuantuneError(f"IntLoRA mode {mode!r} is unknown: use 'mul' or 'shift'")
+        if zero_fix not in ("none", "midrise"):
+            raise QuantuneError(f"zero_fix = {zero_fix!r} is unknown: use 'none' (faithful) or 'midrise'")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise QuantuneError(f"IntLoRA on a grouped conv ({name}, groups={base.groups}) is not supported")
+        self.mode, self.r, self.bits = mode, r, check_bits(bits)
+        self.lora_bits = check_bits(lora_bits if lora_bits is not None else bits, "lora_bits")
+        self.zero_fix, self.shift_span, self.vmc_alpha = zero_fix, int(shift_span), float(vmc_alpha)
+        self.scaling = (alpha if alpha is not None else r) / r
+        self.aux_seed = layer_seed(seed, name)
+        self.weight_shape = tuple(base.weight.shape)
+        self.conv = (
+            {}
+            if isinstance(base, nn.Linear)
+            else dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        )
+        self._like = [_meta_copy(base)]  # shape source for merges (not a submodule)
+        W = base.weight.detach().float().reshape(self.weight_shape[0], -1)
+        rows, cols = W.shape
+        self.lora_A = nn.Parameter(torch.empty(r, cols))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r))
+        bound = 1.0 / math.sqrt(cols)  # kaiming_uniform(a=sqrt(5)) as nn.Linear and peft
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.register_buffer("bias", base.bias.detach().float().clone() if base.bias is not None else None)
+
+        # VMC: the per-row ratio is all that is kept of W's statistics; R itself is regenerated from the seed.
+        R = laplace(W.shape, 0.5, self.aux_seed)
+        a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
+        a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
+        self.register_buffer("vmc_ratio", (a_W**self.vmc_alpha / (a_R + 1e-8) ** self.vmc_alpha).reshape(-1, 1))
+        r_star = self._r_star(R)
+        self.register_buffer("aux", r_star if cache_aux else None, persistent=False)
+
+        # the base: W - R*, per row, asymmetric, L2.4 search (mid-rise with the zero fix)
+        qp = search_qparams(W - r_star, bits, search=search, offset=0.5 if zero_fix == "midrise" else 0.0)
+        self.packed = bits <= 4
+        codes = quantize(W - r_star, qp).to(torch.uint8)
+        self.register_buffer("codes", pack_int4(codes) if self.packed else codes)
+        self.register_buffer("zero_point", qp.zero_point.to(torch.int32))
+        self.register_buffer("scale", qp.scale / 2 if zero_fix == "midrise" else qp.scale.clone())
+
+        self.act_quant = ActQuantizer(act_bits, search) if act_bits else None
+        if mode == "mul":  # fit U's quantizer at B A = 0 (the reference's first forward), then freeze it
+            U0 = self._adaptation(self.int_base(), torch.zeros_like(W))
+            uq = search_qparams(U0, self.lora_bits, search=search)
+            self.register_buffer("u_scale", uq.scale)
+            self.register_buffer("u_zero", uq.zero_point.to(torch.int32))
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def _r_star(self, R: torch.Tensor) -> torch.Tensor:
+        return (self.vmc_ratio * R).to(AUX_DTYPE).float()
+
+    def r_star(self) -> torch.Tensor:
+        if self.aux is not None:
+            return self.aux
+        R = laplace((self.weight_shape[0], self.lora_A.shape[1]), 0.5, self.aux_seed)
+        return self._r_star(R).to(self.scale.device)
+
+    def int_base(self) -> torch.Tensor:
+        """W_int as a float tensor of integers [C_out, cols]: q - z, or 2 (q - z) + 1 with the mid-rise fix."""
+        q = unpack_int4(self.codes, self.lora_A.shape[1]) if self.packed else self.codes
+        w = q.to(torch.int32) - self.zero_point
+        return (2 * w + 1 if self.zero_fix == "midrise" else w).float()
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def _adaptation(self, w_int: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """U = s + (R* + s_lora B A) / W_int, with W_int = 0 replaced by 1."""
+        safe = torch.where(w_int == 0, torch.ones_like(w_int), w_int)
+        U = self.scale + (self.r_star() + delta) / safe
+        if not torch.isfinite(U).all():
+            raise QuantuneError("IntLoRA's adaptation term U has NaN or inf values: lower the learning rate")
+        return U
+
+    def _u_int(self, U: torch.Tensor) -> torch.Tensor:
+        z = self.u_zero.float()
+        return torch.clamp(round_ste(U / self.u_scale) + z, 0, 2**self.lora_bits - 1) - z
+
+    def _shift_exponent(self, U: torch.Tensor) -> torch.Tensor:
+        k = round_ste(torch.log2(U.abs() + 1e-16))
+        hi = k.detach().amax(1, keepdim=True)
+        return torch.clamp(k, min=hi - self.shift_span, max=hi)
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W' of the training forward, [C_out, cols] fp32."""
+        w_int = self.int_base()
+        U = self._adaptation(w_int, self.delta())
+        if self.mode == "mul":
+            return self.u_scale * (self._u_int(U) * w_int)
+        return (torch.sign(U) * w_int) * torch.exp2(self._shift_exponent(U))
+
+    def zero_fraction(self) -> float:
+        """Share of base entries with W_int = 0 (dropped from the adaptation)."""
+        return float((self.int_base() == 0).float().mean())
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        if torch.is_grad_enabled():  # save x and A, B only; W' is rebuilt in the backward
+            return checkpoint(self._run, x, use_reentrant=False)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.adapted_weight().view(self.weight_shape).to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.conv:
+            return F.conv2d(x, w, bias, **self.conv)
+        return F.linear(x, w, bias)
+
+    # -- merge and integer adapter -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> _QuantWeight:
+        """The integer layer whose weight equals this layer's training weight W' exactly (no PTQ step)."""
+        w_int = self.int_base()
+        U = self._adaptation(w_int, self.delta())
+        like = self._like[0]
+        if self.mode == "mul":
+            product = self._u_int(U).to(torch.int32) * w_int.to(torch.int32)
+            return from_int(like, product, self.u_scale, bits=self.bits, act_quant=self.act_quant, bias=self.bias)
+        k = self._shift_exponent(U)
+        lo = k.amin(1, keepdim=True)
+        signed = (torch.sign(U) * w_int).to(torch.int32)
+        return from_int(
+            like,
+            signed,
+            torch.exp2(lo),
+            bits=self.bits,
+            shift=(k - lo).to(torch.uint8),
+            act_quant=self.act_quant,
+            bias=self.bias,
+        )
+
+    @torch.no_grad()
+    def integer_adapter(self) -> dict[str, torch.Tensor]:
+        """The adaptation term in integer form (the seed's claim (ii)): MUL: U's codes (lora_bits, packed at 4 bits
+        or fewer) + per-row scale / zero; SHIFT: the exponents k - k_lo (uint8), sign bits and k_lo per row."""
+        U = self._adaptation(self.int_base(), self.delta())
+        if self.mode == "mul":
+            codes = (self._u_int(U) + self.u_zero).to(torch.uint8)
+            return {
+                "u_codes": pack_int4(codes) if self.lora_bits <= 4 else codes,
+                "u_scale": self.u_scale,
+                "u_zero": self.u_zero,
+            }
+        k = self._shift_exponent(U)
+        lo = k.amin(1, keepdim=True)
+        return {"k": (k - lo).to(torch.uint8), "k_lo": lo.to(torch.int8), "sign": (U < 0).to(torch.uint8)}
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode}, shape={list(self.weight_shape)}, r={self.r}, bits={self.bits}, "
+            f"lora_bits={self.lora_bits}, zero_fix={self.zero_fix}"
+        )
+
+
+def _meta_copy(base: nn.Module) -> nn.Module:
+    """A weightless copy of `base` (meta tensors) that describes its shape and conv arguments."""
+    if isinstance(base, nn.Linear):
+        return nn.Linear(base.in_features, base.out_features, base.bias is not None, device="meta")
+    return nn.Conv2d(
+        base.in_channels,
+        base.out_channels,
+        base.kernel_size,
+        base.stride,
+        base.padding,
+        base.dilation,
+        base.groups,
+        base.bias is not None,
+        base.padding_mode,
+        device="meta",
+    )

@@ -1,0 +1,68 @@
+"""Merge a quantized-base training run into an integer model folder (`quantune intlora|qlora merge`).
+
+The run folder holds config.json (the resolved training config) and adapter_state.safetensors (every trainable
+and calibrated tensor). The base is rebuilt exactly as in training (same seeds: same R*, same quantizers), the state
+loaded, then: IntLoRA layers become their integer products / shifts (no PTQ); QLoRA layers are dequantized, the
+LoRA delta added and the result re-quantized. The output is a diffusers pipeline folder whose UNet holds integers
+(quant/quantize.py: save_quantized_model); `quantune.load_pipeline(DIR)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from quantune.errors import QuantuneError
+
+logger = logging.getLogger(__name__)
+FAMILIES = {"intlora": ("intlora-mul", "intlora-shift"), "qlora": ("qlora",)}
+
+
+def load_run(run_dir: str | Path, family: str):
+    """(config, pipeline with the trained method applied, method) of a finished quantized run."""
+    from quantune.io import load_safetensors
+    from quantune.models import load_pipeline
+    from quantune.train.config import config_from_dict
+    from quantune.train.methods import METHODS
+    from quantune.train.quant_methods import STATE_FILE
+
+    run_dir = Path(run_dir)
+    cfg_path, state_path = run_dir / "config.json", run_dir / STATE_FILE
+    if not cfg_path.is_file() or not state_path.is_file():
+        raise QuantuneError(
+            f"{run_dir} is not a finished quantized training run (needs config.json and {STATE_FILE}): "
+            "train one with `quantune train` and method = qlora / intlora-mul / intlora-shift"
+        )
+    try:
+        cfg = config_from_dict(json.loads(cfg_path.read_text()))
+    except ValueError as e:
+        raise QuantuneError(f"{cfg_path} is not valid JSON ({e}): the run folder is damaged") from None
+    if cfg.method not in FAMILIES[family]:
+        other = next((f for f, methods in FAMILIES.items() if cfg.method in methods), None)
+        fix = f"`quantune {other} merge`" if other else "`quantune lora merge` (a float LoRA needs no integer merge)"
+        raise QuantuneError(f"{run_dir} was trained with method = {cfg.method!r}, not {family}: use {fix}")
+    pipe = load_pipeline(cfg.model.pretrained)
+    method = METHODS[cfg.method]()
+    method.prepare(pipe, cfg)
+    method.load_trainable_state(pipe, load_safetensors(state_path)[0])
+    return cfg, pipe, method
+
+
+def save_integer_pipeline(pipe, out: str | Path) -> Path:
+    from quantune.io import atomic_dir
+    from quantune.quant.quantize import SPEC_FILE, quant_layers
+
+    specs = {name: layer.spec() for name, layer in quant_layers(pipe.unet).items()}
+    with atomic_dir(out, markers=("model_index.json",)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        meta = {"format": "quantune-int", "version": 1, "layers": specs}
+        (tmp / "unet" / SPEC_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(out)
+
+
+def merge_run(run_dir: str | Path, out: str | Path, family: str) -> tuple[Path, int]:
+    """Merge the run into an integer model at `out`; returns (out, number of merged layers)."""
+    cfg, pipe, method = load_run(run_dir, family)
+    n = method.merge(pipe, cfg)
+    return save_integer_pipeline(pipe, out), n

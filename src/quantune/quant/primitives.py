@@ -1,0 +1,168 @@
+"""Uniform quantization primitives: parameters, range search, quantize / dequantize / fake-quantize, int4 packing.
+
+Uniform affine quantization of a tensor x with b bits (per output channel = per row of x.flatten(1), or per tensor):
+    asymmetric:  q = clamp(round(x / s) + z, 0, 2^b - 1),                 x_hat = s (q - z)
+    symmetric:   q = clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1),     x_hat = s q
+Range search (`search="l2.4"`, IntLoRA's and q-diffusion's "L2.4 search"): for i = 0..79 shrink the range to
+[min (1 - 0.01 i), max (1 - 0.01 i)] (symmetric: max|x| (1 - 0.01 i)), quantize, and keep per row the candidate
+with the smallest mean |x_hat - x|^2.4. `search="minmax"` takes i = 0 only.
+`offset=0.5` gives a mid-rise grid x_hat = s (q - z + 1/2) (no level at zero; used by IntLoRA's zero-drop fix).
+
+Fake quantization uses the straight-through estimator: round_ste(v) = v + (round(v) - v).detach(); the clamp
+passes gradients inside the range and zero outside (the LSQ / q-diffusion convention).
+
+Written by hand: torch.ao's observers have no L2.4 search and store no packed int4; these few lines are the
+primitives the quantized layers, IntLoRA and EDA-DM share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantune.errors import QuantuneError
+
+SEARCH_STEPS = 80
+SEARCH_NORM = 2.4
+EPS = 1e-8
+
+
+def check_bits(bits: int, what: str = "bits", low: int = 2, high: int = 8) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise QuantuneError(f"{what} = {bits!r} is not supported: use an integer from {low} to {high}")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward, identity in the backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+@dataclass
+class QParams:
+    """scale (and zero point when asymmetric), shaped [rows, 1] per channel or [1, 1] per tensor."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    offset: float = 0.0  # 0.5: mid-rise grid
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+
+
+def _candidate(lo, hi, bits: int, symmetric: bool, offset: float) -> QParams:
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return QParams((amax / (2 ** (bits - 1) - 1)).clamp_min(EPS), None, bits, offset)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(EPS)
+    return QParams(scale, torch.round(-lo / scale), bits, offset)
+
+
+def search_qparams(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    symmetric: bool = False,
+    search: str = "l2.4",
+    offset: float = 0.0,
+) -> QParams:
+    """Quantization parameters for `x` (rows = dim 0 when per_channel) by L2.4 search or min-max."""
+    check_bits(bits, high=16)
+    if search not in ("l2.4", "minmax"):
+        raise QuantuneError(f"search = {search!r} is not supported: use 'l2.4' or 'minmax'")
+    x2 = _rows(x.detach().float(), per_channel)
+    xmin, xmax = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
+    best, best_err = None, None
+    for i in range(SEARCH_STEPS if search == "l2.4" else 1):
+        shrink = 1.0 - 0.01 * i
+        qp = _candidate(xmin * shrink, xmax * shrink, bits, symmetric, offset)
+        err = (dequantize(quantize(x2, qp), qp) - x2).abs().pow(SEARCH_NORM).mean(1, keepdim=True)
+        if best is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, qp.scale, best.scale)
+        if not symmetric:
+            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
+    return best
+
+
+def _shape(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1))) if t.shape[0] > 1 else t.reshape(-1)[:1]
+
+
+def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer codes (float tensor holding integers in [qmin, qmax]); cast them to a storage dtype yourself."""
+    s = _shape(qp.scale, x)
+    v = torch.round(x / s - qp.offset) if qp.offset else torch.round(x / s)
+    if qp.zero_point is not None:
+        v = v + _shape(qp.zero_point, x)
+    return v.clamp(qp.qmin, qp.qmax)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    v = q.float()
+    if qp.zero_point is not None:
+        v = v - _shape(qp.zero_point, q)
+    return (v + qp.offset) * _shape(qp.scale, q)
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Quantize-dequantize with the straight-through estimator (gradient 1 inside the range, 0 outside)."""
+    s = _shape(qp.scale, x)
+    v = round_ste(x / s - qp.offset) if qp.offset else round_ste(x / s)
+    if qp.zero_point is not None:
+        z = _shape(qp.zero_point, x)
+        return (torch.clamp(v + z, qp.qmin, qp.qmax) - z + qp.offset) * s
+    return (torch.clamp(v, qp.qmin, qp.qmax) + qp.offset) * s
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [..., n] (values 0..15) -> uint8 [..., ceil(n / 2)]: even index low nibble, odd high."""
+    c = codes.to(torch.uint8)
+    if c.numel() and int(c.max()) > 15:
+        raise QuantuneError("pack_int4 takes codes from 0 to 15")
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [..., m] -> uint8 codes [..., n] (n = the unpadded length)."""
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+    return out[..., :n]
+
+
+def smallest_int_dtype(lo: int, hi: int) -> torch.dtype:
+    """The narrowest signed integer dtype holding [lo, hi] (uint8 when lo >= 0 and hi < 256)."""
+    if lo >= 0 and hi <= 255:
+        return torch.uint8
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return torch.int64
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|x|^2 / |x - x_hat|^2) in dB."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-30)))

@@ -1,0 +1,181 @@
+"""Swap float layers for integer ones (`quantize_`), calibrate activation quantizers, save and load the result.
+
+A quantized UNet is saved as a diffusers model folder whose safetensors hold the integer buffers (qweight, scale,
+zero_point, shift, activation scales) and a `quantune_quant.json` listing every integer layer's `spec()`; any
+safetensors reader sees the integers. `load_quantized_model(folder, cls)` rebuilds the model from its config,
+puts empty integer layers where the spec says and loads the tensors strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.quant.config import QuantConfig
+from quantune.quant.layers import QUANT_CLASSES, ActQuantizer, QuantLinear, _QuantWeight, from_float
+
+logger = logging.getLogger(__name__)
+SPEC_FILE = "quantune_quant.json"
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Replace every targeted nn.Linear / nn.Conv2d of `model` (in place) by its integer layer; returns the names.
+
+    LoRA factors (".lora_" names) are never quantized; a LoRA's frozen base (".base_layer") is, when targeted.
+    """
+    names = []
+    for name, module in list(model.named_modules()):
+        if not name or ".lora_" in name or isinstance(module, _QuantWeight) or not config.is_target(name):
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            names.append(name)
+        elif config.targets is not None and not any(True for _ in module.children()):
+            raise QuantuneError(
+                f"quantization target {name!r} is a {type(module).__name__}: only nn.Linear and nn.Conv2d can be "
+                "quantized; change the targets or add it to exclude"
+            )
+    for name in names:
+        layer = model.get_submodule(name)
+        set_module(
+            model,
+            name,
+            from_float(
+                layer,
+                config.bits,
+                per_channel=config.per_channel,
+                symmetric=config.symmetric,
+                search=config.search,
+                pack=config.pack,
+                act_bits=config.act_bits,
+            ),
+        )
+    logger.info("quantized %d layers to %d bits", len(names), config.bits)
+    return names
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def calibrate(model: nn.Module, run: Callable[[], object], only_missing: bool = False) -> int:
+    """Calibrate the activation quantizers of `model` on what `run()` feeds it (no gradients); returns the count."""
+    quantizers = {n: q for n, q in act_quantizers(model).items() if not (only_missing and bool(q.calibrated))}
+    if not quantizers:
+        return 0
+    for q in quantizers.values():
+        q.observing, q._seen = True, []
+    try:
+        with torch.no_grad():
+            run()
+        unseen = [n for n, q in quantizers.items() if not q._seen]
+        if unseen:
+            raise QuantuneError(f"calibration never reached {len(unseen)} quantized layers (e.g. {unseen[0]})")
+        for q in quantizers.values():
+            q.finish_calibration()
+    finally:
+        for q in quantizers.values():
+            q.observing, q._seen = False, []
+    logger.info("calibrated %d activation quantizers", len(quantizers))
+    return len(quantizers)
+
+
+def quant_layers(model: nn.Module) -> dict[str, _QuantWeight]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeight)}
+
+
+def weight_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes held by integer weights (with scales) and by float parameters and buffers of `model`."""
+    quant = quant_layers(model)
+    int_bytes = sum(m.weight_bytes() for m in quant.values())
+    inside = {id(t) for m in quant.values() for t in m.buffers()}
+    float_bytes = sum(
+        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in inside
+    )
+    return {"integer": int_bytes, "float": float_bytes}
+
+
+def save_quantized_model(model, folder: str | Path) -> Path:
+    """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    specs = {name: layer.spec() for name, layer in quant_layers(model).items()}
+    (folder / SPEC_FILE).write_text(json.dumps({"format": "quantune-int", "version": 1, "layers": specs}, indent=1))
+    return folder
+
+
+def is_quantized_folder(folder: str | Path) -> bool:
+    return (Path(folder) / SPEC_FILE).is_file()
+
+
+def _from_spec(spec: dict) -> nn.Module:
+    cls = QUANT_CLASSES.get(spec.get("class"))
+    if cls is None:
+        raise QuantuneError(f"unknown integer layer class {spec.get('class')!r} in {SPEC_FILE}: upgrade quantune")
+    storage = dict(
+        bits=spec["bits"],
+        packed=spec["packed"],
+        code_offset=spec["code_offset"],
+        qdtype=getattr(torch, spec["qdtype"]),
+        zero_point=spec["zero_point"],
+        shift=spec["shift"],
+        act_bits=spec["act_bits"],
+    )
+    shape = spec["weight_shape"]
+    if cls is QuantLinear:
+        return cls(shape[1], shape[0], spec["bias"], **storage)
+    return cls(
+        shape[1] * spec["groups"],
+        shape[0],
+        tuple(shape[2:]),
+        spec["stride"],
+        spec["padding"],
+        spec["dilation"],
+        spec["groups"],
+        spec["bias"],
+        **storage,
+    )
+
+
+def load_quantized_model(folder: str | Path, cls):
+    """Rebuild a model class `cls` (e.g. UNet2DConditionModel) saved by save_quantized_model."""
+    from quantune.io import load_safetensors
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / SPEC_FILE).read_text())
+        layers = meta["layers"]
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantuneError(f"{folder / SPEC_FILE} is unreadable ({e}): re-export the quantized model") from None
+    config = cls.load_config(folder)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    for name, spec in layers.items():
+        set_module(model, name, _from_spec(spec))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QuantuneError(f"{folder} has no .safetensors weights: re-export the quantized model")
+    state = {}
+    for f in files:
+        state.update(load_safetensors(f)[0])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise QuantuneError(
+            f"{folder} does not match its {SPEC_FILE}: {len(missing)} missing, {len(unexpected)} unexpected tensors "
+            f"(e.g. {(missing or unexpected)[0]}); re-export the quantized model"
+        )
+    for layer in quant_layers(model).values():  # buffers registered as None stay None; Python attributes stay
+        if layer.act_quant is not None and not bool(layer.act_quant.calibrated):
+            raise QuantuneError(f"{folder}: an activation quantizer was saved uncalibrated; re-export the model")
+    return model.eval()
