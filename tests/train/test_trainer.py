@@ -48,11 +48,9 @@ def test_lora_run_writes_every_output(tmp_path):
     pipe.load_lora_weights(str(tmp_path / "pytorch_lora_weights.safetensors"))  # diffusers loads the adapter
 
 
-def _train_argv(run_dir: Path, *overrides: str) -> list[str]:
+def _train_argv(run_dir: Path, *overrides: str, config: str = "tiny_lora.toml") -> list[str]:
     sets = [f"output_dir={run_dir}", *FAST, *overrides]
-    return [sys.executable, "-m", "quantune", "train", str(ROOT / "configs" / "tiny_lora.toml")] + [
-        f"--set={o}" for o in sets
-    ]
+    return [sys.executable, "-m", "quantune", "train", str(ROOT / "configs" / config)] + [f"--set={o}" for o in sets]
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
@@ -80,7 +78,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_two_processes_agree_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("config", ["tiny_lora.toml", "tiny_intlora.toml"])
+def test_two_processes_agree_and_only_rank0_writes(tmp_path, config):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed beside this python")
@@ -100,7 +99,7 @@ def test_two_processes_agree_and_only_rank0_writes(tmp_path):
         "quantune",
         "-v",
         "train",
-        str(ROOT / "configs" / "tiny_lora.toml"),
+        str(ROOT / "configs" / config),
         *[f"--set={o}" for o in [f"output_dir={tmp_path}", *FAST, "train.steps=3", "log.checkpoint_every=2"]],
     ]
     done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)

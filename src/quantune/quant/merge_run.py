@@ -29,11 +29,12 @@ def load_run(run_dir: str | Path, family: str):
 
     run_dir = Path(run_dir)
     cfg_path, state_path = run_dir / "config.json", run_dir / STATE_FILE
-    if not cfg_path.is_file() or not state_path.is_file():
-        raise QuantuneError(
-            f"{run_dir} is not a finished quantized training run (needs config.json and {STATE_FILE}): "
-            "train one with `quantune train` and method = qlora / intlora-mul / intlora-shift"
-        )
+    missing = (
+        f"{run_dir} is not a finished quantized training run (needs config.json and {STATE_FILE}): "
+        "train one with `quantune train` and method = qlora / intlora-mul / intlora-shift"
+    )
+    if not cfg_path.is_file():
+        raise QuantuneError(missing)
     try:
         cfg = config_from_dict(json.loads(cfg_path.read_text()))
     except ValueError as e:
@@ -42,6 +43,8 @@ def load_run(run_dir: str | Path, family: str):
         other = next((f for f, methods in FAMILIES.items() if cfg.method in methods), None)
         fix = f"`quantune {other} merge`" if other else "`quantune lora merge` (a float LoRA needs no integer merge)"
         raise QuantuneError(f"{run_dir} was trained with method = {cfg.method!r}, not {family}: use {fix}")
+    if not state_path.is_file():
+        raise QuantuneError(missing)
     pipe = load_pipeline(cfg.model.pretrained)
     method = METHODS[cfg.method]()
     method.prepare(pipe, cfg)

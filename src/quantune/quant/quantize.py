@@ -169,7 +169,10 @@ def load_quantized_model(folder: str | Path, cls):
     state = {}
     for f in files:
         state.update(load_safetensors(f)[0])
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        missing, unexpected = [str(e).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise QuantuneError(
             f"{folder} does not match its {SPEC_FILE}: {len(missing)} missing, {len(unexpected)} unexpected tensors "

@@ -1,0 +1,119 @@
+"""IntLoRA layers: AQS/VMC as specified, the integer merge equals the training weight exactly (MUL and SHIFT,
+Linear and Conv2d, faithful and mid-rise), STE gradients, zero-drop, R regenerated not stored, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.quant.intlora import IntLoraLayer, laplace
+from quantune.quant.primitives import sqnr_db
+
+
+def _base(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(64, 32) if kind == "linear" else nn.Conv2d(8, 16, 3, padding=1)
+
+
+def _input(kind: str) -> torch.Tensor:
+    return torch.randn(3, 64) if kind == "linear" else torch.randn(2, 8, 6, 6)
+
+
+def _trained(layer: IntLoraLayer) -> IntLoraLayer:
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    return layer
+
+
+def test_vmc_and_aqs_follow_the_spec():
+    base = _base("linear")
+    layer = IntLoraLayer(base, "blocks.0.to_q", bits=8, seed=7)
+    W = base.weight.detach()
+    R = laplace(W.shape, 0.5, layer.aux_seed)
+    a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
+    a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
+    expected = (a_W**1.5 / (a_R + 1e-8) ** 1.5)[:, None] * R
+    assert torch.allclose(layer.r_star(), expected, rtol=1e-3, atol=1e-6)  # R* is kept in fp16
+    # at step 0 (B = 0) the adapted weight is Q[W - R*] + R*, close to W
+    assert sqnr_db(W, layer.adapted_weight()) > 30.0
+    assert IntLoraLayer(base, "blocks.1.to_q", seed=7).aux_seed != layer.aux_seed  # per-layer R
+
+
+@pytest.mark.parametrize("zero_fix", ["none", "midrise"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", ["mul", "shift"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_integer_merge_equals_the_training_forward_exactly(kind, mode, bits, zero_fix):
+    layer = _trained(IntLoraLayer(_base(kind), "m", mode=mode, bits=bits, zero_fix=zero_fix, act_bits=None))
+    merged = layer.merge()
+    x = _input(kind)
+    with torch.no_grad():
+        assert torch.equal(merged.dequantize(), layer.adapted_weight().view(layer.weight_shape))
+        assert torch.equal(merged(x), layer(x))
+    assert merged.qweight.dtype in (torch.int8, torch.int16, torch.int32)
+    if mode == "shift":
+        assert merged.shift.dtype == torch.uint8 and int(merged.shift.max()) <= layer.shift_span
+
+
+def test_mul_gradient_is_lora_gradient_masked_where_w_int_is_zero():
+    layer = _trained(IntLoraLayer(_base("linear"), "m", bits=4))
+    x = _input("linear")
+    W = layer.adapted_weight()
+    W.retain_grad()
+    F.linear(x, W, layer.bias).square().sum().backward()
+    U = layer._adaptation(layer.int_base(), layer.delta()).detach()
+    v = torch.round(U / layer.u_scale) + layer.u_zero
+    mask = (layer.int_base() != 0) & (v >= 0) & (v <= 15)
+    expected = ((W.grad * mask) @ layer.lora_A.detach().T) * layer.scaling
+    assert torch.allclose(layer.lora_B.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_zero_drop_is_faithful_by_default_and_the_midrise_fix_removes_it():
+    base = _base("linear")
+    faithful = IntLoraLayer(base, "m", bits=4)
+    fixed = IntLoraLayer(base, "m", bits=4, zero_fix="midrise")
+    assert faithful.zero_fraction() > 0.01  # the reference loses entries at 4 bits
+    assert fixed.zero_fraction() == 0.0
+
+
+def test_r_is_regenerated_not_stored():
+    base = _base("conv")
+    cached = _trained(IntLoraLayer(base, "m", mode="shift", cache_aux=True))
+    regen = IntLoraLayer(base, "m", mode="shift", cache_aux=False)
+    regen.load_state_dict(cached.state_dict())
+    assert "aux" not in cached.state_dict()
+    biggest_float = max(t.numel() for t in cached.state_dict().values() if t.is_floating_point())
+    assert biggest_float < base.weight.numel()  # only A, B and per-row vectors are float
+    x = _input("conv")
+    with torch.no_grad():
+        assert torch.equal(cached(x), regen(x))
+
+
+def test_activation_quantizer_is_used_and_merged():
+    from quantune.quant import calibrate
+
+    layer = _trained(IntLoraLayer(_base("linear"), "m", bits=8, act_bits=8))
+    x = _input("linear")
+    with pytest.raises(QuantuneError, match="not calibrated"):
+        layer(x)
+    calibrate(layer, lambda: layer(x))
+    merged = layer.merge()
+    with torch.no_grad():
+        assert torch.equal(merged(x), layer(x))
+
+
+def test_bad_input():
+    with pytest.raises(QuantuneError, match="nn.Linear and nn.Conv2d only"):
+        IntLoraLayer(nn.LayerNorm(4), "norm")
+    with pytest.raises(QuantuneError, match="from 2 to 8"):
+        IntLoraLayer(_base("linear"), "m", bits=1)
+    with pytest.raises(QuantuneError, match="from 2 to 8"):
+        IntLoraLayer(_base("linear"), "m", bits=8, lora_bits=9)
+    layer = IntLoraLayer(_base("linear"), "m")
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    with pytest.raises(QuantuneError, match="NaN or inf"):
+        layer(_input("linear"))

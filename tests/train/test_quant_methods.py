@@ -1,0 +1,124 @@
+"""qlora / intlora-mul / intlora-shift in the trainer on zoo:tiny: a few steps each, the integer merge through the
+CLI equal to the training forward (exactly for IntLoRA), resume, mixed-precision casting, and the refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from quantune.cli import main
+from quantune.errors import QuantuneError
+from quantune.train.trainer import train
+from tests.train.test_trainer import _cfg
+
+
+def _unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    c = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), c).sample
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("intlora-mul", ["quant.bits=4", "quant.act_bits=8", "train.gradient_checkpointing=true"]),
+        ("intlora-shift", ["quant.bits=8", "quant.act_bits=8", "quant.zero_fix='midrise'"]),
+    ],
+)
+def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
+    from quantune.models import load_pipeline
+    from quantune.quant.layers import QuantConv2d, QuantLinear
+    from quantune.quant.merge_run import load_run
+
+    run = tmp_path / "run"
+    result = train(_cfg(run, f"method={method}", "train.steps=3", *extra, config="tiny_intlora.toml"))
+    assert result.final_loss == result.final_loss
+    assert (run / "adapter_state.safetensors").is_file() and (run / "intlora_int.safetensors").is_file()
+    assert main(["intlora", "merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged 32 intlora layers" in capsys.readouterr().out
+    merged = load_pipeline(str(tmp_path / "merged"))
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in merged.unet.modules())
+    assert sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in merged.unet.modules()) > 32
+    _, trained, _ = load_run(run, "intlora")  # the training-time forward with the same adapter
+    assert torch.equal(_unet_output(trained.unet), _unet_output(merged.unet))
+    image = merged(["cat"], num_inference_steps=2, output_type="np").images
+    assert image.shape[0] == 1 and (image == image).all()
+
+
+def test_qlora_trains_and_merges_with_requantization(tmp_path, capsys):
+    from quantune.models import load_pipeline
+    from quantune.quant.merge_run import load_run
+    from quantune.quant.primitives import sqnr_db
+
+    run = tmp_path / "run"
+    train(_cfg(run, "train.steps=3", config="tiny_qlora.toml"))
+    for name in ("adapter_state.safetensors", "lora.safetensors", "pytorch_lora_weights.safetensors"):
+        assert (run / name).is_file()
+    assert main(["qlora", "merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_pipeline(str(tmp_path / "merged"))
+    _, trained, _ = load_run(run, "qlora")
+    # dequantize + add + re-quantize at 8 bits: close to the training forward, not equal (that is the PTQ loss)
+    assert sqnr_db(_unet_output(trained.unet), _unet_output(merged.unet)) > 25.0
+    assert main(["intlora", "merge", str(run), "--out", str(tmp_path / "x")]) == 2
+    assert "use `quantune qlora merge`" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_intlora_resume_continues_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _cfg(
+        tmp_path, "train.steps=4", "log.checkpoint_every=2", "train.deterministic=true", config="tiny_intlora.toml"
+    )
+    train(cfg)
+    straight = load_file(str(tmp_path / "adapter_state.safetensors"))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004", ignore_errors=True)
+    (tmp_path / "adapter_state.safetensors").unlink()
+    train(cfg, resume="step-000002")
+    resumed = load_file(str(tmp_path / "adapter_state.safetensors"))
+    assert set(straight) == set(resumed) and any(".act_quant." in k for k in straight)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_mixed_precision_cast_keeps_integer_layers_in_fp32():
+    from quantune.models import build_tiny
+    from quantune.train.config import resolve_config
+    from quantune.train.methods import METHODS
+    from quantune.train.trainer import _cast_frozen
+
+    pipe = build_tiny()
+    cfg = resolve_config(None, ["method=intlora-mul", "quant.quantize_rest=true"])
+    METHODS["intlora-mul"]().prepare(pipe, cfg)
+    _cast_frozen(pipe, "fp16")
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scale.dtype == torch.float32 and layer.lora_A.dtype == torch.float32
+    assert pipe.unet.conv_in.scale.dtype == torch.float32
+    assert pipe.unet.conv_norm_out.weight.dtype == torch.float16  # the float rest is halved
+
+
+def test_merge_refuses_other_runs(tmp_path, capsys):
+    train(_cfg(tmp_path / "lora", "train.steps=1"))
+    assert main(["intlora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "m")]) == 2
+    assert "method = 'lora'" in capsys.readouterr().err
+    assert main(["qlora", "merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
+    assert "not a finished quantized training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("quant.bits=1", "quant.bits = 1 is not supported"),
+        ("quant.zero_fix='x'", "quant.zero_fix"),
+        ("quant.act_bits=20", "quant.act_bits = 20"),
+    ],
+)
+def test_bad_quant_config(override, match):
+    from quantune.train.config import resolve_config
+
+    with pytest.raises(QuantuneError, match=match):
+        resolve_config(None, [override])
