@@ -32,9 +32,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--model", default="zoo:emoji", help="zoo:emoji or a trained pipeline folder")
     p.add_argument("--out", default="docs/emoji_grid.png")
     a = p.parse_args()
-    pipe = load_pipeline("zoo:emoji")
+    pipe = load_pipeline(a.model)
     glyphs = openmoji_dataset(size=32, subset=PROMPTS)
     reference = {glyphs.captions[i]: glyphs[i]["image"] for i in range(len(glyphs))}
     rows = []

@@ -4,8 +4,8 @@ Each configuration runs in its own process: build the model (SD-1.5 UNet archite
 zoo model), apply the method exactly as `quantune train` does (train/methods.py, train/quant_methods.py), calibrate
 A8 activation quantizers on one batch, then run two AdamW steps of the denoising loss on random latents. Peak
 memory is measured over the training steps only: on CUDA torch.cuda.max_memory_allocated after a reset; on CPU the
-process's VmHWM after resetting it (/proc/self/clear_refs), so the float model that is quantized at set-up does not
-count. Quantized methods quantize every other UNet Linear / Conv2d too (as the reference) and use A8.
+process's VmHWM after malloc_trim and a reset (/proc/self/clear_refs), so the float model that is quantized at
+set-up does not count. Quantized methods quantize every other UNet Linear / Conv2d too (as the reference) and use A8.
 
     python benchmarks/quant_train_memory.py [--model sd15|zoo:emoji-init] [--res 256] [--batch 1] [--search minmax]
 """
@@ -35,6 +35,10 @@ ROWS = [
 
 
 def _rss_peak_reset() -> None:
+    """Return freed heap pages to the OS (the float model quantized at set-up), then reset the peak RSS."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
 
 

@@ -3,10 +3,11 @@
 1. The subject: the unicorn emoji, held out of zoo:emoji's pretraining, as 4 instance images (shifted/scaled).
 2. `quantune train configs/emoji_dreambooth.toml`: LoRA on UNet + text encoder, prior preservation on generated
    "an emoji" images.
-3. Before/after grids (same seeds) for a few prompts, and FID of the LoRA model's "an emoji" samples against the
-   base model's (prior preservation should keep the class close).
+3. Before/after grids (same seeds) for a few prompts.
 4. The toolkit on the trained LoRA: inspect, convert to diffusers / peft / kohya and back (diffusers' own loader
    checked against quantune's outputs), merge into the base, extract it back, and the strength grid.
+5. IntLoRA-MUL at W4A8: the same DreamBooth on a 4-bit integer base, `quantune intlora merge` into a model whose
+   UNet holds integers (no post-training quantization), and a grid: float LoRA vs the merged integer model.
 Every step prints the equivalent command; the end prints steps, time, peak memory, adapter size and output paths.
 """
 
@@ -55,24 +56,28 @@ def instance_images(folder: Path) -> list[Path]:
     return paths
 
 
-@torch.no_grad()
-def before_after(lora: Path, prompts: list[str], out: Path, n: int = 4, steps: int = 25) -> Path:
-    """Rows: prompts; columns: n seeds without the LoRA, then the same n seeds with it."""
+def with_lora(lora: Path):
     from quantune.formats import read_lora
-    from quantune.generate import make_grid, save_png
     from quantune.lora.weights import apply_lora
     from quantune.models import load_pipeline
 
-    base, tuned = load_pipeline("zoo:emoji"), load_pipeline("zoo:emoji")
+    tuned = load_pipeline("zoo:emoji")
     apply_lora(tuned, read_lora(lora, tuned)[0])
+    return tuned
+
+
+@torch.no_grad()
+def side_by_side(pipes: list, prompts: list[str], path: Path, n: int = 4, steps: int = 25) -> Path:
+    """Rows: prompts; columns: n seeds of each pipeline in turn (the same seeds)."""
+    from quantune.generate import make_grid, save_png
+
     rows = []
     for prompt in prompts:
         row = []
-        for pipe in (base, tuned):
+        for pipe in pipes:
             gens = [torch.Generator().manual_seed(s) for s in range(n)]
             row += pipe([prompt] * n, num_inference_steps=steps, generator=gens).images
         rows.append(row)
-    path = out / "before_after.png"
     save_png(make_grid([[im.resize((64, 64)) for im in row] for row in rows]), path)
     return path
 
@@ -100,7 +105,10 @@ def main() -> None:
     lora = run / "lora.safetensors"
 
     _say("\n== 3. before / after (left: zoo:emoji, right: + LoRA; same seeds) ==")
-    grid = before_after(lora, ["a sks emoji", "an emoji", "cat face"], out)
+    from quantune.models import load_pipeline
+
+    prompts = ["a sks emoji", "an emoji", "cat face"]
+    grid = side_by_side([load_pipeline("zoo:emoji"), with_lora(lora)], prompts, out / "before_after.png")
     _say(f"wrote {grid}")
 
     _say("\n== 4. the LoRA toolkit on the trained adapter ==")
@@ -121,6 +129,18 @@ def main() -> None:
         f"generate --model zoo:emoji --lora {lora}:0,0.5,1 --prompt 'a sks emoji' --steps 25 --num-images 4 "
         f"--out {out}/strength_grid"
     )
+
+    _say("\n== 5. IntLoRA-MUL W4A8: the same DreamBooth on a 4-bit integer base, merged into integers ==")
+    int_run = out / "intlora"
+    quant = "--set method=intlora-mul --set quant.bits=4 --set quant.act_bits=8 --set quant.quantize_rest=true"
+    _cli(
+        f"train {config} --set output_dir={int_run} --set data.path={out / 'instance'} "
+        f"--set data.class_dir={run / 'class_images'} {quant}{extra}"
+    )
+    _cli(f"intlora merge {int_run} --out {out}/intlora_merged")
+    merged = load_pipeline(str(out / "intlora_merged"))
+    grid = side_by_side([with_lora(lora), merged], prompts, out / "lora_vs_intlora_w4a8.png")
+    _say(f"wrote {grid} (left: float LoRA; right: IntLoRA-MUL W4A8 merged integer model)")
 
     from quantune.formats.inspect import disk_size
     from quantune.io import human_size

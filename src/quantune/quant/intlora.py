@@ -174,13 +174,13 @@ class IntLoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quant is not None:
-            x = self.act_quant(x)
-        if torch.is_grad_enabled():  # save x and A, B only; W' is rebuilt in the backward
+        if torch.is_grad_enabled():  # save x (and A, B) only; x_q and W' are rebuilt in the backward
             return checkpoint(self._run, x, use_reentrant=False)
         return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         w = self.adapted_weight().view(self.weight_shape).to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.conv:

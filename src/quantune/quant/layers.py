@@ -124,10 +124,13 @@ class _QuantWeight(nn.Module):
         self.qweight.copy_(pack_int4(u) if self.packed else u.to(self.qweight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # keep only x for the backward: no float weight, no x_q
+            return checkpoint(self._quant_run, x, use_reentrant=False)
+        return self._quant_run(x)
+
+    def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)
-        if torch.is_grad_enabled() and x.requires_grad:  # keep only x for the backward, not a float weight
-            return checkpoint(self._run, x, use_reentrant=False)
         return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
