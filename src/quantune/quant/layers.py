@@ -19,6 +19,8 @@ pass (`quantune.quant.calibrate`), never inside an ordinary forward; an uncalibr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,19 @@ from quantune.quant.primitives import (
 )
 
 MAX_CALIBRATION_SAMPLES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an integer weight is stored (see the module docstring)."""
+
+    bits: int = 8
+    packed: bool = False
+    code_offset: int = 0
+    qdtype: torch.dtype = torch.uint8
+    zero_point: bool = True
+    shift: bool = False
+    act_bits: int | None = None
 
 
 class ActQuantizer(nn.Module):
@@ -81,17 +96,15 @@ class ActQuantizer(nn.Module):
 class _QuantWeight(nn.Module):
     """The integer weight storage shared by QuantLinear and QuantConv2d."""
 
-    def _init_storage(self, weight_shape, bits: int, packed: bool, code_offset: int, qdtype, has_zero, has_shift):
+    def _init_storage(self, weight_shape, st: Storage) -> None:
         self.weight_shape = tuple(weight_shape)
-        self.bits = bits
-        self.packed = packed
-        self.code_offset = code_offset
+        self.bits, self.packed, self.code_offset = st.bits, st.packed, st.code_offset
         rows, cols = weight_shape[0], int(torch.Size(weight_shape[1:]).numel())
-        self.register_buffer("qweight", torch.zeros(rows, (cols + 1) // 2 if packed else cols, dtype=qdtype))
+        self.register_buffer("qweight", torch.zeros(rows, (cols + 1) // 2 if st.packed else cols, dtype=st.qdtype))
         self.register_buffer("scale", torch.ones(rows, 1))
-        self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if has_zero else None)
-        self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if has_shift else None)
-        self.act_quant: ActQuantizer | None = None
+        self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if st.zero_point else None)
+        self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if st.shift else None)
+        self.act_quant: ActQuantizer | None = ActQuantizer(st.act_bits) if st.act_bits else None
 
     @property
     def cols(self) -> int:
@@ -165,26 +178,11 @@ def _storage_for(bits: int, symmetric: bool, pack: bool) -> tuple[bool, int, tor
 
 
 class QuantLinear(_QuantWeight):
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        bits: int = 8,
-        packed: bool = False,
-        code_offset: int = 0,
-        qdtype=torch.uint8,
-        zero_point: bool = True,
-        shift: bool = False,
-        act_bits: int | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, storage: Storage = Storage()) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_storage((out_features, in_features), bits, packed, code_offset, qdtype, zero_point, shift)
+        self._init_storage((out_features, in_features), storage)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        if act_bits:
-            self.act_quant = ActQuantizer(act_bits)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -206,14 +204,7 @@ class QuantConv2d(_QuantWeight):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        *,
-        bits: int = 8,
-        packed: bool = False,
-        code_offset: int = 0,
-        qdtype=torch.uint8,
-        zero_point: bool = True,
-        shift: bool = False,
-        act_bits: int | None = None,
+        storage: Storage = Storage(),
     ) -> None:
         super().__init__()
         if padding_mode != "zeros":
@@ -223,11 +214,8 @@ class QuantConv2d(_QuantWeight):
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
         self.groups, self.padding_mode = groups, padding_mode
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_storage(shape, bits, packed, code_offset, qdtype, zero_point, shift)
+        self._init_storage((out_channels, in_channels // groups, *self.kernel_size), storage)
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        if act_bits:
-            self.act_quant = ActQuantizer(act_bits)
 
     def _layer_args(self) -> dict:
         return {
@@ -249,10 +237,10 @@ class QuantConv2d(_QuantWeight):
 QUANT_CLASSES = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d}
 
 
-def _empty_like_float(layer: nn.Module, **storage) -> _QuantWeight:
+def _empty_like_float(layer: nn.Module, storage: Storage) -> _QuantWeight:
     bias = layer.bias is not None
     if isinstance(layer, (nn.Linear, QuantLinear)):
-        return QuantLinear(layer.in_features, layer.out_features, bias, **storage)
+        return QuantLinear(layer.in_features, layer.out_features, bias, storage)
     if isinstance(layer, (nn.Conv2d, QuantConv2d)):
         return QuantConv2d(
             layer.in_channels,
@@ -264,7 +252,7 @@ def _empty_like_float(layer: nn.Module, **storage) -> _QuantWeight:
             layer.groups,
             bias,
             layer.padding_mode,
-            **storage,
+            storage,
         )
     raise QuantuneError(
         f"only nn.Linear and nn.Conv2d can be quantized, not {type(layer).__name__}: change the targets"
@@ -286,15 +274,7 @@ def from_float(
     check_bits(bits)
     w = (layer.weight if weight is None else weight).detach().float()
     packed, code_offset, qdtype = _storage_for(bits, symmetric, pack)
-    q = _empty_like_float(
-        layer,
-        bits=bits,
-        packed=packed,
-        code_offset=code_offset,
-        qdtype=qdtype,
-        zero_point=not symmetric,
-        act_bits=act_bits,
-    )
+    q = _empty_like_float(layer, Storage(bits, packed, code_offset, qdtype, not symmetric, act_bits=act_bits))
     rows = w.reshape(w.shape[0], -1)
     qp = search_qparams(rows, bits, per_channel=per_channel, symmetric=symmetric, search=search)
     with torch.no_grad():
@@ -319,9 +299,8 @@ def from_int(
 ) -> _QuantWeight:
     """A layer shaped like float `layer` holding given integers [C_out, cols] with per-row `scale` (merges)."""
     lo, hi = int(int_weight.min()), int(int_weight.max())
-    q = _empty_like_float(
-        layer, bits=bits, qdtype=smallest_int_dtype(min(lo, -1), hi), zero_point=False, shift=shift is not None
-    )
+    storage = Storage(bits, qdtype=smallest_int_dtype(min(lo, -1), hi), zero_point=False, shift=shift is not None)
+    q = _empty_like_float(layer, storage)
     with torch.no_grad():
         q._store_codes(int_weight)
         q.scale.copy_(scale.reshape(-1, 1).float())

@@ -18,7 +18,7 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.quant.config import QuantConfig
-from quantune.quant.layers import QUANT_CLASSES, ActQuantizer, QuantLinear, _QuantWeight, from_float
+from quantune.quant.layers import QUANT_CLASSES, ActQuantizer, QuantLinear, Storage, _QuantWeight, from_float
 
 logger = logging.getLogger(__name__)
 SPEC_FILE = "quantune_quant.json"
@@ -123,7 +123,7 @@ def _from_spec(spec: dict) -> nn.Module:
     cls = QUANT_CLASSES.get(spec.get("class"))
     if cls is None:
         raise QuantuneError(f"unknown integer layer class {spec.get('class')!r} in {SPEC_FILE}: upgrade quantune")
-    storage = dict(
+    storage = Storage(
         bits=spec["bits"],
         packed=spec["packed"],
         code_offset=spec["code_offset"],
@@ -134,7 +134,7 @@ def _from_spec(spec: dict) -> nn.Module:
     )
     shape = spec["weight_shape"]
     if cls is QuantLinear:
-        return cls(shape[1], shape[0], spec["bias"], **storage)
+        return cls(shape[1], shape[0], spec["bias"], storage)
     return cls(
         shape[1] * spec["groups"],
         shape[0],
@@ -144,7 +144,7 @@ def _from_spec(spec: dict) -> nn.Module:
         spec["dilation"],
         spec["groups"],
         spec["bias"],
-        **storage,
+        storage=storage,
     )
 
 
