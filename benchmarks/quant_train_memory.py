@@ -54,7 +54,7 @@ def run_one(method: str, bits: int, model: str, res: int, batch: int, search: st
 
     from quantune.models import build_tiny
     from quantune.train.config import resolve_config
-    from quantune.train.methods import METHODS
+    from quantune.train.registry import METHODS
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

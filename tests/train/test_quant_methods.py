@@ -88,7 +88,7 @@ def test_intlora_resume_continues_exactly(tmp_path):
 def test_mixed_precision_cast_keeps_integer_layers_in_fp32():
     from quantune.models import build_tiny
     from quantune.train.config import resolve_config
-    from quantune.train.methods import METHODS
+    from quantune.train.registry import METHODS
     from quantune.train.trainer import _cast_frozen
 
     pipe = build_tiny()

@@ -24,8 +24,8 @@ def load_run(run_dir: str | Path, family: str):
     from quantune.io import load_safetensors
     from quantune.models import load_pipeline
     from quantune.train.config import config_from_dict
-    from quantune.train.methods import METHODS
     from quantune.train.quant_methods import STATE_FILE
+    from quantune.train.registry import METHODS
 
     run_dir = Path(run_dir)
     cfg_path, state_path = run_dir / "config.json", run_dir / STATE_FILE

@@ -105,9 +105,3 @@ class FullMethod(TrainingMethod):
             pipe.save_pretrained(tmp, safe_serialization=True)
         return [out_dir / "pipeline"]
 
-
-METHODS: dict[str, type[TrainingMethod]] = {"lora": LoraMethod, "full": FullMethod}
-
-from quantune.train.quant_methods import QUANT_METHODS  # noqa: E402  (they build on the classes above)
-
-METHODS.update(QUANT_METHODS)

@@ -26,8 +26,8 @@ from quantune.io import write_json
 from quantune.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from quantune.train.config import TrainConfig
 from quantune.train.data import Batcher, build_datasets, stream_indices
-from quantune.train.methods import METHODS
 from quantune.train.objective import denoising_loss, latent_params, sample_latents
+from quantune.train.registry import METHODS
 from quantune.train.validation import save_validation_grid
 
 logger = logging.getLogger(__name__)
