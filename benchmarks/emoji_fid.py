@@ -2,7 +2,7 @@
 OpenMoji feature network (quantune.eval.fid). Prompts are the captions of N glyphs drawn at random (the held-out
 unicorn excluded); the reference set is those glyphs' images. Writes CSV + Markdown.
 
-    python benchmarks/emoji_fid.py [--n 500] [--steps 25] [--out benchmarks/results]
+    python benchmarks/emoji_fid.py [--n 500] [--steps 25] [--models zoo:emoji,zoo:tiny] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--models", default="zoo:emoji,zoo:tiny", help="comma-separated: zoo names or pipeline folders")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
@@ -49,9 +50,11 @@ def main() -> None:
             "seconds": 0.0,
         }
     ]
-    for ref, size in (("zoo:emoji", 32), ("zoo:tiny", 64)):
+    for ref in a.models.split(","):
         start = time.time()
-        images = generate(load_pipeline(ref), prompts, a.steps, size, a.guidance)
+        pipe = load_pipeline(ref)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        images = generate(pipe, prompts, a.steps, size, a.guidance)
         rows.append({"model": ref, "fid": fid(images, reference), "seconds": time.time() - start})
     title = (
         f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps, "

@@ -107,7 +107,7 @@ class IntLoraLayer(nn.Module):
         a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
         self.register_buffer("vmc_ratio", (a_W**self.vmc_alpha / (a_R + 1e-8) ** self.vmc_alpha).reshape(-1, 1))
         r_star = self._r_star(R)
-        self.register_buffer("aux", r_star if cache_aux else None, persistent=False)
+        self.register_buffer("aux", r_star.to(AUX_DTYPE) if cache_aux else None, persistent=False)  # 2 B/weight
 
         # the base: W - R*, per row, asymmetric, L2.4 search (mid-rise with the zero fix)
         qp = search_qparams(W - r_star, bits, search=search, offset=0.5 if zero_fix == "midrise" else 0.0)
@@ -130,7 +130,7 @@ class IntLoraLayer(nn.Module):
 
     def r_star(self) -> torch.Tensor:
         if self.aux is not None:
-            return self.aux
+            return self.aux.float()
         R = laplace((self.weight_shape[0], self.lora_A.shape[1]), 0.5, self.aux_seed)
         return self._r_star(R).to(self.scale.device)
 
