@@ -22,15 +22,18 @@ from pathlib import Path
 import torch
 from report import write_report
 
+NO_CACHE = "quant.cache_aux=false"  # IntLoRA: regenerate R* every forward instead of keeping it (fp16)
 ROWS = [
-    ("full", 32),
-    ("lora", 32),
-    ("qlora", 8),
-    ("intlora-mul", 8),
-    ("intlora-shift", 8),
-    ("qlora", 4),
-    ("intlora-mul", 4),
-    ("intlora-shift", 4),
+    ("full", 32, ""),
+    ("lora", 32, ""),
+    ("qlora", 8, ""),
+    ("intlora-mul", 8, ""),
+    ("intlora-shift", 8, ""),
+    ("qlora", 4, ""),
+    ("intlora-mul", 4, ""),
+    ("intlora-shift", 4, ""),
+    ("intlora-mul", 4, NO_CACHE),
+    ("intlora-shift", 4, NO_CACHE),
 ]
 
 
@@ -49,7 +52,7 @@ def _rss_peak_mb() -> float:
     return float("nan")
 
 
-def run_one(method: str, bits: int, model: str, res: int, batch: int, search: str) -> dict:
+def run_one(method: str, bits: int, model: str, res: int, batch: int, search: str, extra: str = "") -> dict:
     from train_step import build
 
     from quantune.models import build_tiny
@@ -63,6 +66,7 @@ def run_one(method: str, bits: int, model: str, res: int, batch: int, search: st
     sets = [f"method={method}", "task=" + ("full" if method == "full" else "text-to-image"), "lora.r=4"]
     if method not in ("full", "lora"):
         sets += [f"quant.bits={bits}", "quant.act_bits=8", "quant.quantize_rest=true", f"quant.search='{search}'"]
+        sets += [extra] if extra else []
     cfg = resolve_config(None, sets)
     start = time.perf_counter()
     groups = METHODS[method]().prepare(pipe, cfg)
@@ -96,7 +100,7 @@ def run_one(method: str, bits: int, model: str, res: int, batch: int, search: st
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_peak_mb()
     trainable = sum(p.numel() for p in params)
     return {
-        "method": method,
+        "method": method + (" (R* regenerated)" if extra == NO_CACHE else ""),
         "bits": bits,
         "model": model,
         "res": res,
@@ -117,20 +121,20 @@ def main() -> None:
     p.add_argument("--res", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--search", default="minmax", help="range search at set-up (memory does not depend on it)")
-    p.add_argument("--only", help="METHOD:BITS (internal: one configuration in this process)")
+    p.add_argument("--only", help="METHOD:BITS[:KEY=VALUE] (internal: one configuration in this process)")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     if a.only:
-        method, bits = a.only.split(":")
-        print(json.dumps(run_one(method, int(bits), a.model, a.res, a.batch, a.search)))
+        method, bits, *extra = a.only.split(":")
+        print(json.dumps(run_one(method, int(bits), a.model, a.res, a.batch, a.search, *extra)))
         return
     rows = []
-    for method, bits in ROWS:
+    for method, bits, extra in ROWS:
         argv = [
             sys.executable,
             __file__,
             "--only",
-            f"{method}:{bits}",
+            f"{method}:{bits}:{extra}" if extra else f"{method}:{bits}",
             "--model",
             a.model,
             "--res",
