@@ -78,8 +78,10 @@ class IntLoraLayer(nn.Module):
             raise QuantuneError(f"IntLoRA mode {mode!r} is unknown: use 'mul' or 'shift'")
         if zero_fix not in ("none", "midrise"):
             raise QuantuneError(f"zero_fix = {zero_fix!r} is unknown: use 'none' (faithful) or 'midrise'")
-        if isinstance(base, nn.Conv2d) and base.groups != 1:
-            raise QuantuneError(f"IntLoRA on a grouped conv ({name}, groups={base.groups}) is not supported")
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise QuantuneError(
+                f"IntLoRA supports convs with groups=1 and zero padding only ({name}): exclude it from the targets"
+            )
         self.mode, self.r, self.bits = mode, r, check_bits(bits)
         self.lora_bits = check_bits(lora_bits if lora_bits is not None else bits, "lora_bits")
         self.zero_fix, self.shift_span, self.vmc_alpha = zero_fix, int(shift_span), float(vmc_alpha)

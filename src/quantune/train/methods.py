@@ -104,4 +104,3 @@ class FullMethod(TrainingMethod):
         with atomic_dir(out_dir / "pipeline", markers=("model_index.json",)) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return [out_dir / "pipeline"]
-

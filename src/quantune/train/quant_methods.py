@@ -86,11 +86,10 @@ class QLoraMethod(_QuantBase, LoraMethod):
         from quantune.lora.inject import lora_layers
         from quantune.quant.layers import from_float
 
-        bits = search = None
+        search = cfg.quant.search if cfg is not None else "l2.4"
         layers = lora_layers(pipe.unet)
         for name, layer in layers.items():
             base = layer.base_layer
-            bits, search = base.bits, (cfg.quant.search if cfg is not None else "l2.4")
             w = base.dequantize() + layer.get_delta_weight() * layer.multiplier
             merged = from_float(base, base.bits, search=search, weight=w)
             merged.act_quant = base.act_quant
@@ -99,7 +98,7 @@ class QLoraMethod(_QuantBase, LoraMethod):
             from quantune.lora.inject import remove_lora
 
             remove_lora(pipe.text_encoder, merge=True)  # the text encoder is float: a plain LoRA merge
-        logger.info("qlora merge: %d layers re-quantized to %s bits", len(layers), bits)
+        logger.info("qlora merge: %d layers dequantized, added to and re-quantized", len(layers))
         return len(layers)
 
 
