@@ -20,9 +20,8 @@ from report import write_report
 @torch.no_grad()
 def merge_error(run_dir: Path) -> tuple[str, float]:
     from quantune.lora.inject import lora_layers
-    from quantune.quant.layers import from_float
     from quantune.quant.merge_run import load_run
-    from quantune.train.quant_methods import intlora_layers
+    from quantune.train.quant_methods import intlora_layers, requantize
 
     family = "qlora" if "qlora" in run_dir.parent.name else "intlora"
     cfg, pipe, _ = load_run(run_dir, family)
@@ -32,7 +31,7 @@ def merge_error(run_dir: Path) -> tuple[str, float]:
             base = layer.base_layer
             w_base = base.dequantize()
             w_train = w_base + layer.get_delta_weight()
-            w_merged = from_float(base, base.bits, search=cfg.quant.search, weight=w_train).dequantize()
+            w_merged = requantize(layer, cfg.quant.search).dequantize()
             err += float((w_merged - w_train).pow(2).sum())
             upd += float((w_train - w_base).pow(2).sum())
     else:

@@ -16,15 +16,10 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.lora.config import LoraConfig
 from quantune.lora.layers import LoraLayer
+from quantune.modules import set_module
 
 logger = logging.getLogger(__name__)
 SUPPORTED = (nn.Linear, nn.Conv2d)
-
-
-def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -78,7 +73,7 @@ def add_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -> 
             conv_mode=config.conv_mode,
             generator=generator,
         )
-        _set_child(model, name, layer)
+        set_module(model, name, layer)
     logger.info("added LoRA to %d modules (r=%d)", len(names), config.r)
     return names
 
@@ -114,7 +109,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
             layer.merge(safe=True)
         else:
             layer.unmerge()
-        _set_child(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     return len(layers)
 
 

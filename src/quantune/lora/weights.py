@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.inject import _set_child, lora_layers
+from quantune.lora.inject import lora_layers
 from quantune.lora.layers import LoraLayer
+from quantune.modules import set_module
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -130,7 +131,7 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
             layer.lora_up.weight.copy_(mod.up)
         layer.multiplier = multiplier
         layer.requires_grad_(False)
-        _set_child(model, path, layer)
+        set_module(model, path, layer)
     return list(weights)
 
 

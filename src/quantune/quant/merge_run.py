@@ -54,13 +54,11 @@ def load_run(run_dir: str | Path, family: str):
 
 def save_integer_pipeline(pipe, out: str | Path) -> Path:
     from quantune.io import atomic_dir
-    from quantune.quant.quantize import SPEC_FILE, quant_layers
+    from quantune.quant.quantize import write_spec
 
-    specs = {name: layer.spec() for name, layer in quant_layers(pipe.unet).items()}
     with atomic_dir(out, markers=("model_index.json",)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        meta = {"format": "quantune-int", "version": 1, "layers": specs}
-        (tmp / "unet" / SPEC_FILE).write_text(json.dumps(meta, indent=1))
+        write_spec(pipe.unet, tmp / "unet")
     return Path(out)
 
 

@@ -17,16 +17,12 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.layers import QUANT_CLASSES, ActQuantizer, QuantLinear, Storage, _QuantWeight, from_float
 
 logger = logging.getLogger(__name__)
 SPEC_FILE = "quantune_quant.json"
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantize_(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -105,14 +101,20 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
     return {"integer": int_bytes, "float": float_bytes}
 
 
-def save_quantized_model(model, folder: str | Path) -> Path:
-    """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+def write_spec(model, folder: Path) -> None:
+    """The integer layers' specs, beside a saved model's weights (what load_quantized_model rebuilds from)."""
     specs = {name: layer.spec() for name, layer in quant_layers(model).items()}
     (folder / SPEC_FILE).write_text(json.dumps({"format": "quantune-int", "version": 1, "layers": specs}, indent=1))
-    return folder
+
+
+def save_quantized_model(model, folder: str | Path) -> Path:
+    """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it (atomically)."""
+    from quantune.io import atomic_dir
+
+    with atomic_dir(folder, markers=(SPEC_FILE,)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_spec(model, tmp)
+    return Path(folder)
 
 
 def is_quantized_folder(folder: str | Path) -> bool:

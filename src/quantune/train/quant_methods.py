@@ -21,9 +21,10 @@ import torch
 
 from quantune.errors import QuantuneError
 from quantune.lora.inject import add_lora, find_targets, lora_parameters
+from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.intlora import IntLoraLayer
-from quantune.quant.quantize import calibrate, quantize_, set_module
+from quantune.quant.quantize import calibrate, quantize_
 from quantune.train.methods import LoraMethod, TrainingMethod
 
 logger = logging.getLogger(__name__)
@@ -84,22 +85,28 @@ class QLoraMethod(_QuantBase, LoraMethod):
     def merge(self, pipe, cfg=None) -> int:
         """Dequantize + add the LoRA delta + re-quantize (same bits and search) every adapted base."""
         from quantune.lora.inject import lora_layers
-        from quantune.quant.layers import from_float
 
         search = cfg.quant.search if cfg is not None else "l2.4"
         layers = lora_layers(pipe.unet)
         for name, layer in layers.items():
-            base = layer.base_layer
-            w = base.dequantize() + layer.get_delta_weight() * layer.multiplier
-            merged = from_float(base, base.bits, search=search, weight=w)
-            merged.act_quant = base.act_quant
-            set_module(pipe.unet, name, merged)
+            set_module(pipe.unet, name, requantize(layer, search))
         if pipe.text_encoder is not None and lora_layers(pipe.text_encoder):
             from quantune.lora.inject import remove_lora
 
             remove_lora(pipe.text_encoder, merge=True)  # the text encoder is float: a plain LoRA merge
         logger.info("qlora merge: %d layers dequantized, added to and re-quantized", len(layers))
         return len(layers)
+
+
+def requantize(layer, search: str = "l2.4"):
+    """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits)."""
+    from quantune.quant.layers import from_float
+
+    base = layer.base_layer
+    w = base.dequantize() + layer.get_delta_weight() * layer.multiplier
+    merged = from_float(base, base.bits, search=search, weight=w)
+    merged.act_quant = base.act_quant
+    return merged
 
 
 class IntLoraMethod(_QuantBase):
