@@ -52,45 +52,59 @@ class Storage:
     zero_point: bool = True
     shift: bool = False
     act_bits: int | None = None
+    act_split: int = 0
 
 
 class ActQuantizer(nn.Module):
-    def __init__(self, bits: int, search: str = "l2.4") -> None:
+    """Asymmetric per-tensor quantizer of a layer's input; `split` > 0 gives the channels [:split] and [split:] of
+    dim 1 a quantizer each (EDA-DM / q-diffusion shortcut split: concat(h, skip) parts have different ranges)."""
+
+    def __init__(self, bits: int, search: str = "l2.4", split: int = 0) -> None:
         super().__init__()
         self.bits = check_bits(bits, "act_bits", high=16)
-        self.search = search
-        self.register_buffer("scale", torch.ones(1, 1))
-        self.register_buffer("zero_point", torch.zeros(1, 1))
+        self.search, self.split = search, int(split)
+        parts = 2 if self.split else 1
+        self.register_buffer("scale", torch.ones(parts, 1))
+        self.register_buffer("zero_point", torch.zeros(parts, 1))
         self.register_buffer("calibrated", torch.tensor(False))
         self.observing = False
-        self._seen: list[torch.Tensor] = []
+        self._seen: list[list[torch.Tensor]] = []
 
-    def qparams(self) -> QParams:
-        return QParams(self.scale, self.zero_point, self.bits)
+    def qparams(self, part: int = 0) -> QParams:
+        return QParams(self.scale[part : part + 1], self.zero_point[part : part + 1], self.bits)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            flat = x.detach().float().reshape(-1)
-            step = max(1, flat.numel() // MAX_CALIBRATION_SAMPLES)
-            self._seen.append(flat[::step].cpu())
+            self._seen.append([_sample(p) for p in self.parts(x)])
             return x
         if not bool(self.calibrated):
             raise QuantuneError(
                 "an activation quantizer is not calibrated: run quantune.quant.calibrate(model, batches) first"
             )
-        return fake_quantize(x, self.qparams()).to(x.dtype)
+        out = [fake_quantize(p, self.qparams(i)) for i, p in enumerate(self.parts(x))]
+        return (torch.cat(out, 1) if self.split else out[0]).to(x.dtype)
 
     def finish_calibration(self) -> None:
         if not self._seen:
             raise QuantuneError("calibration saw no input for an activation quantizer: the layer was never called")
-        qp = search_qparams(torch.cat(self._seen), self.bits, per_channel=False, search=self.search)
-        self.scale.copy_(qp.scale)
-        self.zero_point.copy_(qp.zero_point)
+        for i in range(self.scale.shape[0]):
+            seen = torch.cat([s[i] for s in self._seen])
+            qp = search_qparams(seen, self.bits, per_channel=False, search=self.search)
+            self.scale[i].copy_(qp.scale.reshape(1))
+            self.zero_point[i].copy_(qp.zero_point.reshape(1))
         self.calibrated.fill_(True)
         self.observing, self._seen = False, []
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, calibrated={bool(self.calibrated)}"
+        return f"bits={self.bits}, split={self.split}, calibrated={bool(self.calibrated)}"
+
+
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().float().reshape(-1)
+    return flat[:: max(1, flat.numel() // MAX_CALIBRATION_SAMPLES)].cpu()
 
 
 class _QuantWeight(nn.Module):
@@ -104,7 +118,8 @@ class _QuantWeight(nn.Module):
         self.register_buffer("scale", torch.ones(rows, 1))
         self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if st.zero_point else None)
         self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if st.shift else None)
-        self.act_quant: ActQuantizer | None = ActQuantizer(st.act_bits) if st.act_bits else None
+        self.act_quant: ActQuantizer | None = ActQuantizer(st.act_bits, split=st.act_split) if st.act_bits else None
+        self.kernel = None  # an integer kernel (quant/kernels.py: prepare_int_kernels), never saved
 
     @property
     def cols(self) -> int:
@@ -142,6 +157,8 @@ class _QuantWeight(nn.Module):
         return self._quant_run(x)
 
     def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return self.kernel(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
         return self._run(x)
@@ -162,6 +179,7 @@ class _QuantWeight(nn.Module):
             "shift": self.shift is not None,
             "bias": self.bias is not None,
             "act_bits": self.act_quant.bits if self.act_quant is not None else None,
+            "act_split": self.act_quant.split if self.act_quant is not None else 0,
             **self._layer_args(),
         }
 
@@ -273,18 +291,32 @@ def from_float(
     """Quantize a float nn.Linear / nn.Conv2d (or `weight`, for a layer of its shape) into an integer layer."""
     check_bits(bits)
     w = (layer.weight if weight is None else weight).detach().float()
-    packed, code_offset, qdtype = _storage_for(bits, symmetric, pack)
-    q = _empty_like_float(layer, Storage(bits, packed, code_offset, qdtype, not symmetric, act_bits=act_bits))
     rows = w.reshape(w.shape[0], -1)
     qp = search_qparams(rows, bits, per_channel=per_channel, symmetric=symmetric, search=search)
+    act = ActQuantizer(act_bits) if act_bits else None
+    return from_codes(layer, quantize(rows, qp), qp, pack=pack, act_quant=act)
+
+
+def from_codes(
+    layer: nn.Module, codes: torch.Tensor, qp: QParams, *, pack: bool = True, act_quant: ActQuantizer | None = None
+) -> _QuantWeight:
+    """An integer layer shaped like float `layer` from codes [C_out, cols] in [qp.qmin, qp.qmax] and their params
+    (PTQ hands over its learned rounding this way)."""
+    packed, code_offset, qdtype = _storage_for(qp.bits, qp.symmetric, pack)
+    act_bits, act_split = (act_quant.bits, act_quant.split) if act_quant is not None else (None, 0)
+    storage = Storage(qp.bits, packed, code_offset, qdtype, not qp.symmetric, act_bits=act_bits, act_split=act_split)
+    q = _empty_like_float(layer, storage)
+    rows = codes.shape[0]
     with torch.no_grad():
-        q.scale.copy_(qp.scale.expand(rows.shape[0], 1))
+        q.scale.copy_(qp.scale.reshape(-1, 1).expand(rows, 1))
         if qp.zero_point is not None:
-            q.zero_point.copy_(qp.zero_point.expand(rows.shape[0], 1).to(torch.int32))
-        q._store_codes(quantize(rows, qp))
+            q.zero_point.copy_(qp.zero_point.reshape(-1, 1).expand(rows, 1).to(torch.int32))
+        q._store_codes(codes)
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())
-    return q.to(w.device)
+        if act_quant is not None:
+            q.act_quant.load_state_dict(act_quant.state_dict())
+    return q.to(layer.weight.device if hasattr(layer, "weight") else codes.device)
 
 
 def from_int(

@@ -133,6 +133,7 @@ def _from_spec(spec: dict) -> nn.Module:
         zero_point=spec["zero_point"],
         shift=spec["shift"],
         act_bits=spec["act_bits"],
+        act_split=spec.get("act_split", 0),
     )
     shape = spec["weight_shape"]
     if cls is QuantLinear:

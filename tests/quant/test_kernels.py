@@ -1,0 +1,67 @@
+"""Integer kernels vs the fake-quantized reference forward (same integers, float arithmetic)."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantune.quant import calibrate, from_float
+from quantune.quant.kernels import onednn_available, prepare_int_kernels, unsupported_reason
+from quantune.quant.primitives import sqnr_db
+
+BACKENDS = ["int_mm"] + (["onednn"] if onednn_available() else [])
+LAYERS = {
+    "linear": (lambda: nn.Linear(64, 48), (3, 10, 64)),
+    "conv3x3": (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 9, 9)),
+    "conv3x3_stride2": (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 9, 9)),
+    "conv1x1": (lambda: nn.Conv2d(16, 24, 1), (2, 16, 9, 9)),
+}
+
+
+def _quantized(kind: str, bits: int, symmetric: bool, device="cpu"):
+    torch.manual_seed(0)
+    make, shape = LAYERS[kind]
+    layer = make()
+    x = torch.randn(*shape) * 2 + 0.5
+    q = from_float(layer, bits, symmetric=symmetric, act_bits=8).to(device)
+    x = x.to(device)
+    calibrate(q, lambda: q(x))
+    return layer, q, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, False)])
+def test_kernel_matches_fake_quantization(backend, kind, bits, symmetric):
+    _, q, x = _quantized(kind, bits, symmetric)
+    with torch.no_grad():
+        ref = q(x)
+        ways = prepare_int_kernels(q, backend)
+        assert ways == {f"int8 ({backend})": 1}
+        out = q(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # same integers, only float summation order differs: better than 60 dB (float32 rounding)
+    assert sqnr_db(ref, out) > 60
+
+
+def test_unsupported_layers_fall_back_and_are_counted():
+    _, q8asym, x = _quantized("conv3x3", 8, False)
+    assert unsupported_reason(q8asym) == "weight integers beyond int8"
+    w_only = from_float(nn.Linear(8, 8), 4)
+    assert unsupported_reason(w_only) == "weight-only"
+    model = nn.Sequential(q8asym)
+    with torch.no_grad():
+        ref = model(x)
+        ways = prepare_int_kernels(model)
+        assert ways == {"dequantized (weight integers beyond int8)": 1}
+        assert torch.equal(model(x), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_kernel_matches_fake_quantization_cuda(kind):
+    _, q, x = _quantized(kind, 8, True, device="cuda")
+    with torch.no_grad():
+        ref = q(x)
+        prepare_int_kernels(q, "int_mm")
+        out = q(x)
+    assert sqnr_db(ref, out) > 50
