@@ -71,6 +71,7 @@ class IntKernel:
         self.backend, self.is_conv = backend, isinstance(layer, QuantConv2d)
         aq = layer.act_quant
         self.s_a, self.z_a = float(aq.scale.reshape(-1)[0]), int(aq.zero_point.reshape(-1)[0])
+        self.s_a_tensor = aq.scale.reshape(1).float().clone()  # x / s as the fake quantizer computes it
         self.w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
         self.s_w = layer.scale.reshape(-1).float()
         self.bias = layer.bias.float() if layer.bias is not None else None
@@ -93,7 +94,7 @@ class IntKernel:
             self.out_scale = self.s_a * self.s_w
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x.float() / self.s_a) + self.z_a, 0, 255).to(torch.uint8)
+        return torch.clamp(torch.round(x.float() / self.s_a_tensor) + self.z_a, 0, 255).to(torch.uint8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantize_input(x)

@@ -52,13 +52,16 @@ def load_run(run_dir: str | Path, family: str):
     return cfg, pipe, method
 
 
-def save_integer_pipeline(pipe, out: str | Path) -> Path:
+def save_integer_pipeline(pipe, out: str | Path, extra: dict[str, dict] | None = None) -> Path:
+    """Write the pipeline (its UNet holding integers) and its spec atomically; `extra`: JSON files to add."""
     from quantune.io import atomic_dir
     from quantune.quant.quantize import write_spec
 
     with atomic_dir(out, markers=("model_index.json",)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_spec(pipe.unet, tmp / "unet")
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1))
     return Path(out)
 
 

@@ -103,8 +103,11 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
 
 def write_spec(model, folder: Path) -> None:
     """The integer layers' specs, beside a saved model's weights (what load_quantized_model rebuilds from)."""
+    from quantune.quant.attention import quant_attentions
+
     specs = {name: layer.spec() for name, layer in quant_layers(model).items()}
-    (folder / SPEC_FILE).write_text(json.dumps({"format": "quantune-int", "version": 1, "layers": specs}, indent=1))
+    meta = {"format": "quantune-int", "version": 1, "layers": specs, "attention": quant_attentions(model)}
+    (folder / SPEC_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def save_quantized_model(model, folder: str | Path) -> Path:
@@ -166,6 +169,11 @@ def load_quantized_model(folder: str | Path, cls):
         model = cls.from_config(config)
     for name, spec in layers.items():
         set_module(model, name, _from_spec(spec))
+    if meta.get("attention"):
+        from quantune.quant.attention import QuantAttnProcessor
+
+        for name, bits in meta["attention"].items():
+            model.get_submodule(name).set_processor(QuantAttnProcessor(bits))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise QuantuneError(f"{folder} has no .safetensors weights: re-export the quantized model")
@@ -181,7 +189,6 @@ def load_quantized_model(folder: str | Path, cls):
             f"{folder} does not match its {SPEC_FILE}: {len(missing)} missing, {len(unexpected)} unexpected tensors "
             f"(e.g. {(missing or unexpected)[0]}); re-export the quantized model"
         )
-    for layer in quant_layers(model).values():  # buffers registered as None stay None; Python attributes stay
-        if layer.act_quant is not None and not bool(layer.act_quant.calibrated):
-            raise QuantuneError(f"{folder}: an activation quantizer was saved uncalibrated; re-export the model")
+    if not all(bool(q.calibrated) for q in act_quantizers(model).values()):
+        raise QuantuneError(f"{folder}: an activation quantizer was saved uncalibrated; re-export the model")
     return model.eval()

@@ -1,0 +1,71 @@
+"""Activation quantizer for reconstruction: a learned per-tensor step size (LSQ, Esser et al. 2020) with a fixed
+zero point, initialised by the L2.4 search per calibration batch smoothed by an EMA (0.9 old / 0.1 new), and QDrop
+(Wei et al. 2022): while reconstructing, each element is quantized with probability 1 - p and left in float
+otherwise (spec/eda-dm.md). `split` > 0 quantizes channels [:split] and [split:] of dim 1 separately (the
+shortcut split). Exported as the integer model's fixed ActQuantizer (`to_act_quantizer`).
+
+    x_hat = s (clamp(round(x / s) + z, 0, 2^b - 1) - z),   d x_hat / d s by the straight-through estimator
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantune.quant.primitives import QParams, fake_quantize, search_qparams
+
+EMA = 0.9
+SEARCH_SAMPLE = 1 << 18  # the L2.4 search of one batch looks at a strided sample of at most this many elements
+
+
+class LSQActQuantizer(nn.Module):
+    def __init__(self, bits: int, split: int = 0, search: str = "l2.4") -> None:
+        super().__init__()
+        self.bits, self.split, self.search = bits, split, search
+        parts = 2 if split else 1
+        self.scale = nn.Parameter(torch.ones(parts))
+        self.register_buffer("zero_point", torch.zeros(parts))
+        self.register_buffer("low", torch.zeros(parts))  # EMA of -z s (the range's low end) during observation
+        self.observed = 0
+        self.observing = False
+        self.enabled = True
+        self.qdrop = 0.0  # > 0 only while reconstructing
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
+
+    def observe(self, x: torch.Tensor) -> None:
+        for i, part in enumerate(self.parts(x.detach().float())):
+            flat = part.reshape(-1)
+            flat = flat[:: max(1, flat.numel() // SEARCH_SAMPLE)]
+            qp = search_qparams(flat, self.bits, per_channel=False, search=self.search)
+            scale, low = qp.scale.reshape(()), (-qp.zero_point * qp.scale).reshape(())
+            if self.observed:
+                scale, low = EMA * self.scale.data[i] + (1 - EMA) * scale, EMA * self.low[i] + (1 - EMA) * low
+            self.scale.data[i], self.low[i] = scale, low
+            self.zero_point[i] = torch.round(-low / scale)
+        self.observed += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        out = []
+        for i, part in enumerate(self.parts(x)):
+            q = fake_quantize(part, QParams(self.scale[i].reshape(1, 1), self.zero_point[i].reshape(1, 1), self.bits))
+            if self.qdrop > 0:
+                q = torch.where(torch.rand_like(part) < self.qdrop, part, q)
+            out.append(q)
+        return torch.cat(out, 1) if self.split else out[0]
+
+    def to_act_quantizer(self):
+        from quantune.quant.layers import ActQuantizer
+
+        aq = ActQuantizer(self.bits, split=self.split)
+        with torch.no_grad():
+            aq.scale.copy_(self.scale.detach().abs().clamp_min(1e-8).reshape(-1, 1))
+            aq.zero_point.copy_(self.zero_point.reshape(-1, 1))
+            aq.calibrated.fill_(True)
+        return aq

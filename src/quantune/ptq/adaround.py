@@ -1,0 +1,68 @@
+"""AdaRound: learned rounding of weights (Nagel et al. 2020, "Up or Down?", as used by BRECQ, Q-Diffusion and
+EDA-DM; spec/eda-dm.md "Quantizers during reconstruction").
+
+Per output channel n, with the scale s_n and zero point z_n of the L2.4 (or min-max) search:
+    W_hat = s (clamp(floor(W / s) + h(V) + z, q_min, q_max) - z),   h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+with zeta = 1.1, gamma = -0.1; V starts where h(V) = frac(W / s) (so W_hat starts at W clamped to the grid).
+After reconstruction the rounding is hard: h = 1[V >= 0]. The optional regulariser
+    f_reg = sum (1 - |2 h(V) - 1|^beta),  beta annealed from 20 to 2
+pushes h to 0 or 1 (BRECQ / Q-Diffusion); EDA-DM's reference switches it off and relies on the loss alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quantune.quant.primitives import QParams, search_qparams
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRoundQuantizer(nn.Module):
+    def __init__(self, weight: torch.Tensor, bits: int, symmetric: bool, search: str = "l2.4") -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.shape = w.shape
+        rows = w.reshape(w.shape[0], -1)
+        self.qp: QParams = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
+        self.register_buffer("w_floor", torch.floor(rows / self.qp.scale))
+        frac = (rows / self.qp.scale - self.w_floor).clamp(0.01, 0.99)  # h(V) = frac, away from sigmoid's ends
+        v0 = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
+        self.v = nn.Parameter(v0)
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        if self.hard:
+            return (self.v >= 0).float()
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes in [q_min, q_max] (float tensor), [C_out, cols]."""
+        q = self.w_floor + self.h()
+        if self.qp.zero_point is not None:
+            q = q + self.qp.zero_point
+        return torch.clamp(q, self.qp.qmin, self.qp.qmax)
+
+    def forward(self) -> torch.Tensor:
+        q = self.codes()
+        if self.qp.zero_point is not None:
+            q = q - self.qp.zero_point
+        return (q * self.qp.scale).reshape(self.shape)
+
+    def hard_codes(self) -> torch.Tensor:
+        self.hard = True
+        return self.codes().detach()
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+def beta_schedule(it: int, iters: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
+    """The regulariser's beta at iteration `it` (None during the warm-up, when the regulariser is off)."""
+    if it < warmup * iters:
+        return None
+    progress = (it - warmup * iters) / max(1.0, (1 - warmup) * iters)
+    return end + 0.5 * (start - end) * (1 + math.cos(progress * math.pi))

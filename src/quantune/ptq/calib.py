@@ -1,0 +1,144 @@
+"""Calibration data: the UNet's inputs along FP sampler trajectories, picked per step by TDAC or uniformly.
+
+`collect_calibration(pipe, config, prompts)` runs the pipeline's own sampler (text-to-image with classifier-free
+guidance, or unconditional DDPM/DDIM) for N = config.calib_samples trajectories, records every UNet call's
+arguments (x_t, t, conditioning; tensors that do not change along a trajectory are kept once) and the TDAC feature
+(the input of the mid-block attention, or of the mid block when it has none). Step s then receives n_s samples
+(ptq/tdac.py), each the latent of a distinct trajectory at that step, with its timestep and conditioning; under
+guidance a sample is its two UNet rows (unconditional and conditional), as the sampler feeds them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+
+from quantune.errors import QuantuneError
+from quantune.ptq.config import PTQConfig
+from quantune.ptq.tdac import sample_counts, tdac_weights, uniform_counts
+
+logger = logging.getLogger(__name__)
+CHUNK = 32  # trajectories per pipeline call
+FEATURE_TRAJECTORIES = 32  # trajectories whose features TDAC scores
+
+
+@dataclass
+class CalibData:
+    """Calibration samples: UNet keyword arguments with per-row tensors (rows = samples x guidance rows)."""
+
+    leaves: list  # per-row tensors [rows, ...] or constants, in the pytree order of `spec`
+    spec: object
+    rows: int
+    counts: list[int]  # samples per sampler step
+    timesteps: list[int]
+
+    def kwargs(self, index: torch.Tensor | slice | None = None) -> dict:
+        index = slice(None) if index is None else index
+        leaves = [x[index] if isinstance(x, torch.Tensor) else x for x in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def batches(self, batch_size: int):
+        for i in range(0, self.rows, batch_size):
+            yield self.kwargs(slice(i, min(i + batch_size, self.rows)))
+
+
+def _feature_module(unet):
+    mid = getattr(unet, "mid_block", None)
+    if mid is None:
+        raise QuantuneError(f"{type(unet).__name__} has no mid_block: TDAC needs one; use --method qdiffusion")
+    attns = getattr(mid, "attentions", None)
+    return attns[0] if attns else mid
+
+
+def _is_text_pipeline(pipe) -> bool:
+    return getattr(pipe, "text_encoder", None) is not None
+
+
+def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
+    """One pipeline call; returns (UNet calls as bound-argument dicts, features per call)."""
+    unet = pipe.unet
+    signature = inspect.signature(unet.forward)
+    calls, features = [], []
+
+    def record_call(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        calls.append({k: v for k, v in bound.arguments.items() if k != "return_dict"})
+
+    def record_feature(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        features.append(x.detach().float().cpu())
+
+    hooks = [
+        unet.register_forward_pre_hook(record_call, with_kwargs=True),
+        _feature_module(unet).register_forward_pre_hook(record_feature, with_kwargs=True),
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            if _is_text_pipeline(pipe):
+                size = unet.config.sample_size * pipe.vae_scale_factor
+                pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
+                     width=size, generator=generator, output_type="latent")  # fmt: skip
+            else:
+                pipe(batch_size=len(prompts), num_inference_steps=cfg.steps, generator=generator, output_type="np")
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(calls) != cfg.steps:
+        raise QuantuneError(f"the sampler called the UNet {len(calls)} times for {cfg.steps} steps: unsupported")
+    return calls, features
+
+
+def _trajectory_major(x, batch: int, groups: int):
+    """A call's per-row tensor [groups * batch, ...] -> [batch, groups, ...]; a 0-dim one is broadcast."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() == 0:
+        x = x.expand(groups * batch)
+    if x.shape[0] != groups * batch:
+        return x
+    return x.detach().cpu().reshape(groups, batch, *x.shape[1:]).transpose(0, 1)
+
+
+def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) -> tuple[CalibData, torch.Tensor]:
+    """(calibration data, the TDAC weights per step: all ones for uniform calibration)."""
+    n = cfg.calib_samples
+    if _is_text_pipeline(pipe) and not prompts:
+        raise QuantuneError("a text-to-image pipeline needs calibration prompts: pass --prompts FILE")
+    per_step: list[list] = [[] for _ in range(cfg.steps)]  # per step: leaves [traj, groups, ...] per chunk
+    spec, features, timesteps = None, [], []
+    for c, start in enumerate(range(0, n, CHUNK)):
+        size = min(CHUNK, n - start)
+        chunk_prompts = [prompts[(start + i) % len(prompts)] for i in range(size)] if prompts else [""] * size
+        calls, feats = _run_chunk(pipe, chunk_prompts, cfg, cfg.seed + c)
+        groups = pytree.tree_leaves(calls[0]["sample"])[0].shape[0] // size
+        for s, call in enumerate(calls):
+            leaves, spec = pytree.tree_flatten(call)
+            per_step[s].append([_trajectory_major(x, size, groups) for x in leaves])
+            if c == 0:
+                timesteps.append(int(torch.as_tensor(call["timestep"]).reshape(-1)[0]))
+        if start < FEATURE_TRAJECTORIES:
+            features.append(torch.stack([f.reshape(groups, size, *f.shape[1:])[-1] for f in feats]))
+    if cfg.method == "eda-dm":
+        weights = tdac_weights(torch.cat(features, 1), cfg.tdac_r, cfg.tdac_lambda)
+        counts = sample_counts(weights, n)
+    else:
+        weights, counts = torch.ones(cfg.steps), uniform_counts(cfg.steps, n)
+    logger.info("calibration samples per step: %s", counts)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    step_of = torch.repeat_interleave(torch.arange(cfg.steps), torch.tensor(counts))  # step of each sample
+    leaves = []
+    for j in range(len(per_step[0][0])):
+        first = per_step[0][0][j]
+        if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.shape[0] != min(CHUNK, n):
+            leaves.append(first)
+            continue
+        by_step = [torch.cat([chunk[j] for chunk in per_step[s]]) for s in range(cfg.steps)]  # [n, groups, ...]
+        picked = torch.stack([by_step[int(s)][int(t)] for s, t in zip(step_of, order)])
+        leaves.append(picked.reshape(-1, *picked.shape[2:]))
+    rows = n * groups
+    return CalibData(leaves, spec, rows, counts, timesteps), weights

@@ -1,0 +1,188 @@
+"""The fake-quantized UNet that PTQ calibrates and reconstructs, its reconstruction units, and the export to the
+integer model (spec/eda-dm.md "Pipeline", steps 1, 2, 4 and 6).
+
+- Every nn.Linear / nn.Conv2d becomes a PTQLayer: the float layer, an AdaRound weight quantizer (per output
+  channel) and an LSQ activation quantizer (per tensor) on its input; `keep_8bit` layers get 8-bit weights,
+  `act_fp` layers no input quantizer, `keep_fp` layers stay float. The shortcut conv of an up-block ResNet, whose
+  input is concat(h, skip), gets a split input quantizer (one per part).
+- Every diffusers Attention gets a QuantAttnProcessor with LSQ quantizers on q, k, v and the softmax output.
+- Units, in the order the forward calls them: ResnetBlock2D, BasicTransformerBlock and standalone Attention blocks
+  are reconstructed as blocks; every PTQLayer outside them (conv_in, time embedding, proj_in/out, down/upsamplers,
+  conv_out) layer by layer.
+- A leaf module with parameters that quantune cannot quantize or keep float (e.g. Conv1d, ConvTranspose2d) is an
+  error that names it, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.modules import set_module
+from quantune.ptq.act_lsq import LSQActQuantizer
+from quantune.ptq.adaround import AdaRoundQuantizer
+from quantune.ptq.config import PTQConfig
+
+logger = logging.getLogger(__name__)
+FLOAT_LEAVES = (nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+class PTQLayer(nn.Module):
+    def __init__(self, layer: nn.Module, wbits: int, abits: int | None, cfg: PTQConfig, split: int = 0) -> None:
+        super().__init__()
+        self.layer = layer.requires_grad_(False)
+        self.wq = AdaRoundQuantizer(layer.weight, wbits, cfg.wsym(wbits), cfg.search)
+        self.aq = LSQActQuantizer(abits, split, cfg.search) if abits else None
+        self.quant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant:
+            x = self.aq(x) if self.aq is not None else x
+            w = self.wq().to(x.dtype)
+        else:
+            if self.aq is not None and self.aq.observing:
+                self.aq.observe(x)
+            w = self.layer.weight
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, self.layer.bias)
+        c = self.layer
+        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def export(self) -> nn.Module:
+        from quantune.quant.layers import from_codes
+
+        aq = self.aq.to_act_quantizer() if self.aq is not None else None
+        return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
+
+
+def set_quant(module: nn.Module, on: bool) -> None:
+    """Quantize (on) or run float (off) every PTQLayer and attention quantizer inside `module`."""
+    for m in module.modules():
+        if isinstance(m, PTQLayer):
+            m.quant = on
+        elif isinstance(m, LSQActQuantizer):
+            m.enabled = on
+
+
+def _block_types() -> tuple[type, ...]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return ResnetBlock2D, BasicTransformerBlock, Attention
+
+
+def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
+    from quantune.lora.config import _matches
+
+    for name, m in unet.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not own or isinstance(m, (nn.Linear, nn.Conv2d, *FLOAT_LEAVES)) or _matches(cfg.keep_fp, name):
+            continue
+        raise QuantuneError(
+            f"{name} is a {type(m).__name__}, which quantune's PTQ cannot quantize: add it to --keep-fp to leave it "
+            "in float"
+        )
+    if cfg.attn_bits is None:
+        return
+    from quantune.quant.attention import attentions
+
+    for name, attn in attentions(unet).items():
+        if getattr(attn, "add_q_proj", None) is not None or getattr(attn, "add_k_proj", None) is not None:
+            raise QuantuneError(
+                f"{name} is a joint / added-KV attention, which the quantized attention does not cover: "
+                "pass --attn-bits none to keep attention products in float"
+            )
+
+
+def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
+    """{up-block ResNet shortcut conv name: channels of h in concat(h, skip)}, found on one forward (`run()`)."""
+    splits: dict[str, int] = {}
+    hooks = []
+    for bname, block in unet.named_modules():
+        if not bname.startswith("up_blocks.") or bname.count(".") != 1 or not hasattr(block, "resnets"):
+            continue
+        signature = inspect.signature(block.forward)
+
+        def hook(module, args, kwargs, bname=bname, signature=signature):
+            skips = signature.bind(*args, **kwargs).arguments.get("res_hidden_states_tuple")
+            for i, resnet in enumerate(module.resnets):
+                if skips is not None and getattr(resnet, "conv_shortcut", None) is not None and i < len(skips):
+                    splits[f"{bname}.resnets.{i}.conv_shortcut"] = resnet.in_channels - skips[-1 - i].shape[1]
+
+        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return splits
+
+
+def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dict[str, PTQLayer]:
+    """Replace the UNet's layers by PTQLayers and its attention processors by quantized ones (in place)."""
+    from quantune.lora.config import _matches
+    from quantune.quant.attention import QuantAttnProcessor, attentions
+
+    check_supported(unet, cfg)
+    wrapped = {}
+    for name, m in list(unet.named_modules()):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or _matches(cfg.keep_fp, name):
+            continue
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            raise QuantuneError(f"{name} pads with {m.padding_mode!r}: add it to --keep-fp")
+        wbits = 8 if _matches(cfg.keep_8bit, name) else cfg.wbits
+        abits = None if _matches(cfg.act_fp, name) else cfg.abits
+        wrapped[name] = PTQLayer(m, wbits, abits, cfg, splits.get(name, 0))
+        set_module(unet, name, wrapped[name])
+    if cfg.attn_bits is not None:
+        for attn in attentions(unet).values():
+            slots = {s: LSQActQuantizer(cfg.attn_bits, search=cfg.search) for s in QuantAttnProcessor.SLOTS}
+            attn.set_processor(QuantAttnProcessor(cfg.attn_bits, slots))
+    logger.info("wrapped %d layers for PTQ (%s)", len(wrapped), cfg.method)
+    return wrapped
+
+
+def recon_units(unet: nn.Module, run) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in the order one forward (`run()`) calls them: blocks, then lone PTQLayers."""
+    blocks = _block_types()
+    units: dict[str, nn.Module] = {}
+    for name, m in unet.named_modules():
+        inside = any(name.startswith(u + ".") for u in units)
+        if not inside and (isinstance(m, blocks) or isinstance(m, PTQLayer)):
+            if isinstance(m, PTQLayer) or any(isinstance(c, PTQLayer) for c in m.modules()):
+                units[name] = m
+    order: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+        for n, m in units.items()
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    never = [n for n in units if n not in order]
+    if never:
+        logger.warning("%d quantized units are never called by the UNet (e.g. %s)", len(never), never[0])
+    return [(n, units[n]) for n in order]
+
+
+def export_integer(unet: nn.Module) -> int:
+    """Replace every PTQLayer by its integer layer and every attention's LSQ quantizers by fixed ones (in place)."""
+    from quantune.quant.attention import QuantAttnProcessor, attentions
+
+    names = [n for n, m in unet.named_modules() if isinstance(m, PTQLayer)]
+    for name in names:
+        set_module(unet, name, unet.get_submodule(name).export())
+    for attn in attentions(unet).values():
+        proc = attn.processor
+        if isinstance(proc, QuantAttnProcessor) and isinstance(proc.quantizers["q"], LSQActQuantizer):
+            fixed = {s: proc.quantizers[s].to_act_quantizer() for s in QuantAttnProcessor.SLOTS}
+            attn.set_processor(QuantAttnProcessor(proc.bits, fixed))
+    return len(names)

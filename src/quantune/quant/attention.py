@@ -1,0 +1,74 @@
+"""Quantized attention: the query, key, value and softmax output of a diffusers Attention, each through an
+activation quantizer (EDA-DM and Q-Diffusion quantize them to 8 bits; the q/k/v/out projections are ordinary
+quantized Linear layers).
+
+    Q_hat = AQ_q(Q), K_hat = AQ_k(K), V_hat = AQ_v(V),  P = softmax(Q_hat K_hat^T / sqrt(d)),  O = AQ_p(P) V_hat
+
+The quantizers are the processor's submodules, so their scales are saved with the UNet's state and the spec lists
+the attentions that carry them (quant/quantize.py). The products run in float on the fake-quantized values.
+
+Written by hand after diffusers' AttnProcessor (same steps: spatial norm, 4-D input, group norm, cross norm,
+residual, rescale), because no diffusers processor exposes q, k, v and the probabilities to quantizers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantAttnProcessor(nn.Module):
+    SLOTS = ("q", "k", "v", "p")
+
+    def __init__(self, bits: int, quantizers: dict[str, nn.Module] | None = None) -> None:
+        from quantune.quant.layers import ActQuantizer
+
+        super().__init__()
+        self.bits = bits
+        quantizers = quantizers or {s: ActQuantizer(bits) for s in self.SLOTS}
+        self.quantizers = nn.ModuleDict({s: quantizers[s] for s in self.SLOTS})
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        aq = self.quantizers
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(aq["k"](attn.to_k(encoder_hidden_states)))
+        value = attn.head_to_batch_dim(aq["v"](attn.to_v(encoder_hidden_states)))
+        query = attn.head_to_batch_dim(aq["q"](query))
+        probs = aq["p"](attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """The diffusers Attention modules of `model`, by name."""
+    from diffusers.models.attention_processor import Attention
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def quant_attentions(model: nn.Module) -> dict[str, int]:
+    """{attention name: bits} of the attentions that run a QuantAttnProcessor (what the spec records)."""
+    return {n: m.processor.bits for n, m in attentions(model).items() if isinstance(m.processor, QuantAttnProcessor)}
