@@ -77,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
     e.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
     e.add_argument("--out", required=True)
+    q = sub.add_parser("quantize", help="post-training quantization of the UNet into an integer model")
+    q.add_argument("--model", required=True, help="zoo:emoji, a diffusers folder, or a hub id")
+    q.add_argument("--method", default="eda-dm", choices=["eda-dm", "qdiffusion", "minmax"])
+    q.add_argument("--wbits", type=int, default=8, help="weight bits: 2..8 (8: symmetric int8)")
+    q.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits, or none for weight-only")
+    q.add_argument("--attn-bits", type=_bits_or_none, default=8, help="q/k/v/softmax bits, or none (float)")
+    q.add_argument("--calib-samples", type=int, default=256, help="calibration trajectories N")
+    q.add_argument("--steps", type=int, default=20, help="sampler steps of the calibration trajectories")
+    q.add_argument("--iters", type=int, default=1000, help="reconstruction iterations per block")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--keep-fp", action="append", default=[], help="layer name or regex left in float (repeatable)")
+    q.add_argument("--prompts", help="calibration prompts, one per line (default: OpenMoji captions)")
+    q.add_argument("--resolution", type=int, help="calibration image size in px (default: the model's)")
+    q.add_argument("--lr-w", type=float, help="AdaRound learning rate (default by bits, spec/eda-dm.md)")
+    q.add_argument("--lr-a", type=float, default=1e-3, help="activation step-size learning rate")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+
     for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
         fam = sub.add_parser(family, help=f"merge a {family} run into an integer model ({what})")
         fm = fam.add_subparsers(dest=f"{family}_command", required=True).add_parser(
@@ -86,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         fm.add_argument("--out", required=True)
         fm.set_defaults(family=family)
     return p
+
+
+def _bits_or_none(text: str) -> int | None:
+    if text.lower() in ("none", "fp", "float", "16", "32"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width: give an integer or none") from None
 
 
 def _size(path) -> str:
@@ -103,6 +130,12 @@ def cmd_generate(a) -> None:
     pipe = load_pipeline(a.model, torch_dtype=dtype)
     scales = attach_loras(pipe, [LoraSpec.parse(s) for s in a.lora])
     pipe.to(device)
+    if device != "cpu" and hasattr(pipe, "unet"):
+        from quantune.quant.kernels import prepare_int_kernels
+        from quantune.quant.quantize import quant_layers
+
+        if quant_layers(pipe.unet):
+            prepare_int_kernels(pipe.unet)  # the kernels of the device the integer UNet now lives on
     paths = generate(pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance)
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
 
@@ -120,6 +153,37 @@ def cmd_train(a) -> None:
         )
         for path in result.outputs:
             print(f"  {path} ({_size(path)})")
+
+
+def cmd_quantize(a) -> None:
+    from quantune.ptq import PTQConfig, quantize_pipeline, read_prompts, save_ptq_pipeline
+    from quantune.quant.kernels import prepare_int_kernels
+
+    cfg = PTQConfig(
+        method=a.method, wbits=a.wbits, abits=a.abits, attn_bits=a.attn_bits, calib_samples=a.calib_samples,
+        steps=a.steps, iters=a.iters, batch_size=a.batch_size, keep_fp=a.keep_fp, resolution=a.resolution,
+        lr_w=a.lr_w, lr_a=a.lr_a, seed=a.seed,
+    )  # fmt: skip
+    prompts = read_prompts(a.prompts) if a.prompts else None
+    pipe = _load(a.model)
+    report = quantize_pipeline(pipe, cfg, prompts)
+    out = save_ptq_pipeline(pipe, a.out, report)
+    ways = prepare_int_kernels(pipe.unet)
+    unet_bytes = sum(p.stat().st_size for p in (out / "unet").glob("*.safetensors"))
+    bits = f"W{cfg.wbits}A{cfg.abits or 16}"
+    print(f"{cfg.method} {bits}: {report['layers']} layers, {report['units']} units, {report['seconds']:.0f} s")
+    print(f"  calibration samples per step: {report['samples_per_step']}")
+    print(f"  integer kernels (CPU): {', '.join(f'{n} {k}' for k, n in sorted(ways.items()))}")
+    print(
+        f"  UNet weights on disk: {_human(unet_bytes)} (fp32: {_human(report['fp32_unet_bytes'])}, "
+        f"{report['fp32_unet_bytes'] / unet_bytes:.2f}x smaller); wrote {out} ({_size(out)})"
+    )
+
+
+def _human(n: int) -> str:
+    from quantune.io import human_size
+
+    return human_size(n)
 
 
 def cmd_inspect(a) -> None:
@@ -217,6 +281,7 @@ COMMANDS = {
     "mix": cmd_mix,
     "extract": cmd_extract,
     "int-merge": cmd_int_merge,
+    "quantize": cmd_quantize,
 }
 
 

@@ -60,13 +60,30 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
     from quantune.quant.quantize import is_quantized_folder, load_quantized_model
 
     if is_quantized_folder(path / "unet"):  # a UNet with integer weights (quantune intlora/qlora merge, PTQ)
-        from diffusers import UNet2DConditionModel
+        from quantune.quant.kernels import prepare_int_kernels
 
-        extra["unet"] = load_quantized_model(path / "unet", UNet2DConditionModel)
+        extra["unet"] = load_quantized_model(path / "unet", _model_class(path / "unet"))
+        prepare_int_kernels(extra["unet"])  # on CPU; `quantune generate` prepares again after moving the pipeline
     try:
         return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise QuantuneError(f"could not load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+
+
+def _model_class(folder: Path) -> type:
+    """The diffusers model class named in a saved model's config.json (UNet2DConditionModel, UNet2DModel, ...)."""
+    import json
+
+    import diffusers
+
+    try:
+        name = json.loads((folder / "config.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantuneError(f"{folder / 'config.json'} is unreadable ({e}): re-export the quantized model") from None
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type):
+        raise QuantuneError(f"{folder} holds a {name!r}, which this diffusers does not have: upgrade diffusers")
+    return cls
 
 
 def _load_hub(repo_id: str, torch_dtype: torch.dtype | None) -> DiffusionPipeline:

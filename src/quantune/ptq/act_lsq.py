@@ -5,6 +5,9 @@ otherwise (spec/eda-dm.md). `split` > 0 quantizes channels [:split] and [split:]
 shortcut split). Exported as the integer model's fixed ActQuantizer (`to_act_quantizer`).
 
     x_hat = s (clamp(round(x / s) + z, 0, 2^b - 1) - z),   d x_hat / d s by the straight-through estimator
+The step size is learned as log s (s = exp(theta)): Adam's steps are then relative changes of s, so one lr_a
+suits every layer whatever its range (EDA-DM's reference learns s itself with an absolute lr_a; measured on zoo:tiny
+with 20 iterations, lr_a = 1e-3 on s lowered the UNet's SQNR against FP from 28 to 18-20 dB).
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ class LSQActQuantizer(nn.Module):
         super().__init__()
         self.bits, self.split, self.search = bits, split, search
         parts = 2 if split else 1
-        self.scale = nn.Parameter(torch.ones(parts))
+        self.log_scale = nn.Parameter(torch.zeros(parts))  # theta, s = exp(theta)
         self.register_buffer("zero_point", torch.zeros(parts))
         self.register_buffer("low", torch.zeros(parts))  # EMA of -z s (the range's low end) during observation
         self.observed = 0
         self.observing = False
         self.enabled = True
         self.qdrop = 0.0  # > 0 only while reconstructing
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
@@ -41,8 +48,9 @@ class LSQActQuantizer(nn.Module):
             qp = search_qparams(flat, self.bits, per_channel=False, search=self.search)
             scale, low = qp.scale.reshape(()), (-qp.zero_point * qp.scale).reshape(())
             if self.observed:
-                scale, low = EMA * self.scale.data[i] + (1 - EMA) * scale, EMA * self.low[i] + (1 - EMA) * low
-            self.scale.data[i], self.low[i] = scale, low
+                old = self.scale[i].detach()
+                scale, low = EMA * old + (1 - EMA) * scale, EMA * self.low[i] + (1 - EMA) * low
+            self.log_scale.data[i], self.low[i] = scale.clamp_min(1e-12).log(), low
             self.zero_point[i] = torch.round(-low / scale)
         self.observed += 1
 
@@ -52,9 +60,9 @@ class LSQActQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        out = []
+        out, scale = [], self.scale
         for i, part in enumerate(self.parts(x)):
-            q = fake_quantize(part, QParams(self.scale[i].reshape(1, 1), self.zero_point[i].reshape(1, 1), self.bits))
+            q = fake_quantize(part, QParams(scale[i].reshape(1, 1), self.zero_point[i].reshape(1, 1), self.bits))
             if self.qdrop > 0:
                 q = torch.where(torch.rand_like(part) < self.qdrop, part, q)
             out.append(q)
@@ -65,7 +73,7 @@ class LSQActQuantizer(nn.Module):
 
         aq = ActQuantizer(self.bits, split=self.split)
         with torch.no_grad():
-            aq.scale.copy_(self.scale.detach().abs().clamp_min(1e-8).reshape(-1, 1))
+            aq.scale.copy_(self.scale.detach().clamp_min(1e-8).reshape(-1, 1))
             aq.zero_point.copy_(self.zero_point.reshape(-1, 1))
             aq.calibrated.fill_(True)
         return aq

@@ -2,7 +2,8 @@
 EDA-DM; spec/eda-dm.md "Quantizers during reconstruction").
 
 Per output channel n, with the scale s_n and zero point z_n of the L2.4 (or min-max) search:
-    W_hat = s (clamp(floor(W / s) + h(V) + z, q_min, q_max) - z),   h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+    W_hat = s (clamp(floor(W / s) + h(V) + z, q_min, q_max) - z),
+    h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
 with zeta = 1.1, gamma = -0.1; V starts where h(V) = frac(W / s) (so W_hat starts at W clamped to the grid).
 After reconstruction the rounding is hard: h = 1[V >= 0]. The optional regulariser
     f_reg = sum (1 - |2 h(V) - 1|^beta),  beta annealed from 20 to 2

@@ -80,11 +80,13 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
     try:
         with torch.no_grad():
             if _is_text_pipeline(pipe):
-                size = unet.config.sample_size * pipe.vae_scale_factor
+                size = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
                 pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
                      width=size, generator=generator, output_type="latent")  # fmt: skip
             else:
-                pipe(batch_size=len(prompts), num_inference_steps=cfg.steps, generator=generator, output_type="np")
+                extra = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+                pipe(batch_size=len(prompts), num_inference_steps=cfg.steps, generator=generator, output_type="np",
+                     **extra)  # fmt: skip
     finally:
         for h in hooks:
             h.remove()
@@ -115,6 +117,11 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
         size = min(CHUNK, n - start)
         chunk_prompts = [prompts[(start + i) % len(prompts)] for i in range(size)] if prompts else [""] * size
         calls, feats = _run_chunk(pipe, chunk_prompts, cfg, cfg.seed + c)
+        if not all(torch.isfinite(f).all() for f in feats):
+            raise QuantuneError(
+                "the float model produced NaN/inf along the calibration trajectories: check the model (or its "
+                "dtype: calibrate in fp32) before quantizing it"
+            )
         groups = pytree.tree_leaves(calls[0]["sample"])[0].shape[0] // size
         for s, call in enumerate(calls):
             leaves, spec = pytree.tree_flatten(call)

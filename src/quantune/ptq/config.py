@@ -20,6 +20,7 @@ class PTQConfig:
     iters: int = 1000  # reconstruction iterations per block / layer (minmax: none)
     batch_size: int = 32
     lr_w: float | None = None  # AdaRound's learning rate; None: 0.5 at W4 or fewer bits, 5e-3 at W5..W7, 5e-4 at W8
+    round_reg: float = 0.01  # AdaRound's rounding-regulariser weight (BRECQ, Q-Diffusion); EDA-DM's reference: 0
     lr_a: float = 1e-3  # activation step sizes (EDA-DM's joint reconstruction)
     add_loss: float = 0.8  # FBR's weight of the inner-layer terms (eda-dm only)
     qdrop: float = 0.5  # QDrop probability (eda-dm only)
@@ -29,8 +30,9 @@ class PTQConfig:
     # layers kept at 8-bit weights (EDA-DM: the first layer, the time embedding's linear_1, and the last conv)
     keep_8bit: list[str] = field(default_factory=lambda: ["time_embedding.linear_1", "conv_out"])
     act_fp: list[str] = field(default_factory=lambda: ["conv_out"])  # inputs left unquantized (EDA-DM: conv_out)
-    keep_fp: list[str] = field(default_factory=list)  # layers not quantized at all (regexes, full names)
+    keep_fp: list[str] = field(default_factory=list)  # layers not quantized (names, dotted suffixes or regexes)
     guidance_scale: float = 7.5
+    resolution: int | None = None  # calibration image size in pixels; None: the pipeline's default
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,6 +46,8 @@ class PTQConfig:
         for name in ("calib_samples", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise QuantuneError(f"{name} = {getattr(self, name)} must be at least 1")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise QuantuneError(f"resolution = {self.resolution} must be a multiple of 8, at least 8")
         if self.iters < 0:
             raise QuantuneError(f"iters = {self.iters} must be 0 or more")
         if self.calib_samples < self.steps:
@@ -51,6 +55,8 @@ class PTQConfig:
                 f"calib_samples = {self.calib_samples} is fewer than the {self.steps} sampler steps: TDAC needs at "
                 "least one sample per step; raise --calib-samples or lower --steps"
             )
+        if self.round_reg < 0:
+            raise QuantuneError(f"round_reg = {self.round_reg} must be 0 or more")
         if not 0.0 <= self.qdrop < 1.0:
             raise QuantuneError(f"qdrop = {self.qdrop} must be in [0, 1)")
         if self.lr_w is None:

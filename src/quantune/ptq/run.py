@@ -35,6 +35,18 @@ def default_prompts(n: int = 512, seed: int = 0) -> list[str]:
     return [captions[i] for i in pick.tolist()]
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Calibration prompts from a text file, one per line (blank lines and lines starting with # skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantuneError(f"cannot read the prompts file {path} ({e}): pass a UTF-8 text file, one prompt per line")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise QuantuneError(f"{path} holds no prompts: write one prompt per line")
+    return prompts
+
+
 def _observe_activations(unet, calib, cfg: PTQConfig) -> None:
     quantizers = [m for m in unet.modules() if isinstance(m, LSQActQuantizer)]
     set_quant(unet, False)
@@ -57,7 +69,11 @@ def _observe_activations(unet, calib, cfg: PTQConfig) -> None:
 def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, progress: bool = True) -> dict:
     """Quantize `pipe.unet` in place into an integer UNet; returns a report (counts, losses, time, memory)."""
     start = time.time()
-    unet = pipe.unet.eval().requires_grad_(False)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise QuantuneError(f"{type(pipe).__name__} has no UNet: quantune's PTQ quantizes diffusion UNets")
+    unet = unet.eval().requires_grad_(False)
+    fp32_bytes = sum(p.numel() * 4 for p in unet.parameters())
     if getattr(pipe, "text_encoder", None) is not None:
         prompts = prompts or default_prompts()
     calib, tdac = collect_calibration(pipe, cfg, prompts)
@@ -100,6 +116,7 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
         "timesteps": calib.timesteps,
         "tdac_weights": [round(float(w), 4) for w in tdac],
         "losses": losses,
+        "fp32_unet_bytes": fp32_bytes,
         "seconds": round(time.time() - start, 1),
         "config": {k: v for k, v in vars(cfg).items()},
     }

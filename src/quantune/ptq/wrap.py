@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,19 @@ class PTQLayer(nn.Module):
         return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
 
 
+def listed(patterns: list[str], name: str) -> bool:
+    """Is module `name` in `patterns`: a full name, a dotted suffix (conv_out) or a regex matching the whole name."""
+    for p in patterns:
+        if name == p or name.endswith("." + p):
+            return True
+        try:
+            if re.fullmatch(p, name):
+                return True
+        except re.error:
+            pass
+    return False
+
+
 def set_quant(module: nn.Module, on: bool) -> None:
     """Quantize (on) or run float (off) every PTQLayer and attention quantizer inside `module`."""
     for m in module.modules():
@@ -78,11 +92,9 @@ def _block_types() -> tuple[type, ...]:
 
 
 def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
-    from quantune.lora.config import _matches
-
     for name, m in unet.named_modules():
         own = list(m.parameters(recurse=False))
-        if not own or isinstance(m, (nn.Linear, nn.Conv2d, *FLOAT_LEAVES)) or _matches(cfg.keep_fp, name):
+        if not own or isinstance(m, (nn.Linear, nn.Conv2d, *FLOAT_LEAVES)) or listed(cfg.keep_fp, name):
             continue
         raise QuantuneError(
             f"{name} is a {type(m).__name__}, which quantune's PTQ cannot quantize: add it to --keep-fp to leave it "
@@ -126,18 +138,17 @@ def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
 
 def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dict[str, PTQLayer]:
     """Replace the UNet's layers by PTQLayers and its attention processors by quantized ones (in place)."""
-    from quantune.lora.config import _matches
     from quantune.quant.attention import QuantAttnProcessor, attentions
 
     check_supported(unet, cfg)
     wrapped = {}
     for name, m in list(unet.named_modules()):
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or _matches(cfg.keep_fp, name):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise QuantuneError(f"{name} pads with {m.padding_mode!r}: add it to --keep-fp")
-        wbits = 8 if _matches(cfg.keep_8bit, name) else cfg.wbits
-        abits = None if _matches(cfg.act_fp, name) else cfg.abits
+        wbits = 8 if listed(cfg.keep_8bit, name) else cfg.wbits
+        abits = None if listed(cfg.act_fp, name) else cfg.abits
         wrapped[name] = PTQLayer(m, wbits, abits, cfg, splits.get(name, 0))
         set_module(unet, name, wrapped[name])
     if cfg.attn_bits is not None:

@@ -69,6 +69,7 @@ class IntKernel:
         from quantune.quant.layers import QuantConv2d
 
         self.backend, self.is_conv = backend, isinstance(layer, QuantConv2d)
+        self.device = layer.qweight.device  # the layer runs its float path on inputs elsewhere (after .to())
         aq = layer.act_quant
         self.s_a, self.z_a = float(aq.scale.reshape(-1)[0]), int(aq.zero_point.reshape(-1)[0])
         self.s_a_tensor = aq.scale.reshape(1).float().clone()  # x / s as the fake quantizer computes it

@@ -157,7 +157,7 @@ class _QuantWeight(nn.Module):
         return self._quant_run(x)
 
     def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and not torch.is_grad_enabled():
+        if self.kernel is not None and not torch.is_grad_enabled() and x.device == self.kernel.device:
             return self.kernel(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
