@@ -76,8 +76,9 @@ def test_w4a8_save_load_round_trip(tiny, tmp_path):
 
 def test_unet2dmodel_pipeline(tmp_path):
     """An unconditional DDPM-style pipeline (UNet2DModel with attention) quantizes, saves and loads."""
-    import quantune
     from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    import quantune
 
     torch.manual_seed(0)
     unet = UNet2DModel(

@@ -130,10 +130,10 @@ def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generat
     rows = fp_in[2]
     fbr = cfg.method == "eda-dm"
     inner = _InnerOutputs(layers) if fbr and cfg.add_loss > 0 and len(layers) > 1 else None
-    stages = [("joint", True, True)] if fbr else [("weights", True, False), ("activations", False, True)]
+    stages = [(True, True)] if fbr else [(True, False), (False, True)]  # (learn weights, learn activations)
     loss_value = float("nan")
     try:
-        for stage, learn_w, learn_a in stages:
+        for learn_w, learn_a in stages:
             params = []
             if learn_w:
                 params.append({"params": [m.wq.v for m in layers], "lr": cfg.lr_w})
