@@ -40,7 +40,8 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise QuantuneError(f"cannot read the prompts file {path} ({e}): pass a UTF-8 text file, one prompt per line") from None
+        fix = "pass a UTF-8 text file, one prompt per line"
+        raise QuantuneError(f"cannot read the prompts file {path} ({e}): {fix}") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise QuantuneError(f"{path} holds no prompts: write one prompt per line") from None
