@@ -43,6 +43,27 @@ def test_kernel_matches_fake_quantization(backend, kind, bits, symmetric):
     assert sqnr_db(ref, out) > 60
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_split_activation_kernel(backend, kernel):
+    """concat(h, skip) with one activation quantizer per part (the shortcut split): two integer products summed."""
+    from quantune.quant.layers import ActQuantizer, from_codes
+    from quantune.quant.primitives import quantize, search_qparams
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 16, kernel, padding=kernel // 2)
+    x = torch.cat([torch.randn(2, 10, 7, 7) * 5, torch.randn(2, 14, 7, 7) * 0.3 + 1], 1)  # parts of unlike ranges
+    rows = conv.weight.detach().reshape(16, -1)
+    qp = search_qparams(rows, 8, per_channel=True, symmetric=True)
+    q = from_codes(conv, quantize(rows, qp), qp, act_quant=ActQuantizer(8, split=10))
+    calibrate(q, lambda: q(x))
+    with torch.no_grad():
+        ref = q(x)
+        assert prepare_int_kernels(q, backend) == {f"int8 ({backend})": 1}
+        out = q(x)
+    assert sqnr_db(ref, out) > 60
+
+
 def test_unsupported_layers_fall_back_and_are_counted():
     _, q8asym, x = _quantized("conv3x3", 8, False)
     assert unsupported_reason(q8asym) == "weight integers beyond int8"

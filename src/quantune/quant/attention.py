@@ -7,6 +7,13 @@ quantized Linear layers).
 The quantizers are the processor's submodules, so their scales are saved with the UNet's state and the spec lists
 the attentions that carry them (quant/quantize.py). The products run in float on the fake-quantized values.
 
+Deployed (`fused`, set by quant/kernels.py: prepare_int_kernels), the products run as one fused
+F.scaled_dot_product_attention on Q_hat, K_hat, V_hat, in `sdpa_dtype` (bf16 on CPUs with AMX / AVX512-BF16, where
+it is several times faster than fp32): P is never formed, so AQ_p is not applied. That drops one rounding the
+calibration saw (the output moves toward FP; tests/quant/test_kernels.py states the SQNR against the unfused
+model). No PyTorch CPU kernel multiplies batched int8 matrices, and forming the 8-bit P of a 4096-token attention
+costs more than the fused float product it would replace.
+
 Written by hand after diffusers' AttnProcessor (same steps: spatial norm, 4-D input, group norm, cross norm,
 residual, rescale), because no diffusers processor exposes q, k, v and the probabilities to quantizers.
 """
@@ -14,6 +21,7 @@ residual, rescale), because no diffusers processor exposes q, k, v and the proba
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,6 +35,8 @@ class QuantAttnProcessor(nn.Module):
         self.bits = bits
         quantizers = quantizers or {s: ActQuantizer(bits) for s in self.SLOTS}
         self.quantizers = nn.ModuleDict({s: quantizers[s] for s in self.SLOTS})
+        self.fused = False  # deployment: one fused SDPA, P unquantized (module docstring)
+        self.sdpa_dtype: torch.dtype | None = None  # None: the input's dtype
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         aq = self.quantizers
@@ -46,17 +56,39 @@ class QuantAttnProcessor(nn.Module):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(aq["k"](attn.to_k(encoder_hidden_states)))
-        value = attn.head_to_batch_dim(aq["v"](attn.to_v(encoder_hidden_states)))
-        query = attn.head_to_batch_dim(aq["q"](query))
-        probs = aq["p"](attn.get_attention_scores(query, key, attention_mask))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        key, value, query = (
+            aq["k"](attn.to_k(encoder_hidden_states)),
+            aq["v"](attn.to_v(encoder_hidden_states)),
+            aq["q"](query),
+        )
+        if self.fused:
+            hidden_states = self._sdpa(attn, query, key, value, attention_mask)
+        else:
+            key, value, query = (
+                attn.head_to_batch_dim(key),
+                attn.head_to_batch_dim(value),
+                attn.head_to_batch_dim(query),
+            )
+            probs = aq["p"](attn.get_attention_scores(query, key, attention_mask))
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _sdpa(self, attn, query, key, value, attention_mask) -> torch.Tensor:
+        dtype = query.dtype
+        batch, heads = query.shape[0], attn.heads
+
+        def split(x):
+            x = x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+            return x.to(self.sdpa_dtype) if self.sdpa_dtype is not None else x
+
+        mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1]) if attention_mask is not None else None
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, scale=attn.scale)
+        return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

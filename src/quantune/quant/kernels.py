@@ -15,8 +15,9 @@ Backends (picked once per layer by `prepare_int_kernels`, never inside a forward
 - "int_mm" (CUDA, or CPUs without oneDNN): torch._int_mm (int8 x int8 -> int32); x_q - 128 makes the
   activations int8 and the correction uses z_a - 128; convs through im2col (F.unfold), 1x1 convs as a reshape.
 Layers these kernels do not cover keep the dequantize-on-the-fly forward, and `prepare_int_kernels` says how many
-and why: weight-only layers (W4A16 / W8A16), activation bits other than 8, split activation quantizers (the
-shortcut split), weights whose integers leave int8 (asymmetric 8-bit), SHIFT merges, grouped convs.
+and why: weight-only layers (W4A16 / W8A16), activation bits other than 8, weights whose integers leave int8
+(asymmetric 8-bit), SHIFT merges, grouped convs. A split activation quantizer (the shortcut split: one (s_a, z_a)
+for h and one for the skip in concat(h, skip)) runs as two integer products summed (SplitKernel).
 
 Written by hand: PyTorch has the kernels, but nothing connects diffusers' layers with static calibrated scales
 to them (torchao and optimum-quanto quantize activations dynamically and skip Conv2d).
@@ -50,8 +51,6 @@ def unsupported_reason(layer) -> str | None:
         return "weight-only"
     if aq.bits != 8:
         return f"A{aq.bits}"
-    if aq.split:
-        return "split activation quantizer"
     if layer.shift is not None:
         return "shift merge"
     w = layer.int_weight()
@@ -63,19 +62,23 @@ def unsupported_reason(layer) -> str | None:
 
 
 class IntKernel:
-    """The integer forward of one layer; holds the int8 weight (and its prepacked form), scales and bias."""
+    """The integer forward of one layer, or of input channels [lo, hi) of it (`part`, for a split activation
+    quantizer); holds the int8 weight (and its prepacked form), scales and bias (the first part's)."""
 
-    def __init__(self, layer, backend: str) -> None:
+    def __init__(self, layer, backend: str, part: int = 0) -> None:
         from quantune.quant.layers import QuantConv2d
 
         self.backend, self.is_conv = backend, isinstance(layer, QuantConv2d)
         self.device = layer.qweight.device  # the layer runs its float path on inputs elsewhere (after .to())
         aq = layer.act_quant
-        self.s_a, self.z_a = float(aq.scale.reshape(-1)[0]), int(aq.zero_point.reshape(-1)[0])
-        self.s_a_tensor = aq.scale.reshape(1).float().clone()  # x / s as the fake quantizer computes it
-        self.w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
+        self.s_a, self.z_a = float(aq.scale.reshape(-1)[part]), int(aq.zero_point.reshape(-1)[part])
+        self.s_a_tensor = aq.scale.reshape(-1)[part : part + 1].float().clone()  # x / s as the fake quantizer does
+        w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
+        channels = w.shape[1]
+        lo, hi = (0, channels) if not aq.split else ((0, aq.split) if part == 0 else (aq.split, channels))
+        self.w = w[:, lo:hi].contiguous()
         self.s_w = layer.scale.reshape(-1).float()
-        self.bias = layer.bias.float() if layer.bias is not None else None
+        self.bias = layer.bias.float() if layer.bias is not None and part == 0 else None
         self.out_features = layer.weight_shape[0]
         if self.is_conv:
             self.stride, self.padding = list(layer.stride), list(layer.padding)
@@ -142,9 +145,51 @@ class IntKernel:
         return self._gemm(cols).reshape(n, oh, ow, -1).permute(0, 3, 1, 2)
 
 
-def prepare_int_kernels(model: nn.Module, backend: str = "auto") -> Counter:
-    """Give every quantized layer of `model` that can run integer arithmetic its kernel (in place, for inference);
-    returns the count of layers per way of running ("int8 (onednn)", "weight-only", ...), also logged."""
+def fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Does `device` run bf16 matmuls natively (CUDA; CPUs with AMX-BF16 or AVX512-BF16)?"""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def prepare_attention(model: nn.Module, attn_dtype: str = "auto") -> int:
+    """Switch every quantized attention to its deployed form: one fused SDPA on the quantized q, k, v (attention.py),
+    in bf16 when the device runs it natively ("auto"), or in "fp32" / the input's dtype ("input")."""
+    from quantune.quant.attention import QuantAttnProcessor, attentions
+
+    n = 0
+    for attn in attentions(model).values():
+        proc = attn.processor
+        if isinstance(proc, QuantAttnProcessor):
+            device = attn.to_q.qweight.device if hasattr(attn.to_q, "qweight") else next(attn.parameters()).device
+            dtypes = {"auto": torch.bfloat16 if fast_bf16(device) else None, "fp32": torch.float32, "input": None}
+            if attn_dtype not in dtypes:
+                raise QuantuneError(f"unknown attention dtype {attn_dtype!r}: choose auto, fp32 or input")
+            proc.fused, proc.sdpa_dtype = True, dtypes[attn_dtype]
+            n += 1
+    return n
+
+
+class SplitKernel:
+    """A layer whose input is concat(h, skip) with one activation quantizer per part: the sum of two integer
+    products, y = W[:, :c] x_h + W[:, c:] x_skip (+ bias once), each with its own (s_a, z_a)."""
+
+    def __init__(self, layer, backend: str) -> None:
+        self.split, self.device = layer.act_quant.split, layer.qweight.device
+        self.parts = [IntKernel(layer, backend, 0), IntKernel(layer, backend, 1)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts[0](x[:, : self.split]) + self.parts[1](x[:, self.split :])
+
+
+def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str = "auto") -> Counter:
+    """Give every quantized layer of `model` that can run integer arithmetic its kernel and every quantized
+    attention its fused form (in place, for inference); returns the count of layers per way of running
+    ("int8 (onednn)", "dequantized (weight-only)", "attention (fused sdpa)", ...), also logged."""
     from quantune.quant.quantize import quant_layers
 
     if backend not in BACKENDS:
@@ -162,11 +207,14 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto") -> Counter:
             if chosen == "int_mm" and not on_cpu and (layer.cols % 8 or layer.weight_shape[0] % 8):
                 reason = "CUDA int_mm needs K and N multiples of 8"
             else:
-                layer.kernel = IntKernel(layer, chosen)
+                layer.kernel = (SplitKernel if layer.act_quant.split else IntKernel)(layer, chosen)
                 ways[f"int8 ({chosen})"] += 1
                 continue
         layer.kernel = None
         ways[f"dequantized ({reason})"] += 1
+    attns = prepare_attention(model, attn_dtype)
+    if attns:
+        ways["attention (fused sdpa)"] += attns
     logger.info("integer kernels: %s", ", ".join(f"{n} {k}" for k, n in sorted(ways.items())) or "no layers")
     return ways
 
@@ -174,5 +222,10 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto") -> Counter:
 def drop_int_kernels(model: nn.Module) -> None:
     from quantune.quant.quantize import quant_layers
 
+    from quantune.quant.attention import QuantAttnProcessor, attentions
+
     for layer in quant_layers(model).values():
         layer.kernel = None
+    for attn in attentions(model).values():
+        if isinstance(attn.processor, QuantAttnProcessor):
+            attn.processor.fused = False
