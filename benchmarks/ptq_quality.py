@@ -55,7 +55,8 @@ def run_one(a, method: str, bits: str, work: Path) -> None:
     images = generate(pipe, prompts, a.steps, 32, a.guidance)
     for i, im in enumerate(images):
         im.save(work / f"{i:04d}.png")
-    stats = {"ptq_seconds": seconds, "peak_mb": peak_mb, "unet_bytes": unet_bytes, "fp32_bytes": report["fp32_unet_bytes"]}
+    stats = {"ptq_seconds": seconds, "peak_mb": peak_mb, "unet_bytes": unet_bytes}
+    stats["fp32_bytes"] = report["fp32_unet_bytes"]
     (work / "stats.json").write_text(json.dumps(stats))
 
 
@@ -98,7 +99,6 @@ def main() -> None:
     fp_images = generate(load_pipeline("zoo:emoji"), prompts, a.steps, 32, a.guidance)
     rows = [{"bits": "FP32", "method": "-", **scores(fp_images, fp_images, reference), "ptq_seconds": 0.0,
              "peak_mb": 0.0, "unet_mb": 0.0}]  # fmt: skip
-    rows[0]["unet_mb"] = 0.0
     shared = ["--n", a.n, "--steps", a.steps, "--guidance", a.guidance, "--calib-samples", a.calib_samples,
               "--iters", a.iters]  # fmt: skip
     for bits in a.bits.split(","):
@@ -109,8 +109,8 @@ def main() -> None:
                 stats = json.loads((Path(tmp) / "stats.json").read_text())
                 images = [Image.open(f).convert("RGB") for f in sorted(Path(tmp).glob("*.png"))]
             rows[0]["unet_mb"] = stats["fp32_bytes"] / 2**20
-            row = {"bits": bits, "method": method, **scores(images, fp_images, reference),
-                   "ptq_seconds": stats["ptq_seconds"], "peak_mb": stats["peak_mb"], "unet_mb": stats["unet_bytes"] / 2**20}  # fmt: skip
+            row = {"bits": bits, "method": method, **scores(images, fp_images, reference)}
+            row.update(ptq_seconds=stats["ptq_seconds"], peak_mb=stats["peak_mb"], unet_mb=stats["unet_bytes"] / 2**20)
             print(row, flush=True)
             rows.append(row)
     for r in rows:
@@ -119,9 +119,12 @@ def main() -> None:
         f"PTQ of zoo:emoji: {a.n} prompts, DDIM {a.steps} steps, guidance {a.guidance}; calibration {a.calib_samples} "
         f"trajectories, {a.iters} iterations per block; FID with the OpenMoji feature network"
     )
-    columns = {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp:.2f}",
-               "FID vs OpenMoji": "{fid_vs_openmoji:.2f}", "PSNR vs FP (dB)": "{psnr_db:.1f}", "SSIM vs FP": "{ssim:.3f}",
-               "UNet on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}", "PTQ peak RSS (MB)": "{peak_mb:.0f}"}  # fmt: skip
+    columns = {
+        "bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp:.2f}",
+        "FID vs OpenMoji": "{fid_vs_openmoji:.2f}",
+        "PSNR vs FP (dB)": "{psnr_db:.1f}", "SSIM vs FP": "{ssim:.3f}", "UNet on disk (MB)": "{unet_mb:.2f}",
+        "PTQ time (s)": "{ptq_seconds:.0f}", "PTQ peak RSS (MB)": "{peak_mb:.0f}",
+    }  # fmt: skip
     write_report(rows, a.out, "ptq_quality_emoji", title, columns)
 
 

@@ -220,9 +220,8 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str
 
 
 def drop_int_kernels(model: nn.Module) -> None:
-    from quantune.quant.quantize import quant_layers
-
     from quantune.quant.attention import QuantAttnProcessor, attentions
+    from quantune.quant.quantize import quant_layers
 
     for layer in quant_layers(model).values():
         layer.kernel = None
