@@ -8,8 +8,8 @@ The quantizers are the processor's submodules, so their scales are saved with th
 the attentions that carry them (quant/quantize.py). The products run in float on the fake-quantized values.
 
 Deployed (`fused`, set by quant/kernels.py: prepare_int_kernels), the products run as one fused
-F.scaled_dot_product_attention on Q_hat, K_hat, V_hat, in `sdpa_dtype` (bf16 on CPUs with AMX / AVX512-BF16, where
-it is several times faster than fp32): P is never formed, so AQ_p is not applied. That drops one rounding the
+F.scaled_dot_product_attention on Q_hat, K_hat, V_hat, in `sdpa_dtype` (bf16 on CUDA and on CPUs with AMX-BF16; fp32
+elsewhere): P is never formed, so AQ_p is not applied. That drops one rounding the
 calibration saw (the output moves toward FP; tests/quant/test_kernels.py states the SQNR against the unfused
 model). No PyTorch CPU kernel multiplies batched int8 matrices, and forming the 8-bit P of a 4096-token attention
 costs more than the fused float product it would replace.
