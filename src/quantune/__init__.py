@@ -17,6 +17,9 @@ _EXPORTS = {
     "load_lora": "quantune.api",
     "load_pipeline": "quantune.models.loading",
     "QuantuneError": "quantune.errors",
+    "PTQConfig": "quantune.ptq.config",
+    "quantize_pipeline": "quantune.ptq.run",
+    "save_ptq_pipeline": "quantune.ptq.run",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -50,6 +50,15 @@ def test_method_w8a8_end_to_end(tiny, method):
     assert sqnr_db(fake, integer) > 25  # code flips at rounding boundaries propagate; measured 35-60 dB
 
 
+def test_weight_only_w4a16(tiny):
+    probe = _probe(tiny)
+    fp = _out(tiny, probe)
+    report = quantize_pipeline(tiny, PTQConfig(method="minmax", wbits=4, abits=None, **SMALL), progress=False)
+    assert report["attn_bits"] is None
+    assert prepare_int_kernels(tiny.unet) == {"dequantized (weight-only)": 83}
+    assert sqnr_db(fp, _out(tiny, probe)) > 10  # W4 min-max, round to nearest, random weights
+
+
 def test_w4a8_save_load_round_trip(tiny, tmp_path):
     import quantune
 

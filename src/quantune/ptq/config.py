@@ -41,6 +41,8 @@ class PTQConfig:
         check_bits(self.wbits, "wbits")
         if self.abits is not None:
             check_bits(self.abits, "abits", low=4, high=16)
+        if self.abits is None:
+            self.attn_bits = None  # weight-only (W4A16 / W8A16): no activation anywhere is quantized
         if self.attn_bits is not None:
             check_bits(self.attn_bits, "attn_bits", low=4, high=16)
         for name in ("calib_samples", "steps", "batch_size"):
