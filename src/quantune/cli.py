@@ -91,7 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", help="calibration prompts, one per line (default: OpenMoji captions)")
     q.add_argument("--resolution", type=int, help="calibration image size in px (default: the model's)")
     q.add_argument("--lr-w", type=float, help="AdaRound learning rate (default by bits, spec/eda-dm.md)")
-    q.add_argument("--lr-a", type=float, default=1e-3, help="activation step-size learning rate")
+    q.add_argument("--lr-a", type=float, default=1e-3, help="activation step-size learning rate (relative)")
+    q.add_argument("--tdac-r", type=float, default=0.3, help="TDAC radius: 0.3 LSUN / COCO, 3.0 CIFAR / ImageNet")
+    q.add_argument("--tdac-lambda", type=float, default=5.0, help="TDAC variety weight: 5 COCO, 1 LSUN, 1.2 CIFAR")
+    q.add_argument("--add-loss", type=float, default=0.8, help="FBR's inner-layer weight (eda-dm)")
+    q.add_argument("--qdrop", type=float, default=0.5, help="QDrop probability (eda-dm)")
+    q.add_argument("--round-reg", type=float, default=0.01, help="AdaRound regulariser weight (0: EDA-DM's ref.)")
+    q.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the calibration sampler")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
 
@@ -162,7 +168,8 @@ def cmd_quantize(a) -> None:
     cfg = PTQConfig(
         method=a.method, wbits=a.wbits, abits=a.abits, attn_bits=a.attn_bits, calib_samples=a.calib_samples,
         steps=a.steps, iters=a.iters, batch_size=a.batch_size, keep_fp=a.keep_fp, resolution=a.resolution,
-        lr_w=a.lr_w, lr_a=a.lr_a, seed=a.seed,
+        lr_w=a.lr_w, lr_a=a.lr_a, seed=a.seed, tdac_r=a.tdac_r, tdac_lambda=a.tdac_lambda, add_loss=a.add_loss,
+        qdrop=a.qdrop, round_reg=a.round_reg, guidance_scale=a.guidance,
     )  # fmt: skip
     prompts = read_prompts(a.prompts) if a.prompts else None
     pipe = _load(a.model)

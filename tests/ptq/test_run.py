@@ -143,3 +143,18 @@ def test_nan_calibration_is_an_error(tiny):
 def test_bad_config(kwargs, match):
     with pytest.raises(QuantuneError, match=match):
         PTQConfig(**kwargs)
+
+
+def test_multistep_scheduler_and_shuffled_steps(tiny):
+    """PNDM calls the UNet steps + 1 times: each call is a calibration step; samples come in random step order."""
+    from diffusers import PNDMScheduler
+
+    from quantune.ptq.calib import collect_calibration
+    from quantune.ptq.run import default_prompts
+
+    tiny.scheduler = PNDMScheduler.from_config(tiny.scheduler.config, skip_prk_steps=True)
+    cfg = PTQConfig(method="qdiffusion", **{**SMALL, "calib_samples": 10})
+    calib, _ = collect_calibration(tiny, cfg, default_prompts(16))
+    assert len(calib.counts) == 5 and sum(calib.counts) == 10  # 4 steps, 5 UNet calls
+    t = calib.kwargs()["timestep"].reshape(-1)[::2]  # one timestep per sample (its two guidance rows)
+    assert sorted(t.tolist()) != t.tolist() and sorted(t.tolist(), reverse=True) != t.tolist()

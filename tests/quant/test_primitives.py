@@ -79,3 +79,15 @@ def test_int4_packing_round_trip_and_range():
 def test_unsupported_bits_are_refused(bits):
     with pytest.raises(QuantuneError, match="not supported: use an integer from 2 to 8"):
         check_bits(bits)
+
+
+def test_sample_values_is_not_strided():
+    """A strided sample of an NCHW tensor can line up with one column; the random sample sees every value."""
+    from quantune.quant.primitives import sample_values
+
+    x = torch.zeros(1 << 20)
+    x[1::2] = 1.0  # every other element: a stride-2 slice would see only zeros
+    s = sample_values(x, 1 << 16)
+    assert s.numel() == 1 << 16 and 0.45 < float(s.mean()) < 0.55
+    assert torch.equal(s, sample_values(x, 1 << 16))  # seeded
+    assert torch.equal(sample_values(x[:100], 1 << 16), x[:100])  # small tensors whole

@@ -77,11 +77,11 @@ def _model_class(folder: Path) -> type:
     import diffusers
 
     try:
-        name = json.loads((folder / "config.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError) as e:
+        name = str(json.loads((folder / "config.json").read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise QuantuneError(f"{folder / 'config.json'} is unreadable ({e}): re-export the quantized model") from None
     cls = getattr(diffusers, name, None)
-    if not isinstance(cls, type):
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise QuantuneError(f"{folder} holds a {name!r}, which this diffusers does not have: upgrade diffusers")
     return cls
 

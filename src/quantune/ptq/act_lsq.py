@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantune.quant.primitives import QParams, fake_quantize, search_qparams
+from quantune.quant.primitives import QParams, fake_quantize, sample_values, search_qparams
 
 EMA = 0.9
-SEARCH_SAMPLE = 1 << 18  # the L2.4 search of one batch looks at a strided sample of at most this many elements
+SEARCH_SAMPLE = 1 << 18  # the L2.4 search of one batch looks at a random sample of at most this many elements
 
 
 class LSQActQuantizer(nn.Module):
@@ -42,16 +42,16 @@ class LSQActQuantizer(nn.Module):
         return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
 
     def observe(self, x: torch.Tensor) -> None:
-        for i, part in enumerate(self.parts(x.detach().float())):
-            flat = part.reshape(-1)
-            flat = flat[:: max(1, flat.numel() // SEARCH_SAMPLE)]
+        for i, part in enumerate(self.parts(x.detach())):
+            # min-max reads every element; the L2.4 search a random sample of at most SEARCH_SAMPLE
+            flat = part.reshape(-1).float() if self.search == "minmax" else sample_values(part, SEARCH_SAMPLE)
             qp = search_qparams(flat, self.bits, per_channel=False, search=self.search)
             scale, low = qp.scale.reshape(()), (-qp.zero_point * qp.scale).reshape(())
             if self.observed:
                 old = self.scale[i].detach()
                 scale, low = EMA * old + (1 - EMA) * scale, EMA * self.low[i] + (1 - EMA) * low
             self.log_scale.data[i], self.low[i] = scale.clamp_min(1e-12).log(), low
-            self.zero_point[i] = torch.round(-low / scale)
+            self.zero_point[i] = torch.round(-low / scale).clamp(0, 2**self.bits - 1)
         self.observed += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ class LSQActQuantizer(nn.Module):
             q = fake_quantize(part, QParams(scale[i].reshape(1, 1), self.zero_point[i].reshape(1, 1), self.bits))
             if self.qdrop > 0:
                 q = torch.where(torch.rand_like(part) < self.qdrop, part, q)
-            out.append(q)
+            out.append(q.to(part.dtype))
         return torch.cat(out, 1) if self.split else out[0]
 
     def to_act_quantizer(self):

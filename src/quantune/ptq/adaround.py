@@ -28,12 +28,19 @@ class AdaRoundQuantizer(nn.Module):
         w = weight.detach().float()
         self.shape = w.shape
         rows = w.reshape(w.shape[0], -1)
-        self.qp: QParams = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
-        self.register_buffer("w_floor", torch.floor(rows / self.qp.scale))
-        frac = (rows / self.qp.scale - self.w_floor).clamp(0.01, 0.99)  # h(V) = frac, away from sigmoid's ends
+        qp = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
+        self.bits, self.symmetric = bits, symmetric
+        self.register_buffer("scale", qp.scale)  # buffers: they follow .to(device) with V
+        self.register_buffer("zero_point", qp.zero_point if qp.zero_point is not None else None)
+        self.register_buffer("w_floor", torch.floor(rows / qp.scale))
+        frac = (rows / qp.scale - self.w_floor).clamp(0.01, 0.99)  # h(V) = frac, away from sigmoid's ends
         v0 = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
         self.v = nn.Parameter(v0)
         self.hard = False
+
+    @property
+    def qp(self) -> QParams:
+        return QParams(self.scale, self.zero_point, self.bits)
 
     def h(self) -> torch.Tensor:
         if self.hard:

@@ -33,12 +33,13 @@ class CalibData:
     leaves: list  # per-row tensors [rows, ...] or constants, in the pytree order of `spec`
     spec: object
     rows: int
-    counts: list[int]  # samples per sampler step
+    counts: list[int]  # samples per sampler step (UNet call)
     timesteps: list[int]
+    device: torch.device = torch.device("cpu")  # where the UNet runs; samples are kept on the CPU
 
     def kwargs(self, index: torch.Tensor | slice | None = None) -> dict:
         index = slice(None) if index is None else index
-        leaves = [x[index] if isinstance(x, torch.Tensor) else x for x in self.leaves]
+        leaves = [x[index].to(self.device) if isinstance(x, torch.Tensor) else x for x in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
 
     def batches(self, batch_size: int):
@@ -50,7 +51,7 @@ def _feature_module(unet):
     mid = getattr(unet, "mid_block", None)
     if mid is None:
         raise QuantuneError(f"{type(unet).__name__} has no mid_block: TDAC needs one; use --method qdiffusion")
-    attns = getattr(mid, "attentions", None)
+    attns = [a for a in getattr(mid, "attentions", None) or [] if a is not None]
     return attns[0] if attns else mid
 
 
@@ -84,14 +85,18 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
                 pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
                      width=size, generator=generator, output_type="latent")  # fmt: skip
             else:
+                if cfg.resolution and "height" not in inspect.signature(pipe.__call__).parameters:
+                    raise QuantuneError(
+                        f"{type(pipe).__name__} samples at its UNet's size only: leave out --resolution"
+                    )
                 extra = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
                 pipe(batch_size=len(prompts), num_inference_steps=cfg.steps, generator=generator, output_type="np",
                      **extra)  # fmt: skip
     finally:
         for h in hooks:
             h.remove()
-    if len(calls) != cfg.steps:
-        raise QuantuneError(f"the sampler called the UNet {len(calls)} times for {cfg.steps} steps: unsupported")
+    if not calls or len(features) != len(calls):
+        raise QuantuneError(f"the sampler's {len(calls)} UNet calls did not all reach its mid block: unsupported")
     return calls, features
 
 
@@ -111,7 +116,7 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
     n = cfg.calib_samples
     if _is_text_pipeline(pipe) and not prompts:
         raise QuantuneError("a text-to-image pipeline needs calibration prompts: pass --prompts FILE")
-    per_step: list[list] = [[] for _ in range(cfg.steps)]  # per step: leaves [traj, groups, ...] per chunk
+    per_step: list[list] = []  # per UNet call of the sampler: leaves [traj, groups, ...] per chunk
     spec, features, timesteps = None, [], []
     for c, start in enumerate(range(0, n, CHUNK)):
         size = min(CHUNK, n - start)
@@ -123,6 +128,14 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
                 "dtype: calibrate in fp32) before quantizing it"
             )
         groups = pytree.tree_leaves(calls[0]["sample"])[0].shape[0] // size
+        if c == 0:  # multistep samplers (PNDM: steps + 1 calls) give the number of calibration "steps"
+            per_step = [[] for _ in calls]
+            if n < len(calls):
+                raise QuantuneError(
+                    f"calib_samples = {n} is fewer than the sampler's {len(calls)} UNet calls: raise --calib-samples"
+                )
+        elif len(calls) != len(per_step):
+            raise QuantuneError("the sampler called the UNet a different number of times per batch: unsupported")
         for s, call in enumerate(calls):
             leaves, spec = pytree.tree_flatten(call)
             per_step[s].append([_trajectory_major(x, size, groups) for x in leaves])
@@ -130,22 +143,25 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
                 timesteps.append(int(torch.as_tensor(call["timestep"]).reshape(-1)[0]))
         if start < FEATURE_TRAJECTORIES:
             features.append(torch.stack([f.reshape(groups, size, *f.shape[1:])[-1] for f in feats]))
+    steps = len(per_step)
     if cfg.method == "eda-dm":
         weights = tdac_weights(torch.cat(features, 1), cfg.tdac_r, cfg.tdac_lambda)
         counts = sample_counts(weights, n)
     else:
-        weights, counts = torch.ones(cfg.steps), uniform_counts(cfg.steps, n)
+        weights, counts = torch.ones(steps), uniform_counts(steps, n)
     logger.info("calibration samples per step: %s", counts)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    step_of = torch.repeat_interleave(torch.arange(cfg.steps), torch.tensor(counts))  # step of each sample
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=g)  # the trajectory each sample comes from
+    step_of = torch.repeat_interleave(torch.arange(steps), torch.tensor(counts))  # step of each sample
+    step_of = step_of[torch.randperm(n, generator=g)]  # samples in random step order (range EMAs see all steps)
     leaves = []
     for j in range(len(per_step[0][0])):
         first = per_step[0][0][j]
         if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.shape[0] != min(CHUNK, n):
             leaves.append(first)
             continue
-        by_step = [torch.cat([chunk[j] for chunk in per_step[s]]) for s in range(cfg.steps)]  # [n, groups, ...]
+        by_step = [torch.cat([chunk[j] for chunk in per_step[s]]) for s in range(steps)]  # [n, groups, ...]
         picked = torch.stack([by_step[int(s)][int(t)] for s, t in zip(step_of, order)])
         leaves.append(picked.reshape(-1, *picked.shape[2:]))
     rows = n * groups
-    return CalibData(leaves, spec, rows, counts, timesteps), weights
+    return CalibData(leaves, spec, rows, counts, timesteps, pipe.unet.device), weights

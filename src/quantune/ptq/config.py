@@ -57,8 +57,14 @@ class PTQConfig:
                 f"calib_samples = {self.calib_samples} is fewer than the {self.steps} sampler steps: TDAC needs at "
                 "least one sample per step; raise --calib-samples or lower --steps"
             )
-        if self.round_reg < 0:
-            raise QuantuneError(f"round_reg = {self.round_reg} must be 0 or more")
+        for name in ("round_reg", "add_loss", "tdac_lambda"):
+            if getattr(self, name) < 0:
+                raise QuantuneError(f"{name} = {getattr(self, name)} must be 0 or more")
+        for name in ("lr_a", "tdac_r"):
+            if getattr(self, name) <= 0:
+                raise QuantuneError(f"{name} = {getattr(self, name)} must be positive")
+        if self.lr_w is not None and self.lr_w <= 0:
+            raise QuantuneError(f"lr_w = {self.lr_w} must be positive")
         if not 0.0 <= self.qdrop < 1.0:
             raise QuantuneError(f"qdrop = {self.qdrop} must be in [0, 1)")
         if self.lr_w is None:

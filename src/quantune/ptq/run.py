@@ -68,7 +68,8 @@ def _observe_activations(unet, calib, cfg: PTQConfig) -> None:
 
 
 def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, progress: bool = True) -> dict:
-    """Quantize `pipe.unet` in place into an integer UNet; returns a report (counts, losses, time, memory)."""
+    """Quantize `pipe.unet` in place into an integer UNet; returns a report (counts, losses, time, sizes).
+    On an error the UNet may be left partly wrapped: load the pipeline again before using it."""
     start = time.time()
     unet = getattr(pipe, "unet", None)
     if unet is None:
@@ -91,6 +92,7 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     losses: dict[str, float] = {}
     if cfg.learns:
         generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # QDrop's masks draw from the global generator: seeded, the run repeats
         bar = tqdm(units, desc=f"{cfg.method} reconstruction", disable=not progress, unit="unit")
         done = []
         for name, unit in bar:

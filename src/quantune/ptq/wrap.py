@@ -94,7 +94,11 @@ def _block_types() -> tuple[type, ...]:
 def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
     for name, m in unet.named_modules():
         own = list(m.parameters(recurse=False))
-        if not own or isinstance(m, (nn.Linear, nn.Conv2d, *FLOAT_LEAVES)) or listed(cfg.keep_fp, name):
+        if listed(cfg.keep_fp, name):
+            continue
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            raise QuantuneError(f"{name} pads with {m.padding_mode!r}: add it to --keep-fp")
+        if not own or isinstance(m, (nn.Linear, nn.Conv2d, *FLOAT_LEAVES)):
             continue
         raise QuantuneError(
             f"{name} is a {type(m).__name__}, which quantune's PTQ cannot quantize: add it to --keep-fp to leave it "
@@ -145,8 +149,6 @@ def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dic
     for name, m in list(unet.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-            raise QuantuneError(f"{name} pads with {m.padding_mode!r}: add it to --keep-fp")
         wbits = 8 if listed(cfg.keep_8bit, name) else cfg.wbits
         abits = None if listed(cfg.act_fp, name) else cfg.abits
         wrapped[name] = PTQLayer(m, wbits, abits, cfg, splits.get(name, 0))
@@ -194,6 +196,7 @@ def export_integer(unet: nn.Module) -> int:
     for attn in attentions(unet).values():
         proc = attn.processor
         if isinstance(proc, QuantAttnProcessor) and isinstance(proc.quantizers["q"], LSQActQuantizer):
-            fixed = {s: proc.quantizers[s].to_act_quantizer() for s in QuantAttnProcessor.SLOTS}
+            device = proc.quantizers["q"].log_scale.device
+            fixed = {s: proc.quantizers[s].to_act_quantizer().to(device) for s in QuantAttnProcessor.SLOTS}
             attn.set_processor(QuantAttnProcessor(proc.bits, fixed))
     return len(names)

@@ -206,7 +206,10 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str
             chosen = backend if backend != "auto" else ("onednn" if on_cpu and onednn_available() else "int_mm")
             if chosen == "onednn" and not on_cpu:
                 raise QuantuneError("the oneDNN integer kernels run on CPU only: use backend 'int_mm' on CUDA")
-            if chosen == "int_mm" and not on_cpu and (layer.cols % 8 or layer.weight_shape[0] % 8):
+            split = layer.act_quant.split
+            taps = layer.cols // layer.weight_shape[1]  # kh * kw (1 for Linear)
+            ks = [split * taps, layer.cols - split * taps] if split else [layer.cols]
+            if chosen == "int_mm" and not on_cpu and (any(k % 8 for k in ks) or layer.weight_shape[0] % 8):
                 reason = "CUDA int_mm needs K and N multiples of 8"
             else:
                 layer.kernel = (SplitKernel if layer.act_quant.split else IntKernel)(layer, chosen)

@@ -103,8 +103,9 @@ class ActQuantizer(nn.Module):
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().float().reshape(-1)
-    return flat[:: max(1, flat.numel() // MAX_CALIBRATION_SAMPLES)].cpu()
+    from quantune.quant.primitives import sample_values
+
+    return sample_values(x, MAX_CALIBRATION_SAMPLES).cpu()
 
 
 class _QuantWeight(nn.Module):

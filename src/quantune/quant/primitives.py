@@ -69,8 +69,19 @@ def _candidate(lo, hi, bits: int, symmetric: bool, offset: float) -> QParams:
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         return QParams((amax / (2 ** (bits - 1) - 1)).clamp_min(EPS), None, bits, offset)
+    lo, hi = lo.clamp_max(0), hi.clamp_min(0)  # the grid holds 0 exactly: zero point in [0, 2^b - 1]
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(EPS)
     return QParams(scale, torch.round(-lo / scale), bits, offset)
+
+
+def sample_values(x: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
+    """At most `limit` elements of `x` drawn uniformly at random (seeded), as float. A strided slice would line up
+    with the layout (every 320th element of an NCHW tensor with 320 channels sits in one column)."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() <= limit:
+        return flat.float()
+    g = torch.Generator(device=flat.device).manual_seed(seed)
+    return flat[torch.randint(0, flat.numel(), (limit,), generator=g, device=flat.device)].float()
 
 
 def search_qparams(
