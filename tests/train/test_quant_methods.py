@@ -32,7 +32,9 @@ def _unet_output(unet) -> torch.Tensor:
 def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
     from quantune.models import load_pipeline
     from quantune.quant.layers import QuantConv2d, QuantLinear
+    from quantune.quant.kernels import drop_int_kernels
     from quantune.quant.merge_run import load_run
+    from quantune.quant.primitives import sqnr_db
 
     run = tmp_path / "run"
     result = train(_cfg(run, f"method={method}", "train.steps=3", *extra, config="tiny_intlora.toml"))
@@ -44,7 +46,10 @@ def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in merged.unet.modules())
     assert sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in merged.unet.modules()) > 32
     _, trained, _ = load_run(run, "intlora")  # the training-time forward with the same adapter
+    kernels = _unet_output(merged.unet)  # loading prepared the integer kernels (tests/quant/test_kernels.py)
+    drop_int_kernels(merged.unet)  # the dequantized forward: the same integers, the training's arithmetic
     assert torch.equal(_unet_output(trained.unet), _unet_output(merged.unet))
+    assert sqnr_db(_unet_output(merged.unet), kernels) > 25
     image = merged(["cat"], num_inference_steps=2, output_type="np").images
     assert image.shape[0] == 1 and (image == image).all()
 
