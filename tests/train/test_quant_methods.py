@@ -31,8 +31,8 @@ def _unet_output(unet) -> torch.Tensor:
 )
 def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
     from quantune.models import load_pipeline
-    from quantune.quant.layers import QuantConv2d, QuantLinear
     from quantune.quant.kernels import drop_int_kernels
+    from quantune.quant.layers import QuantConv2d, QuantLinear
     from quantune.quant.merge_run import load_run
     from quantune.quant.primitives import sqnr_db
 
