@@ -101,6 +101,24 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
 
+    ev = sub.add_parser("eval", help="generate for a prompt set and score: FID, CLIP-T/I, DINO, PSNR, SSIM, LPIPS")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] (repeatable)")
+    ev.add_argument("--prompts", default="builtin", help="builtin (OpenMoji captions) or a file, one per line")
+    ev.add_argument("--metrics", default="fid", help="comma-separated: fid,clip-t,clip-i,dino,lpips,psnr,ssim")
+    ev.add_argument("--n", type=int, default=64, help="number of prompts (builtin: drawn with the seed; 0: all)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--size", type=int, help="image side in px (default: the model's)")
+    ev.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    ev.add_argument("--reference", help="folder of real images for FID (builtin prompts: their glyphs)")
+    ev.add_argument("--instance", help="folder of subject images for clip-i / dino")
+    ev.add_argument("--compare-model", help="model whose same-seed samples psnr / ssim / lpips compare against")
+    ev.add_argument("--feature", default="openmoji", help="FID features: openmoji or a local CLIP folder")
+    ev.add_argument("--clip", help="local CLIPModel folder (clip-t, clip-i)")
+    ev.add_argument("--dino", help="local DINO / DINOv2 folder")
+    ev.add_argument("--out", required=True)
+
     for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
         fam = sub.add_parser(family, help=f"merge a {family} run into an integer model ({what})")
         fm = fam.add_subparsers(dest=f"{family}_command", required=True).add_parser(
@@ -191,6 +209,19 @@ def _human(n: int) -> str:
     from quantune.io import human_size
 
     return human_size(n)
+
+
+def cmd_eval(a) -> None:
+    from quantune.eval.run import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        metrics=[m.strip() for m in a.metrics.split(",") if m.strip()], prompts=a.prompts, n=a.n, steps=a.steps,
+        guidance_scale=a.guidance, size=a.size, seed=a.seed, reference=a.reference, instance=a.instance,
+        compare_model=a.compare_model, feature=a.feature, clip=a.clip, dino=a.dino,
+    )  # fmt: skip
+    result = evaluate(a.model, cfg, a.out, a.lora)
+    figures = ", ".join(f"{m} {result[m]:.4g}" for m in cfg.metrics)
+    print(f"{result['n_images']} images, {figures}; wrote {a.out} ({result['seconds']:.0f} s)")
 
 
 def cmd_inspect(a) -> None:
@@ -289,6 +320,7 @@ COMMANDS = {
     "extract": cmd_extract,
     "int-merge": cmd_int_merge,
     "quantize": cmd_quantize,
+    "eval": cmd_eval,
 }
 
 

@@ -22,26 +22,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def projected(out) -> torch.Tensor:
+    """CLIP's projected embedding: a tensor (transformers 4) or the output's pooler_output (transformers 5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 class ClipFeatures(nn.Module):
-    """CLIP image embeddings from a local folder holding a CLIPVisionModelWithProjection (or a full CLIPModel)."""
+    """CLIP image embeddings from a local folder holding a full CLIPModel or a CLIPVisionModelWithProjection."""
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
+        import json
+
+        from transformers import CLIPModel, CLIPVisionModelWithProjection
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise QuantuneError(f"no CLIP model in {folder} (no config.json): give a local folder, nothing is fetched")
-        self.model = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True).eval()
-        self.size = self.model.config.image_size
-        self.num_features = self.model.config.projection_dim
+        full = json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+        cls = CLIPModel if full else CLIPVisionModelWithProjection
+        self.model = cls.from_pretrained(str(folder), local_files_only=True).eval()
+        vision = self.model.config.vision_config if full else self.model.config
+        self.size, self.num_features, self.full = vision.image_size, self.model.config.projection_dim, full
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return self.model(pixel_values=(x - mean) / std).image_embeds
+        pixels = (x - mean) / std
+        if self.full:
+            return projected(self.model.get_image_features(pixel_values=pixels))
+        return self.model(pixel_values=pixels).image_embeds
 
 
 def feature_extractor(feature: str | Path | nn.Module = "openmoji") -> nn.Module:

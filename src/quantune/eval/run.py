@@ -1,0 +1,166 @@
+"""`quantune eval`: generate images for a prompt set with a model (and LoRAs), then score them.
+
+Prompts are "builtin" (N OpenMoji captions drawn with the seed, their glyphs the FID reference) or a text file
+(one per line; FID then needs --reference DIR). Image i uses the generator seed + i, so two models evaluated with
+the same settings make pairs (PSNR / SSIM / LPIPS against --compare-model). Writes, atomically: metrics.json
+(the figures and the settings), rows.json and rows.csv (one row per image: prompt, seed, per-image scores),
+images/*.png and grid.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantune.errors import QuantuneError
+
+logger = logging.getLogger(__name__)
+METRICS = ("fid", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
+PAIRED = ("psnr", "ssim", "lpips")
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    prompts: str = "builtin"  # "builtin" (OpenMoji captions) or a text file, one prompt per line
+    n: int = 64  # builtin: how many captions; a file: its first n prompts (0: all)
+    steps: int = 20
+    guidance_scale: float = 7.5
+    size: int | None = None  # image side in px; None: the model's
+    seed: int = 0
+    batch: int = 16
+    reference: str | None = None  # FID reference images (a folder); builtin prompts: their OpenMoji glyphs
+    instance: str | None = None  # subject images for clip-i / dino (a folder)
+    compare_model: str | None = None  # the model whose same-seed samples psnr / ssim / lpips compare against
+    feature: str = "openmoji"  # FID features: quantune's OpenMoji network, or a local CLIP folder
+    clip: str | None = None  # local CLIPModel folder (clip-t, clip-i)
+    dino: str | None = None  # local DINO / DINOv2 folder
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise QuantuneError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+        needs = {
+            "fid": ("reference", self.prompts == "builtin" or self.reference, "--reference DIR (FID's real images)"),
+            "clip-t": ("clip", self.clip, "--clip DIR (a local CLIPModel)"),
+            "clip-i": ("instance", self.instance and self.clip, "--instance DIR and --clip DIR"),
+            "dino": ("instance", self.instance and self.dino, "--instance DIR and --dino DIR"),
+        }
+        for m in self.metrics:
+            if m in needs and not needs[m][1]:
+                raise QuantuneError(f"metric {m} needs {needs[m][2]}")
+            if m in PAIRED and not self.compare_model:
+                raise QuantuneError(f"metric {m} compares pairs: pass --compare-model REF (same prompts and seeds)")
+        if self.n < 0 or self.steps < 1 or self.batch < 1:
+            raise QuantuneError("n must be 0 or more, steps and batch at least 1")
+        if "fid" in self.metrics and self.n == 1:
+            raise QuantuneError("FID needs at least 2 images: raise --n")
+
+
+def load_prompts(cfg: EvalConfig) -> tuple[list[str], list | None]:
+    """(prompts, FID reference images or None)."""
+    if cfg.prompts == "builtin":
+        from quantune.data import openmoji_dataset
+
+        data = openmoji_dataset(size=32)
+        n = cfg.n or len(data)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+        return [data.captions[i] for i in pick], [data[i]["image"] for i in pick]
+    from quantune.ptq.run import read_prompts
+
+    prompts = read_prompts(cfg.prompts)
+    return prompts[: cfg.n] if cfg.n else prompts, None
+
+
+def read_images(folder: str | Path) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise QuantuneError(f"no images (.png/.jpg/.webp) in {folder}: pass a folder of images")
+    images = []
+    for f in files:
+        try:
+            images.append(Image.open(f).convert("RGB"))
+        except (OSError, UnidentifiedImageError):
+            logger.warning("skipping %s: not a readable image", f)
+    return images
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], cfg: EvalConfig) -> list:
+    """One image per prompt; image i from torch.Generator seeded cfg.seed + i (pairs across models)."""
+    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for i in range(0, len(prompts), cfg.batch):
+        chunk = prompts[i : i + cfg.batch]
+        gens = [torch.Generator().manual_seed(cfg.seed + i + j) for j in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
+                       width=size, generator=gens).images  # fmt: skip
+    return images
+
+
+def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=None) -> tuple[dict, list[dict]]:
+    """(figures, per-image rows) for the metrics of `cfg`."""
+    from quantune.eval import metrics as M
+    from quantune.eval.fid import ClipFeatures, fid
+    from quantune.eval.similarity import subject_similarity
+
+    figures: dict[str, float] = {}
+    rows = [{"index": i, "prompt": p, "seed": cfg.seed + i} for i, p in enumerate(prompts)]
+    per_image = {"clip-t": lambda: M.clip_t(images, prompts, cfg.clip), "psnr": lambda: M.psnr(images, pairs),
+                 "ssim": lambda: M.ssim(images, pairs), "lpips": lambda: M.lpips(images, pairs)}  # fmt: skip
+    for m in cfg.metrics:
+        if m == "fid":
+            reference = reference if reference is not None else read_images(cfg.reference)
+            figures[m] = fid(images, reference, cfg.feature)
+        elif m in ("clip-i", "dino"):
+            net = ClipFeatures(cfg.clip) if m == "clip-i" else M.DinoFeatures(cfg.dino)
+            figures[m] = subject_similarity(images, read_images(cfg.instance), net)
+        else:
+            values = per_image[m]()
+            for row, v in zip(rows, values):
+                row[m] = v
+            figures[m] = sum(values) / len(values)
+    return figures, rows
+
+
+def evaluate(model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | None = None) -> dict:
+    """Generate with `model` (+ `loras`, FILE[:SCALE]), score, write the outputs into `out`; returns the figures."""
+    from quantune.generate import LoraSpec, attach_loras, make_grid
+    from quantune.io import atomic_dir
+    from quantune.models import load_pipeline
+
+    start = time.time()
+    prompts, reference = load_prompts(cfg)
+    pipe = load_pipeline(model)
+    specs = [LoraSpec.parse(s) for s in loras or []]
+    if any(len(s.scales) != 1 for s in specs):
+        raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
+    attach_loras(pipe, specs)
+    images = sample_images(pipe, prompts, cfg)
+    pairs = sample_images(load_pipeline(cfg.compare_model), prompts, cfg) if cfg.compare_model else None
+    figures, rows = score(images, prompts, cfg, reference, pairs)
+    result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
+              "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip
+    with atomic_dir(out, markers=("metrics.json",)) as tmp:
+        (tmp / "images").mkdir()
+        for row, image in zip(rows, images):
+            row["image"] = f"images/{row['index']:04d}.png"
+            image.save(tmp / row["image"])
+        side = min(8, len(images))
+        make_grid([images[i : i + side] for i in range(0, min(len(images), side * side), side)]).save(tmp / "grid.png")
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
+        (tmp / "rows.json").write_text(json.dumps(rows, indent=1))
+        with open(tmp / "rows.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    logger.info("evaluated %d images in %.0f s: %s", len(images), result["seconds"], figures)
+    return result

@@ -1,0 +1,128 @@
+"""Per-image metrics on known inputs (PSNR, SSIM), CLIP-T / DINO with tiny local models, `quantune eval` end to end,
+and the errors of missing weights or settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantune.cli import main
+from quantune.errors import QuantuneError
+from quantune.eval import metrics as M
+from quantune.eval.run import EvalConfig
+
+
+def _images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_psnr_and_ssim_known_values():
+    x = _images() * 0.8
+    assert M.psnr(x, x) == [99.0] * 3  # identical: capped
+    assert M.psnr(x + 0.1, x) == pytest.approx([20.0] * 3, abs=1e-3)  # MSE 0.01 -> 10 log10(1 / 0.01)
+    assert M.ssim(x, x) == pytest.approx([1.0] * 3)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert all(v < 0.7 for v in M.ssim(noisy, x))
+    with pytest.raises(QuantuneError, match="pair images one to one"):
+        M.psnr(x[:2], x)
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from quantune.models.zoo import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=load_tokenizer().vocab_size, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    load_tokenizer().save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_clip_t_is_the_cosine_of_the_pair(tiny_clip):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    x = _images(2)
+    scores = M.clip_t(x, ["cat face", "red apple"], tiny_clip)
+    model, tok = CLIPModel.from_pretrained(str(tiny_clip)), CLIPTokenizer.from_pretrained(str(tiny_clip))
+    with torch.no_grad():
+        pixels = M._resize(x, 32, M.CLIP_MEAN, M.CLIP_STD)
+        img = M.projected(model.get_image_features(pixel_values=pixels))
+        txt = M.projected(model.get_text_features(**tok(["cat face", "red apple"], padding=True, return_tensors="pt")))
+        img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    assert scores == pytest.approx((img * txt).sum(-1).tolist(), abs=1e-5)
+    assert scores == M.clip_t(x, ["cat face", "red apple"], tiny_clip)
+
+
+def test_dino_subject_similarity(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from quantune.eval.similarity import subject_similarity
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    net = M.DinoFeatures(tmp_path / "dino")
+    x = _images(1)
+    assert subject_similarity(x, x, net) == pytest.approx(1.0, abs=1e-5)  # an image against itself
+    assert subject_similarity(_images(4, seed=2), x, net) < 1.0
+
+
+def test_missing_weights_are_errors(tmp_path):
+    with pytest.raises(QuantuneError, match="--clip"):
+        M.clip_t(_images(1), ["x"], None)
+    with pytest.raises(QuantuneError, match="no DINO model"):
+        M.DinoFeatures(tmp_path / "nowhere")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(QuantuneError, match="LPIPS is unavailable"):
+            M.lpips(_images(1), _images(1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(metrics=["fid", "sharpness"]), "unknown metric"),
+        (dict(metrics=["psnr"]), "--compare-model"),
+        (dict(metrics=["clip-t"]), "--clip DIR"),
+        (dict(metrics=["dino"], dino="d"), "--instance DIR"),
+        (dict(metrics=["fid"], prompts="p.txt"), "--reference DIR"),
+    ],
+)
+def test_bad_eval_config(kwargs, match):
+    with pytest.raises(QuantuneError, match=match):
+        EvalConfig(**kwargs)
+
+
+def test_eval_cli_end_to_end(tmp_path, capsys):
+    """zoo:tiny against itself: the same prompts and seeds give the same images, so PSNR is capped, SSIM 1."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", "zoo:tiny", "--metrics", "fid,psnr,ssim", "--n", "4", "--steps", "2", "--size", "32",
+            "--compare-model", "zoo:tiny", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "4 images" in capsys.readouterr().out
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["psnr"] == 99.0 and result["ssim"] == pytest.approx(1.0) and result["fid"] > 0
+    rows = json.loads((out / "rows.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1, 2, 3] and all((out / r["image"]).is_file() for r in rows)
+    assert (out / "grid.png").is_file() and (out / "rows.csv").is_file()
+    assert main(["eval", "--model", "zoo:tiny", "--metrics", "clip-t", "--out", str(tmp_path / "x")]) == 2
+    assert "--clip DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_clip_i_from_a_full_clip_folder(tiny_clip):
+    from quantune.eval.fid import ClipFeatures
+    from quantune.eval.similarity import subject_similarity
+
+    x = _images(2)
+    assert subject_similarity(x[:1], x[:1], ClipFeatures(tiny_clip)) == pytest.approx(1.0, abs=1e-5)
