@@ -99,6 +99,8 @@ def search_qparams(
         raise QuantuneError(f"search = {search!r} is not supported: use 'l2.4' or 'minmax'")
     x2 = _rows(x.detach().float(), per_channel)
     xmin, xmax = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
+    if search == "minmax":  # one candidate: no error to compare
+        return _candidate(xmin, xmax, bits, symmetric, offset)
     best, best_err = None, None
     for i in range(SEARCH_STEPS if search == "l2.4" else 1):
         shrink = 1.0 - 0.01 * i
