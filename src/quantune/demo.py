@@ -8,6 +8,8 @@
    checked against quantune's outputs), merge into the base, extract it back, and the strength grid.
 5. IntLoRA-MUL at W4A8: the same DreamBooth on a 4-bit integer base, `quantune intlora merge` into a model whose
    UNet holds integers (no post-training quantization), and a grid: float LoRA vs the merged integer model.
+6. Post-training quantization of the LoRA-merged model with EDA-DM at W8A8 (`quantune quantize`, a short budget)
+   into an integer model run on int8 kernels, and a grid: the float merged model vs its integer version.
 Every step prints the equivalent command; the end prints steps, time, peak memory, adapter size and output paths.
 """
 
@@ -141,6 +143,15 @@ def main() -> None:
     merged = load_pipeline(str(out / "intlora_merged"))
     grid = side_by_side([with_lora(lora), merged], prompts, out / "lora_vs_intlora_w4a8.png")
     _say(f"wrote {grid} (left: float LoRA; right: IntLoRA-MUL W4A8 merged integer model)")
+
+    _say("\n== 6. EDA-DM W8A8 post-training quantization of the merged model, run on int8 kernels ==")
+    _cli(
+        f"quantize --model {out}/merged --method eda-dm --wbits 8 --abits 8 --calib-samples 64 --steps 20 "
+        f"--iters 50 --guidance 4 --out {out}/ptq_w8a8"
+    )
+    ptq = load_pipeline(str(out / "ptq_w8a8"))
+    grid = side_by_side([load_pipeline(str(out / "merged")), ptq], prompts, out / "merged_vs_ptq_w8a8.png")
+    _say(f"wrote {grid} (left: float LoRA-merged model; right: its EDA-DM W8A8 integer model)")
 
     from quantune.formats.inspect import disk_size
     from quantune.io import human_size

@@ -124,7 +124,8 @@ class _InnerOutputs:
 
 
 def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generator) -> float:
-    """Reconstruct one unit in place (see the module docstring); returns the final loss."""
+    """Reconstruct one unit in place (see the module docstring); returns the last reconstruction loss (FBR or block
+    output, without the rounding regulariser)."""
     layers = [m for m in unit.modules() if isinstance(m, PTQLayer)] if not isinstance(unit, PTQLayer) else [unit]
     lsq = [m for m in unit.modules() if isinstance(m, LSQActQuantizer)]
     rows = fp_in[2]
@@ -161,6 +162,7 @@ def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generat
                     args_q, kwargs_q = _qdrop_mix((args_fp, kwargs_fp), (args_q, kwargs_q), cfg.qdrop)
                 out = _first(unit(*args_q, **kwargs_q))
                 loss = fbr_loss(out, target, inner.take() if inner else [], inner_fp, cfg.add_loss)
+                loss_value = float(loss.detach())  # reported: the reconstruction loss, without the regulariser
                 if learn_w and cfg.round_reg > 0:
                     beta = beta_schedule(it, cfg.iters)
                     if beta is not None:
@@ -171,7 +173,6 @@ def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generat
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_value = float(loss.detach())
     finally:
         if inner:
             inner.close()
