@@ -4,6 +4,7 @@ and the errors of missing weights or settings."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,10 +83,9 @@ def test_missing_weights_are_errors(tmp_path):
         M.clip_t(_images(1), ["x"], None)
     with pytest.raises(QuantuneError, match="no DINO model"):
         M.DinoFeatures(tmp_path / "nowhere")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        with pytest.raises(QuantuneError, match="LPIPS is unavailable"):
+    alexnet = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    if not alexnet.is_file():  # never a download: an error naming where the weights go
+        with pytest.raises(QuantuneError, match="LPIPS needs torchvision's AlexNet weights"):
             M.lpips(_images(1), _images(1))
 
 
@@ -126,3 +126,28 @@ def test_clip_i_from_a_full_clip_folder(tiny_clip):
 
     x = _images(2)
     assert subject_similarity(x[:1], x[:1], ClipFeatures(tiny_clip)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_partial_clip_folder_is_refused(tmp_path):
+    """A vision-only CLIP folder has no projection: transformers would draw one at random; quantune refuses."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from quantune.eval.fid import ClipFeatures
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8)  # fmt: skip
+    CLIPVisionModel(cfg).save_pretrained(tmp_path / "vision")
+    with pytest.raises(QuantuneError, match="lacks .* CLIP weights"):
+        ClipFeatures(tmp_path / "vision")
+
+
+def test_eval_applies_the_lora_scale(lora_pipe, tmp_path):
+    """--lora FILE:0 gives the base model's images; FILE:1 does not."""
+    from quantune.eval.run import EvalConfig, evaluate
+    from quantune.formats import write_lora
+    from quantune.lora import get_lora_weights
+
+    lora = write_lora(get_lora_weights(lora_pipe), tmp_path / "lora.safetensors", "quantune")
+    cfg = EvalConfig(metrics=["psnr"], n=2, steps=2, size=32, compare_model="zoo:tiny")
+    assert evaluate("zoo:tiny", cfg, tmp_path / "off", [f"{lora}:0"])["psnr"] == 99.0
+    assert evaluate("zoo:tiny", cfg, tmp_path / "on", [f"{lora}:1"])["psnr"] < 60

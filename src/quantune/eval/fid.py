@@ -40,14 +40,16 @@ class ClipFeatures(nn.Module):
         if not (folder / "config.json").is_file():
             raise QuantuneError(f"no CLIP model in {folder} (no config.json): give a local folder, nothing is fetched")
         full = json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
-        cls = CLIPModel if full else CLIPVisionModelWithProjection
-        self.model = cls.from_pretrained(str(folder), local_files_only=True).eval()
+        from quantune.eval.metrics import load_complete
+
+        self.model = load_complete(CLIPModel if full else CLIPVisionModelWithProjection, folder, "CLIP")
         vision = self.model.config.vision_config if full else self.model.config
         self.size, self.num_features, self.full = vision.image_size, self.model.config.projection_dim, full
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0, 1)
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         pixels = (x - mean) / std

@@ -35,8 +35,22 @@ def _local(folder: str | Path | None, what: str, flag: str) -> Path:
 
 
 def _resize(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def load_complete(cls, folder: Path, what: str):
+    """`cls.from_pretrained` from a local folder, refusing one whose weights are missing or partial (transformers
+    would initialise the rest at random, silently)."""
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        problem = f"cannot load the {what} model in {folder} ({type(e).__name__})"
+        raise QuantuneError(f"{problem}: check its files") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise QuantuneError(f"{folder} lacks {len(missing)} {what} weights (e.g. {missing[0]}): give a complete model")
+    return model.eval()
 
 
 class DinoFeatures(nn.Module):
@@ -46,8 +60,9 @@ class DinoFeatures(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(str(_local(folder, "DINO", "--dino")), local_files_only=True).eval()
-        self.size = int(getattr(self.model.config, "image_size", 224))
+        self.model = load_complete(AutoModel, _local(folder, "DINO", "--dino"), "DINO")
+        size = int(getattr(self.model.config, "image_size", 224))
+        self.size = 224 if self.model.config.model_type == "dinov2" and size > 224 else size  # DINOv2's eval crop
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +78,13 @@ def clip_t(images, prompts: list[str], folder: str | Path | None, batch: int = 6
     path = _local(folder, "CLIP-T", "--clip")
     if len(images) != len(prompts):
         raise QuantuneError(f"CLIP-T pairs images with prompts: {len(images)} images, {len(prompts)} prompts")
-    model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = load_complete(CLIPModel, path, "CLIP")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        fix = "CLIP-T needs a full CLIPModel folder with its tokenizer"
+        raise QuantuneError(f"no CLIP tokenizer in {path} ({type(e).__name__}): {fix}") from None
+
     x = to_batch(images)
     scores = []
     for i in range(0, len(x), batch):
@@ -104,6 +124,12 @@ def ssim(images, references) -> list[float]:
 def lpips(images, references) -> list[float]:
     """LPIPS (AlexNet) of each pair, when torchvision and the LPIPS weights are installed locally."""
     x, y = paired(images, references)
+    alexnet = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    if not alexnet.is_file():  # torchvision would fetch it from the network
+        raise QuantuneError(
+            f"LPIPS needs torchvision's AlexNet weights at {alexnet} (nothing is downloaded): put them there or leave "
+            "lpips out of --metrics"
+        )
     try:
         from torchmetrics.functional.image import learned_perceptual_image_patch_similarity
 
@@ -112,7 +138,7 @@ def lpips(images, references) -> list[float]:
             float(learned_perceptual_image_patch_similarity(a[i : i + 1], b[i : i + 1], net_type="alex"))
             for i in range(len(x))
         ]
-    except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as e:
+    except (ImportError, ModuleNotFoundError, OSError) as e:
         raise QuantuneError(
             f"LPIPS is unavailable here ({type(e).__name__}): it needs torchvision and its AlexNet + LPIPS weights "
             "installed locally; leave lpips out of --metrics"

@@ -79,24 +79,24 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[str], list | None]:
 
 
 def read_images(folder: str | Path) -> list:
-    from PIL import Image, UnidentifiedImageError
+    from quantune.data.folders import load_rgb
 
     files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not files:
-        raise QuantuneError(f"no images (.png/.jpg/.webp) in {folder}: pass a folder of images")
     images = []
     for f in files:
         try:
-            images.append(Image.open(f).convert("RGB"))
-        except (OSError, UnidentifiedImageError):
+            images.append(load_rgb(f))  # EXIF rotation, transparency onto white (as training reads images)
+        except QuantuneError:
             logger.warning("skipping %s: not a readable image", f)
+    if not images:
+        raise QuantuneError(f"no readable images (.png/.jpg/.webp) in {folder}: pass a folder of images")
     return images
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], cfg: EvalConfig) -> list:
+def sample_images(pipe, prompts: list[str], cfg: EvalConfig, size: int | None = None) -> list:
     """One image per prompt; image i from torch.Generator seeded cfg.seed + i (pairs across models)."""
-    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
     for i in range(0, len(prompts), cfg.batch):
         chunk = prompts[i : i + cfg.batch]
@@ -118,7 +118,7 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
                  "ssim": lambda: M.ssim(images, pairs), "lpips": lambda: M.lpips(images, pairs)}  # fmt: skip
     for m in cfg.metrics:
         if m == "fid":
-            reference = reference if reference is not None else read_images(cfg.reference)
+            reference = read_images(cfg.reference) if cfg.reference else reference  # --reference wins
             figures[m] = fid(images, reference, cfg.feature)
         elif m in ("clip-i", "dino"):
             net = ClipFeatures(cfg.clip) if m == "clip-i" else M.DinoFeatures(cfg.dino)
@@ -143,9 +143,16 @@ def evaluate(model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | No
     specs = [LoraSpec.parse(s) for s in loras or []]
     if any(len(s.scales) != 1 for s in specs):
         raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
-    attach_loras(pipe, specs)
-    images = sample_images(pipe, prompts, cfg)
-    pairs = sample_images(load_pipeline(cfg.compare_model), prompts, cfg) if cfg.compare_model else None
+    scales = attach_loras(pipe, specs)
+    if specs:
+        from quantune.lora.inject import set_lora_multiplier
+        from quantune.lora.weights import components_of
+
+        for component in components_of(pipe).values():
+            set_lora_multiplier(component, scales[0])
+    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # pairs share it
+    images = sample_images(pipe, prompts, cfg, size)
+    pairs = sample_images(load_pipeline(cfg.compare_model), prompts, cfg, size) if cfg.compare_model else None
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
               "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip

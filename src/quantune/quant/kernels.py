@@ -98,8 +98,8 @@ class IntKernel:
             self.out_scale = self.s_a * self.s_w
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.div(x.float(), self.s_a_tensor)  # one new buffer, then in place: fresh temporaries cost page
-        return q.round_().add_(self.z_a).clamp_(0, 255).to(torch.uint8)  # faults (measured 4x slower at 512 px)
+        q = torch.div(x.float(), self.s_a_tensor)  # one new buffer, then in place: five fresh temporaries were
+        return q.round_().add_(self.z_a).clamp_(0, 255).to(torch.uint8)  # 2x slower (benchmarks/ptq_cpu_parts.py)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantize_input(x)
@@ -148,7 +148,8 @@ class IntKernel:
 
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
     """Does `device` run bf16 attention faster than fp32 (CUDA; CPUs with AMX-BF16)? With AVX512-BF16 alone (this
-    project's CPU) PyTorch's flash attention ran slower in bf16 than in fp32 (4096 tokens: 328 vs 304 ms)."""
+    project's CPU) PyTorch's flash attention ran slower in bf16 than in fp32 (4096 tokens: 323 vs 310 ms,
+    benchmarks/results/ptq_cpu_parts.md)."""
     if torch.device(device).type == "cuda":
         return True
     try:
