@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--feature", default="openmoji", help="FID features: openmoji or a local CLIP folder")
     ev.add_argument("--clip", help="local CLIPModel folder (clip-t, clip-i)")
     ev.add_argument("--dino", help="local DINO / DINOv2 folder")
+    ev.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", required=True)
 
     for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
@@ -219,7 +220,9 @@ def cmd_eval(a) -> None:
         guidance_scale=a.guidance, size=a.size, seed=a.seed, reference=a.reference, instance=a.instance,
         compare_model=a.compare_model, feature=a.feature, clip=a.clip, dino=a.dino,
     )  # fmt: skip
-    result = evaluate(a.model, cfg, a.out, a.lora)
+    from quantune.models import resolve_device
+
+    result = evaluate(a.model, cfg, a.out, a.lora, device=resolve_device(a.device, "fp32")[0])
     figures = ", ".join(f"{m} {result[m]:.4g}" for m in cfg.metrics)
     print(f"{result['n_images']} images, {figures}; wrote {a.out} ({result['seconds']:.0f} s)")
 

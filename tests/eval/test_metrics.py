@@ -151,3 +151,19 @@ def test_eval_applies_the_lora_scale(lora_pipe, tmp_path):
     cfg = EvalConfig(metrics=["psnr"], n=2, steps=2, size=32, compare_model="zoo:tiny")
     assert evaluate("zoo:tiny", cfg, tmp_path / "off", [f"{lora}:0"])["psnr"] == 99.0
     assert evaluate("zoo:tiny", cfg, tmp_path / "on", [f"{lora}:1"])["psnr"] < 60
+
+
+def test_bad_folders_fail_before_generation(tmp_path, capsys, monkeypatch):
+    import quantune.eval.run as run
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking the inputs")
+
+    monkeypatch.setattr(run, "sample_images", no_generation)
+    argv = ["eval", "--model", "zoo:tiny", "--metrics", "dino", "--instance", str(tmp_path / "none"), "--dino",
+            str(tmp_path), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2 and "--instance" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    argv = ["eval", "--model", "zoo:tiny", "--out", str(tmp_path / "busy")]
+    assert main(argv) == 2 and "holds other files" in capsys.readouterr().err

@@ -131,15 +131,48 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
     return figures, rows
 
 
-def evaluate(model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | None = None) -> dict:
-    """Generate with `model` (+ `loras`, FILE[:SCALE]), score, write the outputs into `out`; returns the figures."""
+def _on(pipe, device):
+    """The pipeline on `device`, an integer UNet's kernels prepared for it."""
+    pipe.to(device)
+    if torch.device(device).type != "cpu":
+        from quantune.quant.kernels import prepare_int_kernels
+        from quantune.quant.quantize import quant_layers
+
+        if quant_layers(pipe.unet):
+            prepare_int_kernels(pipe.unet)
+    return pipe
+
+
+def check_inputs(cfg: EvalConfig, out: str | Path) -> None:
+    """Every folder the metrics read, and the output folder, checked before anything is generated."""
+    for name, flag in (("reference", "--reference"), ("instance", "--instance")):
+        folder = getattr(cfg, name)
+        if folder is not None and not Path(folder).is_dir():
+            raise QuantuneError(f"{flag} {folder} is not a folder: pass a folder of images")
+    for name, flag in (("clip", "--clip"), ("dino", "--dino")):
+        folder = getattr(cfg, name)
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            raise QuantuneError(f"{flag} {folder} holds no model (no config.json): pass a local model folder")
+    if cfg.feature != "openmoji" and not Path(cfg.feature).exists():
+        raise QuantuneError(f"--feature {cfg.feature} not found: use openmoji or a local CLIP folder")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
+        raise QuantuneError(f"{out} exists and holds other files: choose a new or empty --out folder")
+
+
+def evaluate(
+    model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | None = None, device: str = "cpu"
+) -> dict:
+    """Generate with `model` (+ `loras`, FILE[:SCALE]) on `device`, score, write the outputs into `out`; returns the
+    figures. Inputs are checked first (check_inputs), so a bad folder fails before any image is generated."""
     from quantune.generate import LoraSpec, attach_loras, make_grid
     from quantune.io import atomic_dir
     from quantune.models import load_pipeline
 
     start = time.time()
+    check_inputs(cfg, out)
     prompts, reference = load_prompts(cfg)
-    pipe = load_pipeline(model)
+    pipe = _on(load_pipeline(model), device)
     specs = [LoraSpec.parse(s) for s in loras or []]
     if any(len(s.scales) != 1 for s in specs):
         raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
@@ -152,7 +185,9 @@ def evaluate(model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | No
             set_lora_multiplier(component, scales[0])
     size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # pairs share it
     images = sample_images(pipe, prompts, cfg, size)
-    pairs = sample_images(load_pipeline(cfg.compare_model), prompts, cfg, size) if cfg.compare_model else None
+    pairs = None
+    if cfg.compare_model:
+        pairs = sample_images(_on(load_pipeline(cfg.compare_model), device), prompts, cfg, size)
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
               "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip
