@@ -150,17 +150,12 @@ def _size(path) -> str:
 def cmd_generate(a) -> None:
     from quantune.generate import LoraSpec, attach_loras, generate
     from quantune.models import load_pipeline, resolve_device
+    from quantune.models.loading import to_device
 
     device, dtype = resolve_device(a.device, a.dtype)
     pipe = load_pipeline(a.model, torch_dtype=dtype)
     scales = attach_loras(pipe, [LoraSpec.parse(s) for s in a.lora])
-    pipe.to(device)
-    if device != "cpu" and hasattr(pipe, "unet"):
-        from quantune.quant.kernels import prepare_int_kernels
-        from quantune.quant.quantize import quant_layers
-
-        if quant_layers(pipe.unet):
-            prepare_int_kernels(pipe.unet)  # the kernels of the device the integer UNet now lives on
+    to_device(pipe, device)  # an integer UNet gets the kernels of its new device
     paths = generate(pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance)
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
 

@@ -131,18 +131,6 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
     return figures, rows
 
 
-def _on(pipe, device):
-    """The pipeline on `device`, an integer UNet's kernels prepared for it."""
-    pipe.to(device)
-    if torch.device(device).type != "cpu":
-        from quantune.quant.kernels import prepare_int_kernels
-        from quantune.quant.quantize import quant_layers
-
-        if quant_layers(pipe.unet):
-            prepare_int_kernels(pipe.unet)
-    return pipe
-
-
 def check_inputs(cfg: EvalConfig, out: str | Path) -> None:
     """Every folder the metrics read, and the output folder, checked before anything is generated."""
     for name, flag in (("reference", "--reference"), ("instance", "--instance")):
@@ -167,12 +155,12 @@ def evaluate(
     figures. Inputs are checked first (check_inputs), so a bad folder fails before any image is generated."""
     from quantune.generate import LoraSpec, attach_loras, make_grid
     from quantune.io import atomic_dir
-    from quantune.models import load_pipeline
+    from quantune.models.loading import load_pipeline, to_device
 
     start = time.time()
     check_inputs(cfg, out)
     prompts, reference = load_prompts(cfg)
-    pipe = _on(load_pipeline(model), device)
+    pipe = to_device(load_pipeline(model), device)
     specs = [LoraSpec.parse(s) for s in loras or []]
     if any(len(s.scales) != 1 for s in specs):
         raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
@@ -187,7 +175,7 @@ def evaluate(
     images = sample_images(pipe, prompts, cfg, size)
     pairs = None
     if cfg.compare_model:
-        pairs = sample_images(_on(load_pipeline(cfg.compare_model), device), prompts, cfg, size)
+        pairs = sample_images(to_device(load_pipeline(cfg.compare_model), device), prompts, cfg, size)
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
               "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip

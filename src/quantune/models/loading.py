@@ -30,6 +30,19 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     return dev, names[dtype]
 
 
+def to_device(pipe, device):
+    """Move a pipeline to `device`; an integer UNet gets the integer kernels of that device (quant/kernels.py)."""
+    pipe.to(device)
+    unet = getattr(pipe, "unet", None)
+    if torch.device(device).type != "cpu" and unet is not None:
+        from quantune.quant.kernels import prepare_int_kernels
+        from quantune.quant.quantize import quant_layers
+
+        if quant_layers(unet):
+            prepare_int_kernels(unet)
+    return pipe
+
+
 def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix."""
     if ref.startswith("zoo:"):
