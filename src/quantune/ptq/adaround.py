@@ -29,7 +29,7 @@ class AdaRoundQuantizer(nn.Module):
         self.shape = w.shape
         rows = w.reshape(w.shape[0], -1)
         qp = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
-        self.bits, self.symmetric = bits, symmetric
+        self.bits = bits
         self.register_buffer("scale", qp.scale)  # buffers: they follow .to(device) with V
         self.register_buffer("zero_point", qp.zero_point if qp.zero_point is not None else None)
         self.register_buffer("w_floor", torch.floor(rows / qp.scale))
