@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean bench bench-quick peers
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -x
+
+# The benchmark report (not part of `make test`): the peers first (torchao, optimum-quanto, bitsandbytes).
+peers: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -r benchmarks/requirements.txt
+
+bench: peers
+	$(BIN)/quantune bench --out docs/bench --readme README.md
+
+bench-quick: peers
+	$(BIN)/quantune bench --quick --out outputs/bench_quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -82,14 +82,13 @@ def quantize_rows(reps: int) -> list[dict]:
 
 
 def profile_rows(res: int, top: int = 8) -> list[dict]:
-    from ptq_speed import inputs, quantune_w8a8
-    from train_step import build
+    from quantune.bench.inference import quantune_int
+    from quantune.bench.models import build
 
-    torch.manual_seed(0)
-    unet, dim = build("sd15")
-    unet.eval().requires_grad_(False)
-    args = inputs(unet, dim, 2, res)
-    model = quantune_w8a8(unet, [inputs(unet, dim, 2, res, seed=1)])
+    bm = build("sd15")
+    bm.unet.eval().requires_grad_(False)
+    args = bm.inputs(2, res)
+    model = quantune_int(bm.unet, [bm.inputs(2, res, seed=1)], 8, 8)
     with torch.inference_mode():
         model(*args)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", required=True)
 
+    b = sub.add_parser("bench", help="the benchmark tables vs the peers (one process per table) and the report")
+    b.add_argument("--quick", action="store_true", help="small settings: under 15 minutes on a 2-core CPU")
+    b.add_argument("--only", help="comma-separated tables: training,files,inference,quality_ptq,quality_finetune")
+    b.add_argument("--report-only", action="store_true", help="rewrite the report from the tables already in --out")
+    b.add_argument("--readme", help="then write the report into this README's marked results section")
+    b.add_argument("--link", help="the --out folder as the README links it (default: relative to the README)")
+    b.add_argument("--out", required=True)
+
     for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
         fam = sub.add_parser(family, help=f"merge a {family} run into an integer model ({what})")
         fm = fam.add_subparsers(dest=f"{family}_command", required=True).add_parser(
@@ -222,6 +230,17 @@ def cmd_eval(a) -> None:
     print(f"{result['n_images']} images, {figures}; wrote {a.out} ({result['seconds']:.0f} s)")
 
 
+def cmd_bench(a) -> None:
+    from quantune.bench import run_bench, update_readme, write_report
+
+    only = [t.strip() for t in a.only.split(",") if t.strip()] if a.only else None
+    report = write_report(a.out) if a.report_only else run_bench(a.out, quick=a.quick, only=only)
+    if a.readme:
+        link = a.link or os.path.relpath(a.out, os.path.dirname(os.path.abspath(a.readme)))
+        update_readme(a.readme, a.out, link)
+    print(f"wrote {report} and {report.with_suffix('.html')}" + (f"; updated {a.readme}" if a.readme else ""))
+
+
 def cmd_inspect(a) -> None:
     from quantune.formats import read_lora
     from quantune.formats.inspect import describe
@@ -319,6 +338,7 @@ COMMANDS = {
     "int-merge": cmd_int_merge,
     "quantize": cmd_quantize,
     "eval": cmd_eval,
+    "bench": cmd_bench,
 }
 
 

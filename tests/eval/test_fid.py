@@ -66,3 +66,25 @@ def test_clip_features_from_a_local_folder(emoji, tmp_path):
     assert abs(same) < 1e-2 < other
     with pytest.raises(QuantuneError, match="no CLIP model"):
         fid(emoji, emoji, feature=tmp_path)
+
+
+def test_fid_warns_when_images_do_not_outnumber_features(emoji, caplog):
+    with caplog.at_level("WARNING", logger="quantune.eval.fid"):
+        fid(emoji[:64], emoji[64:128])  # 64 images, 128 feature dimensions
+    assert "rank-deficient" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantune.eval.fid"):
+        fid(emoji, emoji)
+    assert "rank-deficient" not in caplog.text
+
+
+def test_processor_pixels_resize_shortest_edge_and_centre_crop():
+    from quantune.eval.fid import processor_pixels
+
+    x = torch.zeros(1, 3, 32, 64)
+    x[..., 12:52] = 1.0  # a white centre band, a little wider than the crop of a 2:1 image (16:48)
+    out = processor_pixels(x, 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert out.shape == (1, 3, 16, 16) and out.min() > 0.99  # the centre only: squashed, the black sides would show
+    square = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = torch.nn.functional.interpolate(square, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
+    assert torch.allclose(processor_pixels(square, 16, (0.0,) * 3, (1.0,) * 3), plain, atol=1e-6)

@@ -56,7 +56,7 @@ def test_clip_t_is_the_cosine_of_the_pair(tiny_clip):
     scores = M.clip_t(x, ["cat face", "red apple"], tiny_clip)
     model, tok = CLIPModel.from_pretrained(str(tiny_clip)), CLIPTokenizer.from_pretrained(str(tiny_clip))
     with torch.no_grad():
-        pixels = M._resize(x, 32, M.CLIP_MEAN, M.CLIP_STD)
+        pixels = M.processor_pixels(x, 32, M.CLIP_MEAN, M.CLIP_STD)
         img = M.projected(model.get_image_features(pixel_values=pixels))
         txt = M.projected(model.get_text_features(**tok(["cat face", "red apple"], padding=True, return_tensors="pt")))
         img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
@@ -76,6 +76,13 @@ def test_dino_subject_similarity(tmp_path):
     x = _images(1)
     assert subject_similarity(x, x, net) == pytest.approx(1.0, abs=1e-5)  # an image against itself
     assert subject_similarity(_images(4, seed=2), x, net) < 1.0
+    from quantune.eval.similarity import similarity_per_image
+
+    rows = similarity_per_image(torch.cat([x, _images(2, seed=3)]), torch.cat([x, x]), net)
+    assert len(rows) == 3 and rows[0] == pytest.approx(1.0, abs=1e-5) and max(rows[1:]) < 1.0
+    assert subject_similarity(_images(4, seed=2), x, net) == pytest.approx(
+        sum(similarity_per_image(_images(4, seed=2), x, net)) / 4
+    )
 
 
 def test_missing_weights_are_errors(tmp_path):

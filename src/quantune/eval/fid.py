@@ -8,6 +8,7 @@ network by default (eval/features.py), or a CLIP vision tower from a local folde
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 
+logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -25,6 +27,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def projected(out) -> torch.Tensor:
     """CLIP's projected embedding: a tensor (transformers 4) or the output's pooler_output (transformers 5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def processor_pixels(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """What CLIP's / DINOv2's image processors do to a batch in [0, 1]: resize the shortest edge to `size`
+    (bicubic, antialiased), centre-crop size x size, normalise. Square images are only resized."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 class ClipFeatures(nn.Module):
@@ -48,11 +62,7 @@ class ClipFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0, 1)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        pixels = (x - mean) / std
+        pixels = processor_pixels(x, self.size, CLIP_MEAN, CLIP_STD)
         if self.full:
             return projected(self.model.get_image_features(pixel_values=pixels))
         return self.model(pixel_values=pixels).image_embeds
@@ -98,6 +108,11 @@ def fid(generated, reference, feature: str | Path | nn.Module = "openmoji", batc
     gen, ref = to_batch(generated), to_batch(reference)
     if len(gen) < 2 or len(ref) < 2:
         raise QuantuneError("FID needs at least 2 generated and 2 reference images")
+    dims = net(gen[:1]).shape[-1]
+    if min(len(gen), len(ref)) <= dims:
+        logger.warning("FID from %d / %d images with %d feature dimensions: the covariances are rank-deficient, so "
+                       "the figure is biased upwards and comparable only at the same numbers of images",
+                       len(gen), len(ref), dims)  # fmt: skip
     metric = FrechetInceptionDistance(feature=net, normalize=True)
     for i in range(0, len(ref), batch):
         metric.update(ref[i : i + batch], real=True)

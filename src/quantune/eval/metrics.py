@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.eval.fid import CLIP_MEAN, CLIP_STD, projected, to_batch
+from quantune.eval.fid import CLIP_MEAN, CLIP_STD, processor_pixels, projected, to_batch
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -32,11 +32,6 @@ def _local(folder: str | Path | None, what: str, flag: str) -> Path:
     if not (path / "config.json").is_file():
         raise QuantuneError(f"no {what} model in {path} (no config.json): pass a local folder with {flag}")
     return path
-
-
-def _resize(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def load_complete(cls, folder: Path, what: str):
@@ -66,7 +61,7 @@ class DinoFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=_resize(x, self.size, IMAGENET_MEAN, IMAGENET_STD))
+        out = self.model(pixel_values=processor_pixels(x, self.size, IMAGENET_MEAN, IMAGENET_STD))
         return out.last_hidden_state[:, 0]
 
 
@@ -88,7 +83,7 @@ def clip_t(images, prompts: list[str], folder: str | Path | None, batch: int = 6
     x = to_batch(images)
     scores = []
     for i in range(0, len(x), batch):
-        pixels = _resize(x[i : i + batch], model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+        pixels = processor_pixels(x[i : i + batch], model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
         tokens = tokenizer(prompts[i : i + batch], padding=True, truncation=True, return_tensors="pt")
         img = F.normalize(projected(model.get_image_features(pixel_values=pixels)), dim=-1)
         txt = F.normalize(projected(model.get_text_features(**tokens)), dim=-1)

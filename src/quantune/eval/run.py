@@ -110,7 +110,7 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
     """(figures, per-image rows) for the metrics of `cfg`."""
     from quantune.eval import metrics as M
     from quantune.eval.fid import ClipFeatures, fid
-    from quantune.eval.similarity import subject_similarity
+    from quantune.eval.similarity import similarity_per_image
 
     figures: dict[str, float] = {}
     rows = [{"index": i, "prompt": p, "seed": cfg.seed + i} for i, p in enumerate(prompts)]
@@ -120,14 +120,14 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
         if m == "fid":
             reference = read_images(cfg.reference) if cfg.reference else reference  # --reference wins
             figures[m] = fid(images, reference, cfg.feature)
-        elif m in ("clip-i", "dino"):
+            continue
+        if m in ("clip-i", "dino"):
             net = ClipFeatures(cfg.clip) if m == "clip-i" else M.DinoFeatures(cfg.dino)
-            figures[m] = subject_similarity(images, read_images(cfg.instance), net)
-        else:
-            values = per_image[m]()
-            for row, v in zip(rows, values):
-                row[m] = v
-            figures[m] = sum(values) / len(values)
+            per_image[m] = lambda net=net: similarity_per_image(images, read_images(cfg.instance), net)
+        values = per_image[m]()
+        for row, v in zip(rows, values):
+            row[m] = v
+        figures[m] = sum(values) / len(values)
     return figures, rows
 
 

@@ -1,0 +1,173 @@
+"""Table 4a, PTQ quality on zoo:emoji: FP against minmax / qdiffusion / eda-dm x W8A8 / W4A8 (EDA-DM's Table 1
+layout), with the cost of each.
+
+Each PTQ run is its own process: quantize zoo:emoji (`quantune.quantize_pipeline`), save the integer model, load it
+back (integer kernels prepared, as a user would) and generate the same prompts and seeds as the FP model. Figures:
+FID against the FP model's samples and against the OpenMoji glyphs of the prompts (quantune's OpenMoji feature
+network), PSNR / SSIM of each sample against the FP sample of the same prompt and seed, the UNet's size on disk,
+and the PTQ run's wall time and peak memory. A grid (rows: FP then each run; columns: the first prompts) is saved.
+
+    python -m quantune.bench.quality_ptq [--quick] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantune.bench.common import Plot, Table, peak_mb, run_child, setup
+
+logger = logging.getLogger(__name__)
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+METHODS = ["minmax", "qdiffusion", "eda-dm"]
+GRID_COLUMNS = 8
+
+
+@dataclass
+class Settings:
+    n: int  # prompts (samples per model)
+    steps: int  # DDIM steps of sampling and of the calibration trajectories
+    calib_samples: int
+    iters: int
+    guidance: float = 4.0
+
+    def args(self) -> list:
+        return [self.n, self.steps, self.calib_samples, self.iters, self.guidance]
+
+
+def settings(quick: bool) -> Settings:
+    return Settings(24, 10, 16, 10) if quick else Settings(200, 20, 128, 200)
+
+
+def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:
+    """n OpenMoji captions drawn with seed 0 and their glyphs (FID's reference), the held-out subject excluded;
+    `draw` 1 gives the next n glyphs of the same permutation (real images against real images: FID's floor)."""
+    from quantune.data import openmoji_dataset
+
+    data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[draw * n : (draw + 1) * n].tolist()
+    return [data.captions[i] for i in pick], [data[i]["image"] for i in pick]
+
+
+def samples(pipe, prompts: list[str], s: Settings) -> list:
+    """Image i from seed i (as `quantune eval`): pairs across models."""
+    from quantune.eval.run import EvalConfig, sample_images
+
+    pipe.set_progress_bar_config(disable=True)
+    return sample_images(pipe, prompts, EvalConfig(steps=s.steps, guidance_scale=s.guidance, batch=50))
+
+
+def run_one(s: Settings, method: str, bits: str, work: Path) -> dict:
+    """Quantize zoo:emoji, save, reload, generate: images into `work`, stats returned."""
+    from quantune.models import load_pipeline
+    from quantune.ptq import PTQConfig, quantize_pipeline, save_ptq_pipeline
+
+    start = time.time()
+    pipe = load_pipeline("zoo:emoji")
+    wbits, abits = BITS[bits]
+    cfg = PTQConfig(method=method, wbits=wbits, abits=abits, calib_samples=s.calib_samples, steps=s.steps,
+                    iters=s.iters, guidance_scale=s.guidance)  # fmt: skip
+    report = quantize_pipeline(pipe, cfg, progress=False)
+    seconds, peak = time.time() - start, peak_mb()
+    out = save_ptq_pipeline(pipe, work / "model", report)
+    unet_bytes = sum(p.stat().st_size for p in (out / "unet").glob("*.safetensors"))
+    pipe = load_pipeline(str(out))
+    for i, im in enumerate(samples(pipe, prompts_and_reference(s.n)[0], s)):
+        im.save(work / f"{i:04d}.png")
+    return {"ptq_seconds": seconds, "peak_mb": peak, "unet_mb": unet_bytes / 2**20,
+            "fp32_unet_mb": report["fp32_unet_bytes"] / 2**20}  # fmt: skip
+
+
+def scores(images, fp_images, reference) -> dict:
+    from quantune.eval import fid
+    from quantune.eval.metrics import psnr, ssim
+
+    return {
+        "fid_vs_fp": fid(images, fp_images),
+        "fid_vs_openmoji": fid(images, reference),
+        "psnr_db": sum(p := psnr(images, fp_images)) / len(p),
+        "ssim": sum(q := ssim(images, fp_images)) / len(q),
+    }
+
+
+def table(quick: bool, out: Path) -> Table:
+    from PIL import Image
+
+    from quantune.eval import fid
+    from quantune.generate import make_grid
+    from quantune.models import load_pipeline
+
+    s = settings(quick)
+    prompts, reference = prompts_and_reference(s.n)
+    fp_images = samples(load_pipeline("zoo:emoji"), prompts, s)
+    floor = {"bits": "OpenMoji", "method": "other glyphs", "fid_vs_openmoji": fid(prompts_and_reference(s.n, 1)[1],
+                                                                                    reference)}  # fmt: skip
+    rows = [{"bits": "FP32", "method": "-", **scores(fp_images, fp_images, reference)}]
+    grid = [fp_images[:GRID_COLUMNS]]
+    for bits in BITS:
+        for method in METHODS:
+            with tempfile.TemporaryDirectory() as tmp:
+                stats = run_child("quantune.bench.quality_ptq", ["--one", method, bits, tmp, *s.args()])
+                images = [Image.open(f).convert("RGB") for f in sorted(Path(tmp).glob("*.png"))]
+            rows[0].update(unet_mb=stats["fp32_unet_mb"], ptq_seconds=0.0)
+            rows.append({"bits": bits, "method": method, **scores(images, fp_images, reference), **stats})
+            grid.append(images[:GRID_COLUMNS])
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    make_grid(grid).resize((GRID_COLUMNS * 64, len(grid) * 64), Image.NEAREST).save(out / "grids" / "ptq.png")
+    rows.insert(0, floor)
+    for r in rows:
+        r.update(n=s.n, steps=s.steps, calib_samples=s.calib_samples, iters=s.iters)
+    notes = (
+        [
+            f"FID from {s.n} images with 128 feature dimensions: biased upwards (rank-deficient covariances), "
+            "compare rows of this table only"
+        ]
+        if s.n <= 128
+        else []
+    )
+    return Table(
+        "quality_ptq",
+        f"PTQ of zoo:emoji: {s.n} prompts, DDIM {s.steps} steps, guidance {s.guidance}; calibration "
+        f"{s.calib_samples} trajectories, {s.iters} iterations per block",
+        {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp:.2f}",
+         "FID vs OpenMoji": "{fid_vs_openmoji:.2f}", "PSNR vs FP (dB)": "{psnr_db:.1f}", "SSIM vs FP": "{ssim:.3f}",
+         "UNet on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}",
+         "PTQ peak RSS (MB)": "{peak_mb:.0f}"},
+        rows,
+        Plot("{bits} {method}", {"FID vs OpenMoji": "fid_vs_openmoji", "FID vs FP": "fid_vs_fp", "PSNR vs FP (dB)":
+                                 "psnr_db"}),
+        notes=notes + ["FID with quantune's OpenMoji feature network; the FP row's FID vs FP is 0 by construction and "
+               "its PSNR is capped at 99 dB",
+               "the OpenMoji row is FID's floor: n other glyphs against the reference glyphs",
+               "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm, then W4A8 the same"],
+        images=["grids/ptq.png"],
+    )  # fmt: skip
+
+
+def main() -> None:
+    setup()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="outputs/bench")
+    p.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        from quantune.bench.common import emit
+
+        method, bits, work, n, steps, calib, iters, guidance = a.one
+        s = Settings(int(n), int(steps), int(calib), int(iters), float(guidance))
+        emit(run_one(s, method, bits, Path(work)))
+        return
+    from quantune.bench.report import finish_table
+
+    finish_table(table(a.quick, Path(a.out)), a.out, a.quick)
+
+
+if __name__ == "__main__":
+    main()

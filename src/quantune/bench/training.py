@@ -1,0 +1,165 @@
+"""Table 1, training: step time (it/s) and peak memory of one UNet training step, per resolution x batch
+(lora_wrapper's layout), for quantune's methods and the peers a user would pick instead.
+
+quantune: full fine-tuning, lora, qlora / intlora-mul / intlora-shift at W8A8 and W4A8, each applied exactly as
+`quantune train` applies it (train/registry.py), with every UNet Linear / Conv2d quantized (quant.quantize_rest, as
+the IntLoRA reference) and A8 activations calibrated on one batch.
+Peers, LoRA on the same targets with peft (rank 4, gaussian init):
+- diffusers + peft: `unet.add_adapter(peft.LoraConfig(...))`, diffusers' train_text_to_image_lora.py;
+- peft + bitsandbytes NF4 (QLoRA): every UNet Linear replaced by bnb.nn.Linear4bit (compute in fp32), as
+  `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does; convs stay float;
+- peft + torchao int8 weight-only: `quantize_(unet, Int8WeightOnlyConfig())` (Linear layers), then add_adapter.
+A peer that is not installed gives a row saying so. Each variant runs in its own process: build, apply, then
+`warmup` untimed and `reps` timed AdamW steps of the denoising loss on random latents; peak memory over the steps
+only (CUDA: peak allocated; CPU: peak RSS after the set-up's freed pages are returned).
+
+    python -m quantune.bench.training [--quick] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from quantune.bench.common import Plot, Table, device, emit, median, peak_mb, reset_peak, run_child, setup, timed
+from quantune.bench.models import TARGETS, build
+
+logger = logging.getLogger(__name__)
+RANK = 4
+QUANTUNE = [("full", 32), ("lora", 32)] + [(m, b) for b in (8, 4) for m in ("qlora", "intlora-mul", "intlora-shift")]
+PEERS = ["diffusers+peft lora", "peft+bnb nf4 qlora", "peft+torchao int8wo lora"]
+
+
+def settings(quick: bool) -> list[tuple[str, int, int]]:
+    """(model, resolution px, batch) rows of the table."""
+    cuda = [("sd15", 512, 1), ("sd15", 512, 4)] if torch.cuda.is_available() else []  # SD-1.5 rows at 512 px
+    if quick:
+        return [("zoo:emoji", 32, 8)] + cuda[:1]
+    return [("zoo:emoji", 32, 8), ("zoo:emoji", 64, 8), ("sd15", 256, 1)] + cuda
+
+
+def _quantune(bm, method: str, bits: int, x, t, ehs) -> list:
+    from quantune.train.config import resolve_config
+    from quantune.train.registry import METHODS
+
+    sets = [f"method={method}", "task=" + ("full" if method == "full" else "text-to-image"), f"lora.r={RANK}"]
+    if bits < 32:
+        sets += [f"quant.bits={bits}", "quant.act_bits=8", "quant.quantize_rest=true", "quant.search='minmax'"]
+    cfg = resolve_config(None, sets)
+    groups = METHODS[method]().prepare(bm.pipe, cfg)
+    unet = bm.unet.to(device())
+    METHODS[method]().calibrate(bm.pipe, lambda: unet(x, t, ehs))
+    return [p for g in groups for p in g["params"]]
+
+
+def _to_bnb_nf4(module: torch.nn.Module) -> None:
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, q.to(device()))  # .to() quantizes
+        else:
+            _to_bnb_nf4(child)
+
+
+def _peer(bm, variant: str) -> list:
+    from peft import LoraConfig
+
+    unet = bm.unet
+    unet.requires_grad_(False)
+    if variant.startswith("peft+bnb"):
+        _to_bnb_nf4(unet)
+    elif variant.startswith("peft+torchao"):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(unet.to(device()), Int8WeightOnlyConfig())
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps: int, warmup: int) -> dict:
+    weights = "NF4 (Linear)" if "bnb" in variant else "int8 (Linear)" if "torchao" in variant else f"W{bits}A8"
+    row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": "fp32" if bits == 32 and
+           variant not in PEERS[1:] else weights}  # fmt: skip
+    bm = build(model)
+    x, t, ehs = (v.to(device()) for v in bm.inputs(batch, res))
+    start = time.perf_counter()
+    try:
+        params = _peer(bm, variant) if variant in PEERS else _quantune(bm, variant, bits, x, t, ehs)
+    except ModuleNotFoundError as e:  # a peer that is not installed
+        return {**row, "status": f"not installed ({e.name})"}
+    setup_s = time.perf_counter() - start
+    unet = bm.unet.to(device()).train()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        loss = torch.nn.functional.mse_loss(unet(x, t, ehs).sample.float(), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # optimizer state exists before the window opens, as in a long run
+    base = reset_peak()
+    times = timed(step, reps, max(warmup - 1, 0))
+    s = median(times)
+    return {**row, "status": "ok", "step_s": s, "it_s": 1 / s, "peak_mb": peak_mb(), "before_steps_mb": base,
+            "setup_s": setup_s, "trainable": sum(p.numel() for p in params), "device": device().type}  # fmt: skip
+
+
+def table(quick: bool) -> Table:
+    reps, warmup = (5, 1) if quick else (7, 2)
+    rows = []
+    for model, res, batch in settings(quick):
+        r, w = (1, 1) if model == "sd15" and not torch.cuda.is_available() else (reps, warmup)
+        group = []
+        for variant, bits in QUANTUNE + [(p, 32) for p in PEERS]:
+            args = ["--one", variant, bits, model, res, batch, r, w]
+            group.append(run_child("quantune.bench.training", args))
+        peer = next(g for g in group if g["variant"] == PEERS[0])
+        for g in group:
+            if g.get("status") == "ok":
+                g["time_vs_peft"] = g["step_s"] / peer["step_s"]
+                g["memory_vs_peft"] = g["peak_mb"] / peer["peak_mb"]
+        rows += group
+    return Table(
+        "training",
+        f"Training step, UNet, rank-{RANK} LoRA on {TARGETS} (quantized methods: every Linear / Conv2d quantized)",
+        {"model": "{model}", "res x batch": "{res} x {batch}", "variant": "{variant}", "weights": "{weights}",
+         "it/s": "{it_s:.2f}", "step (s)": "{step_s:.3f}", "peak MB": "{peak_mb:.0f}",
+         "time vs peft": "{time_vs_peft:.2f}", "memory vs peft": "{memory_vs_peft:.2f}",
+         "trainable": "{trainable:,}", "status": "{status}"},
+        rows,
+        Plot("{model} {res}x{batch} {variant} {weights}", {"it/s": "it_s", "peak MB over the steps": "peak_mb"}),
+        notes=[f"median of {reps} steps after {warmup} warm-up (sd15 on CPU: one timed step after one untimed);"
+               " peak memory over the timed steps only (optimizer state included, set-up excluded)",
+               "bnb and torchao quantize Linear layers only (convs stay fp32); quantune's quantized methods quantize "
+               "convs too; full fine-tuning trains every UNet weight"],
+    )  # fmt: skip
+
+
+def main() -> None:
+    setup()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="outputs/bench")
+    p.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        v, bits, model, res, batch, reps, warmup = a.one
+        emit(run_variant(v, int(bits), model, int(res), int(batch), int(reps), int(warmup)))
+        return
+    from quantune.bench.report import finish_table
+
+    finish_table(table(a.quick), a.out, a.quick)
+
+
+if __name__ == "__main__":
+    main()
