@@ -131,6 +131,11 @@ def peak_mb() -> float:
     """Peak memory since `reset_peak` (MB): torch's peak allocation on CUDA, VmHWM (peak RSS) on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    return rss_peak_mb()
+
+
+def rss_peak_mb() -> float:
+    """The process's peak resident memory (MB), on any machine."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

@@ -67,7 +67,7 @@ def adapter_row(model: str, rank: int, dtype: str) -> dict:
         bm = build(model)
         peft_model = get_peft_model(bm.unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS))
         peft_model.to(torch_dtype).save_pretrained(tmp / "peer_peft")
-        row["peft (peer)"] = _size(tmp / "peer_peft")
+        row["peft (peer)"] = sum(_size(f) for f in (tmp / "peer_peft").rglob("adapter_*"))  # not peft's README.md
     return row
 
 

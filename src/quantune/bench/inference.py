@@ -102,9 +102,12 @@ def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: in
     from quantune.quant.primitives import sqnr_db
 
     row = {"model": model, "kind": kind, "res": res, "batch": batch, "variant": name}
+    from quantune.models.loading import to_device
+
     bm = build(model)
+    to_device(bm.pipe, device())  # before quantizing: integer kernels are prepared for the device they run on
     unet = bm.unet.eval().requires_grad_(False)
-    calib = [bm.inputs(batch, res, seed=s) for s in (1, 2)]
+    calib = [tuple(v.to(device()) for v in bm.inputs(batch, res, seed=s)) for s in (1, 2)]
     start = time.perf_counter()
     try:
         bm.pipe.unet = VARIANTS[name](unet, calib)
@@ -113,14 +116,10 @@ def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: in
     prepare_s = time.perf_counter() - start
     if kind == "unet":
         args = tuple(v.to(device()) for v in bm.inputs(batch, res))
-        bm.pipe.unet.to(device())
 
         def call():
             return bm.pipe.unet(*args).sample
     else:
-        from quantune.models.loading import to_device
-
-        to_device(bm.pipe, device())
         gen = torch.Generator().manual_seed(0)
 
         def call():
@@ -130,9 +129,12 @@ def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: in
 
     if name == "bf16 autocast":
         call = _autocast_bf16(call)
-    with torch.no_grad():  # not inference_mode: quanto's qint4 modules refuse it
-        out = call().float().cpu()
-        times = timed(call, reps, 0)
+    try:
+        with torch.no_grad():  # not inference_mode: quanto's qint4 modules refuse it
+            out = call().float().cpu()
+            times = timed(call, reps, 0)
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "status": "out of memory"}
     if name == "fp32":
         torch.save(out, ref_file)
     sqnr = sqnr_db(torch.load(ref_file, weights_only=True), out) if Path(ref_file).exists() else float("nan")
@@ -159,8 +161,8 @@ def table(quick: bool) -> Table:
             for name in variants:  # fp32 first: its output is the SQNR reference
                 args = ["--one", name, model, kind, res, batch, reps, ref]
                 group.append(run_child("quantune.bench.inference", args))
-        fp32 = group[0]["median_ms"]
-        ours = next(g["median_ms"] for g in group if g["variant"] == "quantune W8A8")
+        fp32 = group[0].get("median_ms", float("nan"))
+        ours = next(g.get("median_ms", float("nan")) for g in group if g["variant"] == "quantune W8A8")
         for g in group:
             if g.get("status") == "ok":
                 g["speedup_vs_fp32"] = fp32 / g["median_ms"]

@@ -22,11 +22,14 @@ def bar_chart(table, path: str | Path) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, (ax, (xlabel, key)) in enumerate(zip(axes[0], panels)):
         xs = [_number(r.get(key)) for r in table.rows]
-        ax.barh(range(len(labels)), [0 if math.isnan(x) else x for x in xs], color=colors[j % len(colors)])
+        ys = [i for i, x in enumerate(xs) if not math.isnan(x)]
+        ax.barh(ys, [xs[i] for i in ys], color=colors[j % len(colors)])
         for i, x in enumerate(xs):
-            text = "n/a" if math.isnan(x) else f"{x:.3g}"
-            ax.annotate(text, (0 if math.isnan(x) else x, i), xytext=(3, 0), textcoords="offset points",
-                        va="center", fontsize=7)  # fmt: skip
+            if math.isnan(x):  # at the axis' left edge (a log axis has no 0)
+                ax.annotate("n/a", (0, i), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                            textcoords="offset points", va="center", fontsize=7)  # fmt: skip
+            else:
+                ax.annotate(f"{x:.3g}", (x, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.margins(x=0.18)
         if spec.log:

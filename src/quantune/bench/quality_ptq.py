@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.bench.common import Plot, Table, peak_mb, run_child, setup
+from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, setup
 
 logger = logging.getLogger(__name__)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
@@ -74,7 +74,7 @@ def run_one(s: Settings, method: str, bits: str, work: Path) -> dict:
     cfg = PTQConfig(method=method, wbits=wbits, abits=abits, calib_samples=s.calib_samples, steps=s.steps,
                     iters=s.iters, guidance_scale=s.guidance)  # fmt: skip
     report = quantize_pipeline(pipe, cfg, progress=False)
-    seconds, peak = time.time() - start, peak_mb()
+    seconds, peak = time.time() - start, rss_peak_mb()  # PTQ runs on the CPU
     out = save_ptq_pipeline(pipe, work / "model", report)
     unet_bytes = sum(p.stat().st_size for p in (out / "unet").glob("*.safetensors"))
     pipe = load_pipeline(str(out))

@@ -10,7 +10,8 @@ Peers, LoRA on the same targets with peft (rank 4, gaussian init):
   `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does; convs stay float;
 - peft + torchao int8 weight-only: `quantize_(unet, Int8WeightOnlyConfig())` (Linear layers), then add_adapter.
 A peer that is not installed gives a row saying so. Each variant runs in its own process: build, apply, then
-`warmup` untimed and `reps` timed AdamW steps of the denoising loss on random latents; peak memory over the steps
+`warmup` untimed and `reps` timed AdamW steps (an MSE loss of the UNet output against its random input latents:
+the step's cost does not depend on the target); peak memory over the steps
 only (CUDA: peak allocated; CPU: peak RSS after the set-up's freed pages are returned).
 
     python -m quantune.bench.training [--quick] --out DIR
@@ -106,11 +107,15 @@ def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # optimizer state exists before the window opens, as in a long run
-    base = reset_peak()
-    times = timed(step, reps, max(warmup - 1, 0))
-    s = median(times)
-    return {**row, "status": "ok", "step_s": s, "it_s": 1 / s, "peak_mb": peak_mb(), "before_steps_mb": base,
+    try:
+        step()  # optimizer state exists before the window opens, as in a long run
+        base = reset_peak()
+        times = timed(step, reps, max(warmup - 1, 0))
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "status": "out of memory"}
+    s, peak = median(times), peak_mb()
+    return {**row, "status": "ok", "step_s": s, "it_s": 1 / s, "peak_mb": peak, "before_steps_mb": base,
+            "step_mb": peak - base,
             "setup_s": setup_s, "trainable": sum(p.numel() for p in params), "device": device().type}  # fmt: skip
 
 
@@ -125,7 +130,7 @@ def table(quick: bool) -> Table:
             group.append(run_child("quantune.bench.training", args))
         peer = next(g for g in group if g["variant"] == PEERS[0])
         for g in group:
-            if g.get("status") == "ok":
+            if g.get("status") == "ok" and peer.get("status") == "ok":
                 g["time_vs_peft"] = g["step_s"] / peer["step_s"]
                 g["memory_vs_peft"] = g["peak_mb"] / peer["peak_mb"]
         rows += group
@@ -134,12 +139,15 @@ def table(quick: bool) -> Table:
         f"Training step, UNet, rank-{RANK} LoRA on {TARGETS} (quantized methods: every Linear / Conv2d quantized)",
         {"model": "{model}", "res x batch": "{res} x {batch}", "variant": "{variant}", "weights": "{weights}",
          "it/s": "{it_s:.2f}", "step (s)": "{step_s:.3f}", "peak MB": "{peak_mb:.0f}",
+         "added by the steps (MB)": "{step_mb:.0f}",
          "time vs peft": "{time_vs_peft:.2f}", "memory vs peft": "{memory_vs_peft:.2f}",
          "trainable": "{trainable:,}", "status": "{status}"},
         rows,
         Plot("{model} {res}x{batch} {variant} {weights}", {"it/s": "it_s", "peak MB over the steps": "peak_mb"}),
-        notes=[f"median of {reps} steps after {warmup} warm-up (sd15 on CPU: one timed step after one untimed);"
-               " peak memory over the timed steps only (optimizer state included, set-up excluded)",
+        notes=[f"median of {reps} steps after {warmup} warm-up (sd15 on CPU: one timed step after one untimed)",
+               "peak memory over the timed steps only (optimizer state included, set-up excluded); on CPU the peak "
+               "is the process's resident memory, libraries included (~0.5 GB); 'added by the steps' is the peak "
+               "minus the memory held when the steps began (activations, gradients)",
                "bnb and torchao quantize Linear layers only (convs stay fp32); quantune's quantized methods quantize "
                "convs too; full fine-tuning trains every UNet weight"],
     )  # fmt: skip

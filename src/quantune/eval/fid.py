@@ -29,11 +29,11 @@ def projected(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def processor_pixels(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """What CLIP's / DINOv2's image processors do to a batch in [0, 1]: resize the shortest edge to `size`
-    (bicubic, antialiased), centre-crop size x size, normalise. Square images are only resized."""
+def processor_pixels(x: torch.Tensor, size: int, mean, std, resize: int | None = None) -> torch.Tensor:
+    """What CLIP's / DINOv2's image processors do to a batch in [0, 1]: resize the shortest edge to `resize`
+    (bicubic, antialiased; CLIP: = size, DINOv2: 256 for a 224 crop), centre-crop size x size, normalise."""
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
+    scale = (resize or size) / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     top, left = (nh - size) // 2, (nw - size) // 2

@@ -61,7 +61,8 @@ class DinoFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=processor_pixels(x, self.size, IMAGENET_MEAN, IMAGENET_STD))
+        resize = round(self.size * 256 / 224)  # DINO / DINOv2 processors: shortest edge 256, centre crop 224
+        out = self.model(pixel_values=processor_pixels(x, self.size, IMAGENET_MEAN, IMAGENET_STD, resize))
         return out.last_hidden_state[:, 0]
 
 
