@@ -8,6 +8,7 @@ prints one line `RESULT {json}` last; anything else it prints is log.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,24 @@ def rss_peak_mb() -> float:
 def emit(row: dict) -> None:
     """The child's answer: the last line of its stdout."""
     print(RESULT + json.dumps(row), flush=True)
+
+
+def table_main(doc: str, tables: Callable, one: Callable | None = None, one_args: int = 0) -> None:
+    """The command line of a table module: `--quick --out DIR` writes its table(s); `--one ARG...` (internal) runs
+    one variant in this process and prints its row for `run_child`."""
+    setup()
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="outputs/bench")
+    if one is not None:
+        p.add_argument("--one", nargs=one_args, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if getattr(a, "one", None):
+        emit(one(*a.one))
+        return
+    from quantune.bench.report import finish_table
+
+    finish_table(tables(a.quick, Path(a.out)), a.out, a.quick)
 
 
 def run_child(module: str, args: list, timeout: float | None = None) -> dict:

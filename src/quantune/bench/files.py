@@ -17,7 +17,6 @@ Sizes do not depend on what ran before, so the rows are built in the table's own
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.bench.common import Plot, Table, emit, setup
+from quantune.bench.common import Plot, Table, table_main
 from quantune.bench.models import TARGETS, build
 
 logger = logging.getLogger(__name__)
@@ -176,21 +175,7 @@ def tables(quick: bool) -> list[Table]:
 
 
 def main() -> None:
-    setup()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--adapter", nargs=3, help=argparse.SUPPRESS)
-    p.add_argument("--model-file", nargs=2, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.adapter:
-        emit(adapter_row(a.adapter[0], int(a.adapter[1]), a.adapter[2]))
-    elif a.model_file:
-        emit(model_row(*a.model_file))
-    else:
-        from quantune.bench.report import finish_table
-
-        finish_table(tables(a.quick), a.out, a.quick)
+    table_main(__doc__, lambda quick, out: tables(quick))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Pipeline rows time `pipe(prompt, num_inference_steps=20)` (classifier-free guida
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.bench.common import Plot, Table, device, emit, median, run_child, setup, timed
+from quantune.bench.common import Plot, Table, device, median, run_child, table_main, timed
 from quantune.bench.models import build
 
 logger = logging.getLogger(__name__)
@@ -188,20 +187,12 @@ def table(quick: bool) -> Table:
     )  # fmt: skip
 
 
-def main() -> None:
-    setup()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.one:
-        name, model, kind, res, batch, reps, ref = a.one
-        emit(run_variant(name, model, kind, int(res), int(batch), int(reps), ref))
-        return
-    from quantune.bench.report import finish_table
+def _one(name, model, kind, res, batch, reps, ref) -> dict:
+    return run_variant(name, model, kind, int(res), int(batch), int(reps), ref)
 
-    finish_table(table(a.quick), a.out, a.quick)
+
+def main() -> None:
+    table_main(__doc__, lambda quick, out: table(quick), _one, 7)
 
 
 if __name__ == "__main__":

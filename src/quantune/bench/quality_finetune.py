@@ -15,7 +15,6 @@ their glyphs (how much of the base model survives). A grid of the subject sample
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from quantune.bench.common import Plot, Table, emit, run_child, setup
-from quantune.bench.quality_ptq import Settings, prompts_and_reference, samples
+from quantune.bench.common import Plot, Table, run_child, table_main
+from quantune.bench.quality_ptq import Settings, fid_notes, prompts_and_reference, samples
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
@@ -160,27 +159,16 @@ def table(quick: bool, out: Path) -> Table:
         _class_images(Path(tmp) / "class_images")  # shared by every run, so no run's time includes making them
         rows = [{"run": "zoo:emoji, no fine-tuning", "method": "-", "bits": 32, "train_s": 0.0,
                  **evaluate(load_pipeline("zoo:emoji"), s, n_subject, base)}]  # fmt: skip
-        grid.append(
-            [Image.open(base / f"subject_{i}.png").convert("RGB") for i in range(min(GRID_COLUMNS, n_subject))]
-        )
+        grid.append(_subject_row(base, n_subject))
         for label, method, bits, zero_fix in RUNS[:-1] if quick else RUNS:
             work = Path(tmp) / method / f"{bits}_{zero_fix}"
             work.mkdir(parents=True)
             args = ["--one", method, bits, zero_fix, steps, s.n, s.steps, n_subject, work]
             rows.append({"run": label, **run_child("quantune.bench.quality_finetune", args)})
-            grid.append(
-                [Image.open(work / f"subject_{i}.png").convert("RGB") for i in range(min(GRID_COLUMNS, n_subject))]
-            )
+            grid.append(_subject_row(work, n_subject))
     (out / "grids").mkdir(parents=True, exist_ok=True)
     make_grid(grid).resize((len(grid[0]) * 64, len(grid) * 64), Image.NEAREST).save(out / "grids" / "finetune.png")
-    notes = (
-        [
-            f"FID from {s.n} images with 128 feature dimensions: biased upwards (rank-deficient covariances), "
-            "compare rows of this table only"
-        ]
-        if s.n <= 128
-        else []
-    )
+    notes = fid_notes(s.n)
     return Table(
         "quality_finetune",
         f"DreamBooth on zoo:emoji (held-out unicorn, {steps} steps), merged models; subject similarity of {n_subject}"
@@ -199,21 +187,13 @@ def table(quick: bool, out: Path) -> Table:
     )  # fmt: skip
 
 
-def main() -> None:
-    setup()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.one:
-        method, bits, zero_fix, steps, n, sample_steps, n_subject, work = a.one
-        s = Settings(int(n), int(sample_steps), 0, 0)
-        emit(run_one(method, int(bits), zero_fix, int(steps), s, int(n_subject), Path(work)))
-        return
-    from quantune.bench.report import finish_table
+def _one(method, bits, zero_fix, steps, n, sample_steps, n_subject, work) -> dict:
+    s = Settings(int(n), int(sample_steps), 0, 0)
+    return run_one(method, int(bits), zero_fix, int(steps), s, int(n_subject), Path(work))
 
-    finish_table(table(a.quick, Path(a.out)), a.out, a.quick)
+
+def main() -> None:
+    table_main(__doc__, table, _one, 8)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and the PTQ run's wall time and peak memory. A grid (rows: FP then each run; col
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, setup
+from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, table_main
 
 logger = logging.getLogger(__name__)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
@@ -53,6 +52,13 @@ def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:
     data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[draw * n : (draw + 1) * n].tolist()
     return [data.captions[i] for i in pick], [data[i]["image"] for i in pick]
+
+
+def fid_notes(n: int) -> list[str]:
+    if n > 128:
+        return []
+    return [f"FID from {n} images with 128 feature dimensions: biased upwards (rank-deficient covariances), compare "
+            "rows of this table only"]  # fmt: skip
 
 
 def samples(pipe, prompts: list[str], s: Settings) -> list:
@@ -123,14 +129,7 @@ def table(quick: bool, out: Path) -> Table:
     rows.insert(0, floor)
     for r in rows:
         r.update(n=s.n, steps=s.steps, calib_samples=s.calib_samples, iters=s.iters)
-    notes = (
-        [
-            f"FID from {s.n} images with 128 feature dimensions: biased upwards (rank-deficient covariances), "
-            "compare rows of this table only"
-        ]
-        if s.n <= 128
-        else []
-    )
+    notes = fid_notes(s.n)
     return Table(
         "quality_ptq",
         f"PTQ of zoo:emoji: {s.n} prompts, DDIM {s.steps} steps, guidance {s.guidance}; calibration "
@@ -150,23 +149,12 @@ def table(quick: bool, out: Path) -> Table:
     )  # fmt: skip
 
 
+def _one(method, bits, work, n, steps, calib, iters, guidance) -> dict:
+    return run_one(Settings(int(n), int(steps), int(calib), int(iters), float(guidance)), method, bits, Path(work))
+
+
 def main() -> None:
-    setup()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.one:
-        from quantune.bench.common import emit
-
-        method, bits, work, n, steps, calib, iters, guidance = a.one
-        s = Settings(int(n), int(steps), int(calib), int(iters), float(guidance))
-        emit(run_one(s, method, bits, Path(work)))
-        return
-    from quantune.bench.report import finish_table
-
-    finish_table(table(a.quick, Path(a.out)), a.out, a.quick)
+    table_main(__doc__, table, _one, 8)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,22 @@ only (CUDA: peak allocated; CPU: peak RSS after the set-up's freed pages are ret
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
 import torch
 
-from quantune.bench.common import Plot, Table, device, emit, median, peak_mb, reset_peak, run_child, setup, timed
+from quantune.bench.common import (
+    Plot,
+    Table,
+    device,
+    median,
+    peak_mb,
+    reset_peak,
+    run_child,
+    table_main,
+    timed,
+)
 from quantune.bench.models import TARGETS, build
 
 logger = logging.getLogger(__name__)
@@ -153,20 +162,12 @@ def table(quick: bool) -> Table:
     )  # fmt: skip
 
 
-def main() -> None:
-    setup()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.one:
-        v, bits, model, res, batch, reps, warmup = a.one
-        emit(run_variant(v, int(bits), model, int(res), int(batch), int(reps), int(warmup)))
-        return
-    from quantune.bench.report import finish_table
+def _one(variant, bits, model, res, batch, reps, warmup) -> dict:
+    return run_variant(variant, int(bits), model, int(res), int(batch), int(reps), int(warmup))
 
-    finish_table(table(a.quick), a.out, a.quick)
+
+def main() -> None:
+    table_main(__doc__, lambda quick, out: table(quick), _one, 7)
 
 
 if __name__ == "__main__":
