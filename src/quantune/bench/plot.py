@@ -5,6 +5,7 @@ bar."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 
@@ -36,7 +37,8 @@ def bar_chart(table, path: str | Path) -> Path:
             ax.set_xscale("log")
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
     axes[0][0].invert_yaxis()
-    fig.suptitle(table.title if len(table.title) < 110 else table.title[:107] + "...", fontsize=9)
+    width = fig.get_size_inches()[0]
+    fig.suptitle(textwrap.fill(table.title, width=int(width * 15)), fontsize=9)  # wrapped to the figure's width
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -118,4 +118,4 @@ def fid(generated, reference, feature: str | Path | nn.Module = "openmoji", batc
         metric.update(ref[i : i + batch], real=True)
     for i in range(0, len(gen), batch):
         metric.update(gen[i : i + batch], real=False)
-    return float(metric.compute())
+    return max(0.0, float(metric.compute()))  # a distance: round-off can leave -1e-12 for identical sets
