@@ -5,7 +5,8 @@
    (torch._int_mm QK^T and PV, softmax, quantizing P).
 2. Quantizing an activation (2 x 320 x 64 x 64) to uint8: out-of-place ops, in place after one division, and
    torch.quantize_per_tensor + int_repr.
-3. torch.profiler of quantune's W8A8 SD-1.5-architecture UNet forward (batch 2) at --res: the top operators.
+3. W4A16: PyTorch's int4 weight-only CPU kernel against dense and dequantize-then-matmul (`--parts int4`).
+4. torch.profiler of quantune's W8A8 SD-1.5-architecture UNet forward (batch 2) at --res: the top operators.
 Medians of --reps; writes CSV + Markdown.
 
     python benchmarks/ptq_cpu_parts.py [--res 512] [--reps 5] [--out benchmarks/results]
@@ -20,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 from report import write_report
+
+PARTS = "attention,quantize,int4,profile"
 
 
 def median_ms(fn, reps: int) -> float:
@@ -81,6 +84,31 @@ def quantize_rows(reps: int) -> list[dict]:
                 for k, f in cases.items()]  # fmt: skip
 
 
+def int4_rows(reps: int) -> list[dict]:
+    """W4A16 alternatives for one SD-1.5-sized Linear (1280 -> 640) at M = 256 rows: PyTorch's int4 weight-only CPU
+    kernel (_weight_int4pack_mm_for_cpu, per-row scales repeated per group of 128) against a dense matmul and
+    against dequantize-then-matmul (what quantune's W4A16 layers do)."""
+    n, k, m = 640, 1280, 256
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    s, z = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randint(0, 16, (n,), generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([s.repeat(k // 128, 1), (s * (8 - z)).repeat(k // 128, 1)], dim=-1)  # w = s (q - z)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(m, k, generator=g).to(dtype), (s[:, None] * (q - z[:, None])).to(dtype)
+        szd = sz.to(dtype)
+        cases = {
+            "int4pack kernel": lambda x=x, szd=szd: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, szd),
+            "dense matmul": lambda x=x, w=w: x @ w.t(),
+            "dequantize + matmul": lambda x=x, dt=dtype: x @ (s[:, None] * (q - z[:, None])).to(dt).t(),
+        }
+        with torch.inference_mode():
+            rows += [{"part": f"W4A16 Linear 1280->640, M={m}, {dtype}".replace("torch.", ""), "variant": name,
+                      "median_ms": median_ms(f, reps)} for name, f in cases.items()]  # fmt: skip
+    return rows
+
+
 def profile_rows(res: int, top: int = 8) -> list[dict]:
     from quantune.bench.inference import quantune_int
     from quantune.bench.models import build
@@ -105,10 +133,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--parts", default=PARTS, help="comma-separated: attention,quantize,int4,profile")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
-    rows = attention_rows(a.reps) + quantize_rows(a.reps) + profile_rows(a.res)
-    write_report(rows, a.out, "ptq_cpu_parts", "Parts of the integer UNet's CPU time (ms; profile rows: self time)",
+    parts = {"attention": attention_rows, "quantize": quantize_rows, "int4": int4_rows,
+             "profile": lambda reps: profile_rows(a.res)}  # fmt: skip
+    rows = [r for name in a.parts.split(",") for r in parts[name](a.reps)]
+    name = "ptq_cpu_parts" if a.parts == PARTS else "ptq_cpu_parts_" + a.parts.replace(",", "_")
+    write_report(rows, a.out, name, "Parts of the integer UNet's CPU time (ms; profile rows: self time)",
                  {"part": "{part}", "variant": "{variant}", "ms": "{median_ms:.1f}"})  # fmt: skip
 
 

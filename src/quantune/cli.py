@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import sys
-import warnings
 
 from quantune.errors import QuantuneError
+from quantune.logs import quiet_libraries
 
 logger = logging.getLogger("quantune")
 
@@ -342,28 +342,11 @@ COMMANDS = {
 }
 
 
-def _quiet_libraries() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported by a command
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     command = {"lora": getattr(args, "lora_command", None), "intlora": "int-merge", "qlora": "int-merge"}.get(
         args.command, args.command
     )

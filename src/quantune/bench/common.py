@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -33,13 +32,10 @@ RESULT = "RESULT "
 
 def setup() -> None:
     """A table process's logging: our lines plain, the libraries' progress bars and chatter off."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
+    from quantune.logs import quiet_libraries
 
-    for lib in (dlog, tlog):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
 
 
 def cpu_name() -> str:
@@ -86,7 +82,9 @@ def machine_line(m: dict | None = None) -> str:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from quantune.models.loading import resolve_device
+
+    return resolve_device("auto")[0]
 
 
 def sync() -> None:
@@ -106,10 +104,6 @@ def timed(fn, reps: int, warmup: int) -> list[float]:
         sync()
         times.append(time.perf_counter() - start)
     return times
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def reset_peak() -> float:

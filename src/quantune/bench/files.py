@@ -27,13 +27,10 @@ import torch
 
 from quantune.bench.common import Plot, Table, table_main
 from quantune.bench.models import TARGETS, build
+from quantune.formats.inspect import disk_size
 
 logger = logging.getLogger(__name__)
 ADAPTER_FORMATS = ["quantune", "diffusers", "peft", "kohya", "diffusers (peer)", "peft (peer)"]
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
 
 
 def adapter_row(model: str, rank: int, dtype: str) -> dict:
@@ -56,17 +53,17 @@ def adapter_row(model: str, rank: int, dtype: str) -> dict:
             mod.down, mod.up = mod.down.to(torch_dtype), mod.up.to(torch_dtype)
         row["modules"] = len(weights)
         for fmt in ADAPTER_FORMATS[:4]:
-            row[fmt] = _size(write_lora(weights, tmp / fmt, fmt))
+            row[fmt] = disk_size(write_lora(weights, tmp / fmt, fmt))
         bm = build(model)  # a fresh UNet for the peers
         bm.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
         bm.unet.to(torch_dtype)
         StableDiffusionPipeline.save_lora_weights(tmp / "peer_diffusers",
                                                   unet_lora_layers=get_peft_model_state_dict(bm.unet))  # fmt: skip
-        row["diffusers (peer)"] = _size(tmp / "peer_diffusers")
+        row["diffusers (peer)"] = disk_size(tmp / "peer_diffusers")
         bm = build(model)
         peft_model = get_peft_model(bm.unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS))
         peft_model.to(torch_dtype).save_pretrained(tmp / "peer_peft")
-        row["peft (peer)"] = sum(_size(f) for f in (tmp / "peer_peft").rglob("adapter_*"))  # not peft's README.md
+        row["peft (peer)"] = sum(disk_size(f) for f in (tmp / "peer_peft").rglob("adapter_*"))  # not peft's README.md
     return row
 
 
@@ -77,7 +74,7 @@ def _quantune_unet(bm, wbits: int, abits: int | None, tmp: Path) -> int:
     quantune_int(bm.unet, [bm.inputs(1, 8 * bm.latent_factor, seed=s) for s in (1, 2)], wbits, abits)
     bm.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     write_spec(bm.unet, tmp / "unet")
-    return _size(tmp / "unet")
+    return disk_size(tmp / "unet")
 
 
 def model_row(model: str, variant: str) -> dict:
@@ -90,7 +87,7 @@ def model_row(model: str, variant: str) -> dict:
             if variant in ("fp32", "fp16"):
                 unet.to(torch.float16 if variant == "fp16" else torch.float32)
                 unet.save_pretrained(tmp / "unet", safe_serialization=True)
-                row["bytes"] = _size(tmp / "unet")
+                row["bytes"] = disk_size(tmp / "unet")
             elif variant.startswith("quantune"):
                 bits = variant.split()[1]
                 row["bytes"] = _quantune_unet(bm, int(bits[1]), None if bits.endswith("A16") else 8, tmp)
@@ -99,7 +96,7 @@ def model_row(model: str, variant: str) -> dict:
 
                 quantize_(unet, Int8WeightOnlyConfig())
                 torch.save(unet.state_dict(), tmp / "unet.pt")
-                row["bytes"] = _size(tmp / "unet.pt")
+                row["bytes"] = disk_size(tmp / "unet.pt")
             elif variant.startswith("quanto"):
                 from optimum.quanto import freeze, qint4, qint8, quantization_map, quantize
                 from safetensors.torch import save_file
@@ -108,7 +105,7 @@ def model_row(model: str, variant: str) -> dict:
                 freeze(unet)  # quanto's documented serialization: the state dict + its quantization map
                 save_file(unet.state_dict(), tmp / "unet.safetensors")
                 (tmp / "quanto_qmap.json").write_text(json.dumps(quantization_map(unet)))
-                row["bytes"] = _size(tmp / "unet.safetensors") + _size(tmp / "quanto_qmap.json")
+                row["bytes"] = disk_size(tmp / "unet.safetensors") + disk_size(tmp / "quanto_qmap.json")
             else:  # bitsandbytes NF4
                 from safetensors.torch import save_file
 
@@ -117,7 +114,7 @@ def model_row(model: str, variant: str) -> dict:
                 _to_bnb_nf4(unet)
                 sd = {k: v.contiguous() for k, v in unet.state_dict().items() if isinstance(v, torch.Tensor)}
                 save_file(sd, tmp / "unet.safetensors")
-                row["bytes"] = _size(tmp / "unet.safetensors")
+                row["bytes"] = disk_size(tmp / "unet.safetensors")
         except ModuleNotFoundError as e:  # a peer that is not installed; any other error is raised
             return {**row, "status": f"not installed ({e.name})"}
     return {**row, "status": "ok", "mb": row["bytes"] / 2**20}

@@ -17,10 +17,11 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
-from quantune.bench.common import Plot, Table, device, median, run_child, table_main, timed
+from quantune.bench.common import Plot, Table, device, run_child, table_main, timed
 from quantune.bench.models import build
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from statistics import median
 
 import torch
 
@@ -28,7 +29,6 @@ from quantune.bench.common import (
     Plot,
     Table,
     device,
-    median,
     peak_mb,
     reset_peak,
     run_child,
