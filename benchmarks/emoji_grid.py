@@ -1,5 +1,6 @@
 """The README's zoo:emoji grid: one row per prompt, 6 fixed seeds, shown at 64 px (nearest) beside the OpenMoji
-glyph of the same name. Writes docs/emoji_grid.png.
+glyph of the same name. Writes docs/emoji_grid.png, and per prompt how many of the 6 samples the OpenMoji network
+recognises as that glyph (top-1 / top-5, quantune.eval.recognition) to benchmarks/results/emoji_grid.{csv,md}.
 
     python benchmarks/emoji_grid.py [--guidance 4] [--steps 25]
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from report import write_report
 
 PROMPTS = [
     "cat face",
@@ -26,6 +28,7 @@ PROMPTS = [
 
 def main() -> None:
     from quantune.data import openmoji_dataset
+    from quantune.eval.recognition import glyph_ranks
     from quantune.generate import make_grid, save_png
     from quantune.models import load_pipeline
 
@@ -34,17 +37,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--model", default="zoo:emoji", help="zoo:emoji or a trained pipeline folder")
     p.add_argument("--out", default="docs/emoji_grid.png")
+    p.add_argument("--results", default="benchmarks/results", help="where the recognition table goes")
     a = p.parse_args()
     pipe = load_pipeline(a.model)
     glyphs = openmoji_dataset(size=32, subset=PROMPTS)
     reference = {glyphs.captions[i]: glyphs[i]["image"] for i in range(len(glyphs))}
-    rows = []
+    rows, recognised = [], []
     for prompt in PROMPTS:
         gens = [torch.Generator().manual_seed(s) for s in range(6)]
         images = pipe([prompt] * 6, num_inference_steps=a.steps, guidance_scale=a.guidance, generator=gens).images
         rows.append([reference[prompt]] + [Image.new("RGB", (8, 32), "white")] + images)
+        ranks = glyph_ranks(images, [prompt] * len(images))
+        recognised.append({"prompt": prompt, "top1": sum(r == 1 for r in ranks), "top5": sum(r <= 5 for r in ranks),
+                           "n": len(ranks), "ranks": " ".join(map(str, ranks))})  # fmt: skip
     grid = make_grid([[im.resize((im.width * 2, 64), Image.NEAREST) for im in row] for row in rows])
     save_png(grid, Path(a.out))
+    title = (f"Samples of {a.model} recognised by the OpenMoji network as their prompt's glyph (6 seeds, guidance "
+             f"{a.guidance}, {a.steps} DDIM steps)")  # fmt: skip
+    columns = {"prompt": "{prompt}", "top-1": "{top1}/{n}", "top-5": "{top5}/{n}", "ranks": "{ranks}"}
+    write_report(recognised, a.results, "emoji_grid", title, columns)
     print(f"wrote {a.out}: rows {PROMPTS}; first column the OpenMoji glyph, then 6 samples (guidance {a.guidance})")
 
 

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True)
     ev.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] (repeatable)")
     ev.add_argument("--prompts", default="builtin", help="builtin (OpenMoji captions) or a file, one per line")
-    ev.add_argument("--metrics", default="fid", help="comma-separated: fid,clip-t,clip-i,dino,lpips,psnr,ssim")
+    ev.add_argument("--metrics", default="fid", help="comma-separated: fid,glyph,clip-t,clip-i,dino,lpips,psnr,ssim")
     ev.add_argument("--n", type=int, default=64, help="number of prompts (builtin: drawn with the seed; 0: all)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=7.5)
@@ -226,7 +226,7 @@ def cmd_eval(a) -> None:
     from quantune.models import resolve_device
 
     result = evaluate(a.model, cfg, a.out, a.lora, device=resolve_device(a.device, "fp32")[0])
-    figures = ", ".join(f"{m} {result[m]:.4g}" for m in cfg.metrics)
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     print(f"{result['n_images']} images, {figures}; wrote {a.out} ({result['seconds']:.0f} s)")
 
 

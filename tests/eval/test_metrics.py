@@ -114,14 +114,16 @@ def test_bad_eval_config(kwargs, match):
 def test_eval_cli_end_to_end(tmp_path, capsys):
     """zoo:tiny against itself: the same prompts and seeds give the same images, so PSNR is capped, SSIM 1."""
     out = tmp_path / "eval"
-    argv = ["eval", "--model", "zoo:tiny", "--metrics", "fid,psnr,ssim", "--n", "4", "--steps", "2", "--size", "32",
-            "--compare-model", "zoo:tiny", "--out", str(out)]  # fmt: skip
+    argv = ["eval", "--model", "zoo:tiny", "--metrics", "fid,glyph,psnr,ssim", "--n", "4", "--steps", "2", "--size",
+            "32", "--compare-model", "zoo:tiny", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert "4 images" in capsys.readouterr().out
     result = json.loads((out / "metrics.json").read_text())
     assert result["psnr"] == 99.0 and result["ssim"] == pytest.approx(1.0) and result["fid"] > 0
     rows = json.loads((out / "rows.json").read_text())
     assert [r["seed"] for r in rows] == [0, 1, 2, 3] and all((out / r["image"]).is_file() for r in rows)
+    assert all(1 <= r["glyph_rank"] <= 1463 for r in rows)
+    assert result["glyph_top1"] == sum(r["glyph_rank"] == 1 for r in rows) / 4 <= result["glyph_top5"]
     assert (out / "grid.png").is_file() and (out / "rows.csv").is_file()
     assert main(["eval", "--model", "zoo:tiny", "--metrics", "clip-t", "--out", str(tmp_path / "x")]) == 2
     assert "--clip DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()
@@ -174,3 +176,7 @@ def test_bad_folders_fail_before_generation(tmp_path, capsys, monkeypatch):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     argv = ["eval", "--model", "zoo:tiny", "--out", str(tmp_path / "busy")]
     assert main(argv) == 2 and "holds other files" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("cat face\na photo of a dog\n")
+    argv = ["eval", "--model", "zoo:tiny", "--metrics", "glyph", "--prompts", str(tmp_path / "prompts.txt"), "--out",
+            str(tmp_path / "g")]  # fmt: skip
+    assert main(argv) == 2 and "not OpenMoji names: ['a photo of a dog']" in capsys.readouterr().err

@@ -79,3 +79,16 @@ def test_zoo_emoji_is_shipped_small_and_generates():
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.unet.dtype == torch.float32
     image = pipe("cat face", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+def test_zoo_emoji_draws_what_it_is_asked():
+    """The shipped weights work: samples of four prompts from the README grid are recognised by the OpenMoji network
+    as their glyph (top-5; benchmarks/results/emoji_grid.md has all eight prompts and 6 seeds)."""
+    from quantune.eval.recognition import glyph_ranks
+
+    prompts = ["cat face", "red apple", "green heart", "snowman"] * 2
+    pipe = load_pipeline("zoo:emoji")
+    gens = [torch.Generator().manual_seed(i // 4) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=4.0, generator=gens).images
+    ranks = glyph_ranks(images, prompts)
+    assert sum(r <= 5 for r in ranks) >= 7, dict(zip(prompts, ranks))

@@ -21,7 +21,7 @@ import torch
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
-METRICS = ("fid", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
+METRICS = ("fid", "glyph", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
 PAIRED = ("psnr", "ssim", "lpips")
 
 
@@ -110,6 +110,7 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
     """(figures, per-image rows) for the metrics of `cfg`."""
     from quantune.eval import metrics as M
     from quantune.eval.fid import ClipFeatures, fid
+    from quantune.eval.recognition import glyph_ranks, top_k
     from quantune.eval.similarity import similarity_per_image
 
     figures: dict[str, float] = {}
@@ -120,6 +121,12 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
         if m == "fid":
             reference = read_images(cfg.reference) if cfg.reference else reference  # --reference wins
             figures[m] = fid(images, reference, cfg.feature)
+            continue
+        if m == "glyph":  # OpenMoji-network recognition of each prompt's glyph (eval/recognition.py)
+            ranks = glyph_ranks(images, prompts)
+            for row, r in zip(rows, ranks):
+                row["glyph_rank"] = r
+            figures.update(top_k(ranks))
             continue
         if m in ("clip-i", "dino"):
             net = ClipFeatures(cfg.clip) if m == "clip-i" else M.DinoFeatures(cfg.dino)
@@ -160,6 +167,10 @@ def evaluate(
     start = time.time()
     check_inputs(cfg, out)
     prompts, reference = load_prompts(cfg)
+    if "glyph" in cfg.metrics:
+        from quantune.eval.recognition import check_captions
+
+        check_captions(prompts)
     pipe = to_device(load_pipeline(model), device)
     specs = [LoraSpec.parse(s) for s in loras or []]
     if any(len(s.scales) != 1 for s in specs):
