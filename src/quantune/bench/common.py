@@ -49,12 +49,13 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout quantune runs from (with '+changes' when the tree is dirty), or 'unknown'."""
+    """The commit of the checkout quantune runs from (with '+changes' when its src/ differs from it: the code that
+    ran, not the report files the run itself writes), or 'unknown'."""
     root = Path(__file__).resolve().parents[3]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=10", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "src"],
                                capture_output=True, text=True).stdout.strip()  # fmt: skip
         return rev + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

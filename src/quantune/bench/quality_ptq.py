@@ -46,7 +46,7 @@ def settings(quick: bool) -> Settings:
 
 def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:
     """n OpenMoji captions drawn with seed 0 and their glyphs (FID's reference), the held-out subject excluded;
-    `draw` 1 gives the next n glyphs of the same permutation (real images against real images: FID's floor)."""
+    `draw` 1 gives the next n glyphs of the same permutation (real images against real images: FID's scale)."""
     from quantune.data import openmoji_dataset
 
     data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
@@ -143,7 +143,8 @@ def table(quick: bool, out: Path) -> Table:
                                  "psnr_db"}),
         notes=notes + ["FID with quantune's OpenMoji feature network; the FP row's FID vs FP is 0 by construction and "
                "its PSNR is capped at 99 dB",
-               "the OpenMoji row is FID's floor: n other glyphs against the reference glyphs",
+               "the OpenMoji row gives FID's scale: n other real glyphs against the reference glyphs (not a floor: "
+               "the samples are paired with the reference glyphs by caption, so a model can come closer)",
                "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm, then W4A8 the same"],
         images=["grids/ptq.png"],
     )  # fmt: skip
