@@ -8,6 +8,7 @@ recognises as that glyph (top-1 / top-5, quantune.eval.recognition) to benchmark
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ PROMPTS = [
 
 def main() -> None:
     from quantune.data import openmoji_dataset
-    from quantune.eval.recognition import glyph_ranks
+    from quantune.eval.recognition import glyph_names, glyph_ranks
     from quantune.generate import make_grid, save_png
     from quantune.models import load_pipeline
 
@@ -48,13 +49,16 @@ def main() -> None:
         images = pipe([prompt] * 6, num_inference_steps=a.steps, guidance_scale=a.guidance, generator=gens).images
         rows.append([reference[prompt]] + [Image.new("RGB", (8, 32), "white")] + images)
         ranks = glyph_ranks(images, [prompt] * len(images))
+        first = Counter(glyph_names(images)).most_common(1)[0]
         recognised.append({"prompt": prompt, "top1": sum(r == 1 for r in ranks), "top5": sum(r <= 5 for r in ranks),
-                           "n": len(ranks), "ranks": " ".join(map(str, ranks))})  # fmt: skip
+                           "n": len(ranks), "ranks": " ".join(map(str, ranks)),
+                           "first_choice": f"{first[0]} ({first[1]}/{len(ranks)})"})  # fmt: skip
     grid = make_grid([[im.resize((im.width * 2, 64), Image.NEAREST) for im in row] for row in rows])
     save_png(grid, Path(a.out))
     title = (f"Samples of {a.model} recognised by the OpenMoji network as their prompt's glyph (6 seeds, guidance "
              f"{a.guidance}, {a.steps} DDIM steps)")  # fmt: skip
-    columns = {"prompt": "{prompt}", "top-1": "{top1}/{n}", "top-5": "{top5}/{n}", "ranks": "{ranks}"}
+    columns = {"prompt": "{prompt}", "top-1": "{top1}/{n}", "top-5": "{top5}/{n}", "ranks": "{ranks}",
+               "network's most frequent first choice": "{first_choice}"}  # fmt: skip
     write_report(recognised, a.results, "emoji_grid", title, columns)
     print(f"wrote {a.out}: rows {PROMPTS}; first column the OpenMoji glyph, then 6 samples (guidance {a.guidance})")
 

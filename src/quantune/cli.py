@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
 
-    ev = sub.add_parser("eval", help="generate for a prompt set and score: FID, CLIP-T/I, DINO, PSNR, SSIM, LPIPS")
+    ev = sub.add_parser(
+        "eval", help="generate for a prompt set and score: FID, glyph, CLIP-T/I, DINO, PSNR, SSIM, LPIPS"
+    )
     ev.add_argument("--model", required=True)
     ev.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] (repeatable)")
     ev.add_argument("--prompts", default="builtin", help="builtin (OpenMoji captions) or a file, one per line")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quantune.errors import QuantuneError
-from quantune.eval.recognition import glyph_ranks, glyph_recognition, top_k
+from quantune.eval.recognition import glyph_names, glyph_ranks, glyph_recognition, top_k
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +38,11 @@ def test_bad_captions_are_refused():
         glyph_ranks(torch.rand(1, 3, 32, 32), ["a dog"])
     with pytest.raises(QuantuneError, match="one caption per image"):
         glyph_ranks(torch.rand(2, 3, 32, 32), ["cat face"])
+
+
+def test_glyph_names_are_the_first_choice(glyphs):
+    images, captions = glyphs
+    """An image's first choice is its caption exactly when its caption's rank is 1."""
+    names, ranks = glyph_names(images[:8]), glyph_ranks(images[:8], captions[:8])
+    assert [n == c for n, c in zip(names, captions[:8])] == [r == 1 for r in ranks]
+    assert sum(r == 1 for r in ranks) >= 6

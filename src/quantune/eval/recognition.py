@@ -46,23 +46,29 @@ def top_k(ranks: list[int], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
 
 
 @torch.no_grad()
-def glyph_ranks(images, captions: list[str], weights: str | Path | None = None, batch: int = 256) -> list[int]:
-    """For each image, the rank (1 = the network's first choice) of the glyph its caption names."""
+def glyph_logits(images, weights: str | Path | None = None, batch: int = 256) -> torch.Tensor:
+    """The OpenMoji network's class logits [N, 1463] for PIL images or an [N, 3, H, W] tensor in [0, 1]."""
     from quantune.eval.features import load_feature_net
 
+    net, x = load_feature_net(weights), to_batch(images)
+    return torch.cat([net.head(net.features(x[i : i + batch])).float() for i in range(0, len(x), batch)])
+
+
+def glyph_ranks(images, captions: list[str], weights: str | Path | None = None) -> list[int]:
+    """For each image, the rank (1 = the network's first choice) of the glyph its caption names."""
     if len(images) != len(captions) or not captions:
         raise QuantuneError(f"glyph recognition needs one caption per image (got {len(images)} images, "
                             f"{len(captions)} captions)")  # fmt: skip
     check_captions(captions)
-    index = caption_index()
-    net = load_feature_net(weights)
-    x, y = to_batch(images), torch.tensor([index[c] for c in captions])
-    ranks = []
-    for i in range(0, len(x), batch):
-        logits = net.head(net.features(x[i : i + batch])).float()
-        target = logits.gather(1, y[i : i + batch, None])
-        ranks += (1 + (logits > target).sum(dim=1)).tolist()
-    return ranks
+    logits = glyph_logits(images, weights)
+    target = logits.gather(1, torch.tensor([caption_index()[c] for c in captions])[:, None])
+    return (1 + (logits > target).sum(dim=1)).tolist()
+
+
+def glyph_names(images, weights: str | Path | None = None) -> list[str]:
+    """The caption of the glyph the network ranks first, per image (what it takes each image for)."""
+    captions = list(caption_index())
+    return [captions[i] for i in glyph_logits(images, weights).argmax(dim=1).tolist()]
 
 
 def glyph_recognition(images, captions: list[str], weights: str | Path | None = None) -> dict[str, float]:

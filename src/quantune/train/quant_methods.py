@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -187,14 +188,18 @@ class IntLoraMethod(_QuantBase):
     @torch.no_grad()
     def merge(self, pipe, cfg=None) -> int:
         layers = intlora_layers(pipe.unet)
+        stored = Counter()
         for name, layer in layers.items():
-            set_module(pipe.unet, name, layer.merge())
+            merged = layer.merge()
+            stored[str(merged.qweight.dtype).removeprefix("torch.")] += 1
+            set_module(pipe.unet, name, merged)
         if pipe.text_encoder is not None:
             from quantune.lora.inject import lora_layers, remove_lora
 
             if lora_layers(pipe.text_encoder):
                 remove_lora(pipe.text_encoder, merge=True)
-        logger.info("intlora-%s merge: %d layers now integer", self.mode, len(layers))
+        logger.info("intlora-%s merge: %d layers now integer (stored as %s)", self.mode, len(layers),
+                    ", ".join(f"{d} x {n}" for d, n in sorted(stored.items())))  # fmt: skip
         return len(layers)
 
 
