@@ -1,5 +1,6 @@
 """IntLoRA layers: AQS/VMC as specified, the integer merge equals the training weight exactly (MUL and SHIFT,
-Linear and Conv2d, faithful and mid-rise), STE gradients, zero-drop, R regenerated not stored, bad input."""
+Linear and Conv2d, faithful and mid-rise), W' bit for bit against the spec's formulas (base, MUL's U quantizer,
+SHIFT), STE gradients, zero-drop, R regenerated not stored, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.quant.intlora import IntLoraLayer, laplace
-from quantune.quant.primitives import sqnr_db
+from quantune.quant.primitives import search_qparams, sqnr_db
 
 
 def _base(kind: str) -> nn.Module:
@@ -56,6 +57,70 @@ def test_integer_merge_equals_the_training_forward_exactly(kind, mode, bits, zer
     assert merged.qweight.dtype in (torch.int8, torch.int16, torch.int32)
     if mode == "shift":
         assert merged.shift.dtype == torch.uint8 and int(merged.shift.max()) <= layer.shift_span
+
+
+def _spec_search(x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """../shared/spec/intlora.md s. 1, per row, as written: no forced 0 in the grid, z = round(-lo / scale)."""
+    x_min, x_max = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    best_err = best_scale = best_zero = None
+    for i in range(80):
+        lo, hi = x_min * (1 - 0.01 * i), x_max * (1 - 0.01 * i)
+        scale = (hi - lo) / (2**b - 1)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, 2**b - 1)
+        err = (scale * (q - zero) - x).abs().pow(2.4).mean(1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err  # the first smallest error per row
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _spec_base(layer: IntLoraLayer, W: torch.Tensor, b: int):
+    """R* (VMC, kept in fp16 as quantune stores it) and the base W_int, s of W - R* (spec s. 1-3)."""
+    R = laplace(W.shape, 0.5, layer.aux_seed)
+    a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
+    a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
+    r_star = ((a_W**1.5 / (a_R + 1e-8) ** 1.5).reshape(-1, 1) * R).half().float()
+    s, z = _spec_search(W - r_star, b)
+    w_int = torch.clamp(torch.round((W - r_star) / s) + z, 0, 2**b - 1) - z
+    return r_star, w_int, s
+
+
+@pytest.mark.parametrize(("bits", "lora_bits"), [(8, 8), (4, 4), (8, 4)])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mul_and_shift_weights_equal_the_specs_formulas_bit_for_bit(kind, bits, lora_bits):
+    base = _base(kind)
+    mul = _trained(IntLoraLayer(base, "m", mode="mul", bits=bits, lora_bits=lora_bits))
+    shift = _trained(IntLoraLayer(base, "m", mode="shift", bits=bits))
+    W = base.weight.detach().float().reshape(base.weight.shape[0], -1)
+    r_star, w_int, s = _spec_base(mul, W, bits)
+    assert torch.equal(mul.r_star(), r_star) and torch.equal(mul.int_base(), w_int) and torch.equal(mul.scale, s)
+    safe = torch.where(w_int == 0, torch.ones_like(w_int), w_int)
+    BA = mul.scaling * (mul.lora_B.detach() @ mul.lora_A.detach())
+    # MUL: U's quantizer fitted at B A = 0 by the spec's search; rows of U all positive get a zero point below 0
+    U0 = s + r_star / safe
+    scale_u, zero_u = _spec_search(U0, lora_bits)
+    positive = (U0 > 0).all(1)
+    assert positive.any()  # the rows a grid forced to hold 0 gets wrong (the zero point's search, not U's)
+    assert not torch.equal(search_qparams(U0, lora_bits, include_zero=True).scale[positive], scale_u[positive])
+    U = s + (r_star + BA) / safe
+    u_int = torch.clamp(torch.round(U / scale_u) + zero_u, 0, 2**lora_bits - 1) - zero_u
+    merged = mul.merge()
+    assert torch.equal(mul.u_scale, scale_u) and torch.equal(mul.u_zero.float(), zero_u)
+    assert torch.equal(merged.int_weight(), (u_int * w_int).to(torch.int32))
+    assert torch.equal(merged.scale, scale_u)
+    with torch.no_grad():
+        assert torch.equal(mul.adapted_weight(), scale_u * (u_int * w_int))
+    # SHIFT: k = round(log2(|U| + 1e-16)), clamped to quantune's stated [k_hi - shift_span, k_hi] per row
+    U = s + (r_star + shift.scaling * (shift.lora_B.detach() @ shift.lora_A.detach())) / safe
+    k = torch.round(torch.log2(U.abs() + 1e-16))
+    k_hi = k.amax(1, keepdim=True)
+    k = torch.clamp(k, min=k_hi - shift.shift_span, max=k_hi)
+    with torch.no_grad():
+        assert torch.equal(shift.adapted_weight(), torch.sign(U) * torch.exp2(k) * w_int)
 
 
 def test_mul_gradient_is_lora_gradient_masked_where_w_int_is_zero():

@@ -11,7 +11,9 @@ The base quantizes W - R* per row, asymmetric, L2.4 search: W_int = q - z (signe
 
 Multiplicative form: W' = U (.) W_int,  U = s + (R* + s_lora B A) / W_int  (W_int = 0 replaced by 1 in the division)
 - MUL: (scale_u, zero_u) fitted per row to U at construction (B A = 0: what the reference does on its first
-  forward); U_int = clamp(round_ste(U / scale_u) + zero_u, 0, 2^lb - 1) - zero_u;  W' = scale_u (.) (U_int (.) W_int).
+  forward) by the spec's search exactly, the grid not forced to hold 0 (`include_zero=False`: an all-positive
+  row of U gets zero_u <= 0, as in the reference);
+  U_int = clamp(round_ste(U / scale_u) + zero_u, 0, 2^lb - 1) - zero_u;  W' = scale_u (.) (U_int (.) W_int).
   Merge: the integers U_int (.) W_int (about 2b bits) with the per-row scale_u: exactly the training weight.
 - SHIFT: k = round_ste(log2(|U| + 1e-16)), clamped per row to [k_hi - shift_span, k_hi] (k_hi: the row's largest
   k; quantune's stated range, the reference never clamps);  W' = sign(U) (.) 2^k (.) W_int.
@@ -122,7 +124,8 @@ class IntLoraLayer(nn.Module):
         self.act_quant = ActQuantizer(act_bits, search) if act_bits else None
         if mode == "mul":  # fit U's quantizer at B A = 0 (the reference's first forward), then freeze it
             U0 = self._adaptation(self.int_base(), torch.zeros_like(W))
-            uq = search_qparams(U0, self.lora_bits, search=search)
+            # the spec's search as is: no forced 0 in the grid (an all-positive row of U gets z <= 0)
+            uq = search_qparams(U0, self.lora_bits, search=search, include_zero=False)
             self.register_buffer("u_scale", uq.scale)
             self.register_buffer("u_zero", uq.zero_point.to(torch.int32))
 

@@ -7,6 +7,8 @@ Range search (`search="l2.4"`, IntLoRA's and q-diffusion's "L2.4 search"): for i
 [min (1 - 0.01 i), max (1 - 0.01 i)] (symmetric: max|x| (1 - 0.01 i)), quantize, and keep per row the candidate
 with the smallest mean |x_hat - x|^2.4. `search="minmax"` takes i = 0 only.
 `offset=0.5` gives a mid-rise grid x_hat = s (q - z + 1/2) (no level at zero; used by IntLoRA's zero-drop fix).
+Asymmetric candidates widen [lo, hi] to hold 0 (zero point in [0, 2^b - 1]: weights, activations) unless
+`include_zero=False`: then z = round(-lo / s) may leave [0, 2^b - 1] (IntLoRA-MUL's U, ../shared/spec/intlora.md s. 4).
 
 Fake quantization uses the straight-through estimator: round_ste(v) = v + (round(v) - v).detach(); the clamp
 passes gradients inside the range and zero outside (the LSQ / q-diffusion convention).
@@ -65,11 +67,12 @@ def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
 
 
-def _candidate(lo, hi, bits: int, symmetric: bool, offset: float) -> QParams:
+def _candidate(lo, hi, bits: int, symmetric: bool, offset: float, include_zero: bool = True) -> QParams:
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         return QParams((amax / (2 ** (bits - 1) - 1)).clamp_min(EPS), None, bits, offset)
-    lo, hi = lo.clamp_max(0), hi.clamp_min(0)  # the grid holds 0 exactly: zero point in [0, 2^b - 1]
+    if include_zero:
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)  # the grid holds 0 exactly: zero point in [0, 2^b - 1]
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(EPS)
     return QParams(scale, torch.round(-lo / scale), bits, offset)
 
@@ -92,19 +95,25 @@ def search_qparams(
     symmetric: bool = False,
     search: str = "l2.4",
     offset: float = 0.0,
+    include_zero: bool = True,
 ) -> QParams:
-    """Quantization parameters for `x` (rows = dim 0 when per_channel) by L2.4 search or min-max."""
+    """Quantization parameters for `x` (rows = dim 0 when per_channel) by L2.4 search or min-max.
+
+    include_zero (asymmetric only): True widens each candidate range to hold 0, so 0 is a grid level and the zero
+    point lies in [0, 2^b - 1] (weights and activations). False searches [min (1 - 0.01 i), max (1 - 0.01 i)] as is,
+    z = round(-lo / s) unclamped: the L2.4 search of ../shared/spec/intlora.md s. 1, as IntLoRA-MUL's U quantizer
+    (s. 4) and the reference code do (a row of U that is all positive then gets a zero point <= 0)."""
     check_bits(bits, high=16)
     if search not in ("l2.4", "minmax"):
         raise QuantuneError(f"search = {search!r} is not supported: use 'l2.4' or 'minmax'")
     x2 = _rows(x.detach().float(), per_channel)
     xmin, xmax = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
     if search == "minmax":  # one candidate: no error to compare
-        return _candidate(xmin, xmax, bits, symmetric, offset)
+        return _candidate(xmin, xmax, bits, symmetric, offset, include_zero)
     best, best_err = None, None
     for i in range(SEARCH_STEPS if search == "l2.4" else 1):
         shrink = 1.0 - 0.01 * i
-        qp = _candidate(xmin * shrink, xmax * shrink, bits, symmetric, offset)
+        qp = _candidate(xmin * shrink, xmax * shrink, bits, symmetric, offset, include_zero)
         err = (dequantize(quantize(x2, qp), qp) - x2).abs().pow(SEARCH_NORM).mean(1, keepdim=True)
         if best is None:
             best, best_err = qp, err
