@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -x
 
 # The benchmark report (not part of `make test`): the peers first (torchao, optimum-quanto, bitsandbytes).

@@ -30,7 +30,7 @@ PROMPTS = [
 def main() -> None:
     from quantune.data import openmoji_dataset
     from quantune.eval.recognition import glyph_names, glyph_ranks
-    from quantune.generate import make_grid, save_png
+    from quantune.io import make_grid, save_png
     from quantune.models import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)

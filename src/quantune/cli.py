@@ -186,6 +186,7 @@ def cmd_train(a) -> None:
 
 
 def cmd_quantize(a) -> None:
+    from quantune.families import family_of
     from quantune.ptq import PTQConfig, quantize_pipeline, read_prompts, save_ptq_pipeline
     from quantune.quant.kernels import prepare_int_kernels
 
@@ -199,7 +200,7 @@ def cmd_quantize(a) -> None:
     pipe = _load(a.model)
     report = quantize_pipeline(pipe, cfg, prompts)
     out = save_ptq_pipeline(pipe, a.out, report)
-    ways = prepare_int_kernels(pipe.unet)
+    ways = prepare_int_kernels(family_of(pipe).denoiser_of(pipe))
     unet_bytes = sum(p.stat().st_size for p in (out / "unet").glob("*.safetensors"))
     bits = f"W{cfg.wbits}A{cfg.abits or 16}"
     print(f"{cfg.method} {bits}: {report['layers']} layers, {report['units']} units, {report['seconds']:.0f} s")
@@ -276,7 +277,7 @@ def cmd_convert(a) -> None:
 
 
 def cmd_int_merge(a) -> None:
-    from quantune.quant.merge_run import merge_run
+    from quantune.train.merge_run import merge_run
 
     out, n = merge_run(a.run_dir, a.out, a.family)
     print(f"merged {n} {a.family} layers into integers; wrote diffusers folder {out} ({_size(out)})")

@@ -71,7 +71,7 @@ def with_lora(lora: Path):
 @torch.no_grad()
 def side_by_side(pipes: list, prompts: list[str], path: Path, n: int = 4, steps: int = 25) -> Path:
     """Rows: prompts; columns: n seeds of each pipeline in turn (the same seeds)."""
-    from quantune.generate import make_grid, save_png
+    from quantune.io import make_grid, save_png
 
     rows = []
     for prompt in prompts:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from quantune.errors import QuantuneError
+from quantune.families import family_of
 from quantune.formats import read_lora
-from quantune.io import atomic_path
+from quantune.io import make_grid, save_png
 from quantune.lora.inject import set_lora_multiplier
 from quantune.lora.merge import mix
 from quantune.lora.weights import apply_lora, components_of
@@ -54,20 +54,6 @@ def attach_loras(pipe, specs: list[LoraSpec]) -> list[float]:
     return [1.0]
 
 
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            grid.paste(img, (j * w, i * h))
-    return grid
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
 def generate(
     pipe,
     prompt: str,
@@ -84,7 +70,7 @@ def generate(
         raise QuantuneError("--steps and --num-images must be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or family_of(pipe).default_size(pipe)
     written, rows = [], []
     for i, scale in enumerate(scales):
         for model in components_of(pipe).values():

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -135,3 +136,19 @@ def human_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Rows of images pasted into one image, each cell the size of the first image, white behind short rows."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            grid.paste(img, (j * w, i * h))
+    return grid
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

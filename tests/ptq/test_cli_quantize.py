@@ -60,12 +60,12 @@ def test_not_a_pipeline_folder(tmp_path, capsys):
 
 
 def test_interrupted_quantize_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import quantune.quant.quantize as quantize
+    import quantune.models.integer as integer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize, "write_spec", interrupted)  # Ctrl-C while the integer model is being written
+    monkeypatch.setattr(integer, "write_spec", interrupted)  # Ctrl-C while the integer model is being written
     rc, _, err = _run(capsys, "quantize", "--model", "zoo:tiny", "--method", "minmax", *SMALL, "--out",
                       tmp_path / "out")  # fmt: skip
     assert rc == 130 and "no partial output" in err

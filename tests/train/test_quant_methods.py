@@ -33,7 +33,7 @@ def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
     from quantune.models import load_pipeline
     from quantune.quant.kernels import drop_int_kernels
     from quantune.quant.layers import QuantConv2d, QuantLinear
-    from quantune.quant.merge_run import load_run
+    from quantune.train.merge_run import load_run
     from quantune.quant.primitives import sqnr_db
 
     run = tmp_path / "run"
@@ -56,7 +56,7 @@ def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
 
 def test_qlora_trains_and_merges_with_requantization(tmp_path, capsys):
     from quantune.models import load_pipeline
-    from quantune.quant.merge_run import load_run
+    from quantune.train.merge_run import load_run
     from quantune.quant.primitives import sqnr_db
 
     run = tmp_path / "run"

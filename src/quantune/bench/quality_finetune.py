@@ -71,7 +71,7 @@ def merge_error(run_dir: Path, family: str) -> float:
     into an integer model loses (0: kept exactly). W_train: the weight the training forward used (QLoRA: the
     dequantized base + the LoRA delta; IntLoRA: the MUL / SHIFT weight W'); W_base: the same at B = 0."""
     from quantune.lora.inject import lora_layers
-    from quantune.quant.merge_run import load_run
+    from quantune.train.merge_run import load_run
     from quantune.train.quant_methods import intlora_layers, requantize
 
     cfg, pipe, _ = load_run(run_dir, family)
@@ -98,8 +98,8 @@ def merge_error(run_dir: Path, family: str) -> float:
 
 def run_one(method: str, bits: int, zero_fix: str, steps: int, s: Settings, n_subject: int, work: Path) -> dict:
     from quantune.models import load_pipeline
-    from quantune.quant.merge_run import merge_run
     from quantune.train.config import resolve_config
+    from quantune.train.merge_run import merge_run
     from quantune.train.trainer import train
 
     if not CONFIG.exists():
@@ -148,7 +148,7 @@ def _class_images(folder: Path) -> None:
 def table(quick: bool, out: Path) -> Table:
     from PIL import Image
 
-    from quantune.generate import make_grid
+    from quantune.io import make_grid
     from quantune.models import load_pipeline
 
     s, steps, n_subject = settings(quick)

@@ -106,7 +106,7 @@ def table(quick: bool, out: Path) -> Table:
     from PIL import Image
 
     from quantune.eval import fid
-    from quantune.generate import make_grid
+    from quantune.io import make_grid
     from quantune.models import load_pipeline
 
     s = settings(quick)

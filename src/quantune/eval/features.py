@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantune.assets import FEATURES_FILE
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
-WEIGHTS = Path(__file__).parents[1] / "models" / "assets" / "features" / "openmoji_features.safetensors"
+WEIGHTS = FEATURES_FILE
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quantune.errors import QuantuneError
+from quantune.families import family_of
 
 logger = logging.getLogger(__name__)
 METRICS = ("fid", "glyph", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
@@ -72,7 +73,7 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[str], list | None]:
         n = cfg.n or len(data)
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
         return [data.captions[i] for i in pick], [data[i]["image"] for i in pick]
-    from quantune.ptq.run import read_prompts
+    from quantune.data.prompts import read_prompts
 
     prompts = read_prompts(cfg.prompts)
     return prompts[: cfg.n] if cfg.n else prompts, None
@@ -96,7 +97,7 @@ def read_images(folder: str | Path) -> list:
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], cfg: EvalConfig, size: int | None = None) -> list:
     """One image per prompt; image i from torch.Generator seeded cfg.seed + i (pairs across models)."""
-    size = size or cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or cfg.size or family_of(pipe).default_size(pipe)
     images = []
     for i in range(0, len(prompts), cfg.batch):
         chunk = prompts[i : i + cfg.batch]
@@ -160,8 +161,8 @@ def evaluate(
 ) -> dict:
     """Generate with `model` (+ `loras`, FILE[:SCALE]) on `device`, score, write the outputs into `out`; returns the
     figures. Inputs are checked first (check_inputs), so a bad folder fails before any image is generated."""
-    from quantune.generate import LoraSpec, attach_loras, make_grid
-    from quantune.io import atomic_dir
+    from quantune.generate import LoraSpec, attach_loras
+    from quantune.io import atomic_dir, make_grid
     from quantune.models.loading import load_pipeline, to_device
 
     start = time.time()
@@ -182,7 +183,7 @@ def evaluate(
 
         for component in components_of(pipe).values():
             set_lora_multiplier(component, scales[0])
-    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # pairs share it
+    size = cfg.size or family_of(pipe).default_size(pipe)  # pairs share it
     images = sample_images(pipe, prompts, cfg, size)
     pairs = None
     if cfg.compare_model:

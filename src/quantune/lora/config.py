@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from quantune.errors import QuantuneError
+from quantune.targets import select
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' DreamBooth LoRA, diffengine, IntLoRA
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
@@ -63,9 +64,7 @@ class LoraConfig:
 
     # -- per-module choices ------------------------------------------------------------------------------------
     def is_target(self, name: str) -> bool:
-        if self.exclude is not None and _matches(self.exclude, name):
-            return False
-        return _matches(self.targets, name)
+        return select(name, self.targets, self.exclude)
 
     def rank_for(self, name: str) -> int:
         return _pattern_value(self.rank_pattern, name, self.r)
@@ -92,12 +91,6 @@ def _compile(pattern: str, what: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as e:
         raise QuantuneError(f"LoraConfig.{what}: {pattern!r} is not a valid regex ({e})") from None
-
-
-def _matches(spec: str | list[str], name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def _pattern_value(patterns: dict, name: str, default):

@@ -22,6 +22,7 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.lora.weights import LoraModule, LoraWeights, check_shapes, components_of, resolve_path, split_key
+from quantune.targets import matches
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def extract(
         for name, module in base_model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)) or module.weight.dim() not in (2, 4):
                 continue
-            if targets and not any(name == t or name.endswith("." + t) for t in targets):
+            if targets and not matches(targets, name):
                 continue
             other = tuned_modules.get(name)
             if other is None or other.weight.shape != module.weight.shape:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from quantune.errors import QuantuneError
+from quantune.models.integer import denoiser_names, load_integer_components
 from quantune.models.zoo import ZOO
+from quantune.quant.kernels import prepare_int_kernels
+from quantune.quant.quantize import quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +35,13 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 
 
 def to_device(pipe, device):
-    """Move a pipeline to `device`; an integer UNet gets the integer kernels of that device (quant/kernels.py)."""
+    """Move a pipeline to `device`; an integer denoiser gets the integer kernels of that device (quant/kernels.py)."""
     pipe.to(device)
-    unet = getattr(pipe, "unet", None)
-    if torch.device(device).type != "cpu" and unet is not None:
-        from quantune.quant.kernels import prepare_int_kernels
-        from quantune.quant.quantize import quant_layers
-
-        if quant_layers(unet):
-            prepare_int_kernels(unet)
+    if torch.device(device).type != "cpu":
+        for name in denoiser_names():
+            model = getattr(pipe, name, None)
+            if model is not None and quant_layers(model):
+                prepare_int_kernels(model)
     return pipe
 
 
@@ -69,14 +71,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
             f"{path} is not a diffusers pipeline folder (no model_index.json): save one with "
             "`pipe.save_pretrained(DIR)` or `quantune lora merge ... --out DIR`"
         )
-    extra = {}
-    from quantune.quant.quantize import is_quantized_folder, load_quantized_model
-
-    if is_quantized_folder(path / "unet"):  # a UNet with integer weights (quantune intlora/qlora merge, PTQ)
-        from quantune.quant.kernels import prepare_int_kernels
-
-        extra["unet"] = load_quantized_model(path / "unet", _model_class(path / "unet"))
-        prepare_int_kernels(extra["unet"])  # on CPU; `quantune generate` prepares again after moving the pipeline
+    extra = load_integer_components(path, _model_class)  # integer denoisers (intlora/qlora merges, PTQ)
     try:
         return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as e:
@@ -85,9 +80,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
 
 def _model_class(folder: Path) -> type:
     """The diffusers model class named in a saved model's config.json (UNet2DConditionModel, UNet2DModel, ...)."""
-    import json
-
-    import diffusers
+    import diffusers  # deferred on purpose: the module is large and only this lookup needs its namespace
 
     try:
         name = str(json.loads((folder / "config.json").read_text())["_class_name"])

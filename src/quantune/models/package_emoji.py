@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from quantune.assets import EMOJI_DIR
 from quantune.errors import QuantuneError
 from quantune.io import atomic_dir
-from quantune.models.zoo import EMOJI_DIR
 
 LIMIT_MB = 30
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from quantune.errors import QuantuneError
+from quantune.families import family_of
 from quantune.ptq.config import PTQConfig
 from quantune.ptq.tdac import sample_counts, tdac_weights, uniform_counts
 
@@ -47,21 +48,14 @@ class CalibData:
             yield self.kwargs(slice(i, min(i + batch_size, self.rows)))
 
 
-def _feature_module(unet):
-    mid = getattr(unet, "mid_block", None)
-    if mid is None:
-        raise QuantuneError(f"{type(unet).__name__} has no mid_block: TDAC needs one; use --method qdiffusion")
-    attns = [a for a in getattr(mid, "attentions", None) or [] if a is not None]
-    return attns[0] if attns else mid
-
-
 def _is_text_pipeline(pipe) -> bool:
     return getattr(pipe, "text_encoder", None) is not None
 
 
 def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
     """One pipeline call; returns (UNet calls as bound-argument dicts, features per call)."""
-    unet = pipe.unet
+    family = family_of(pipe)
+    unet = family.denoiser_of(pipe)
     signature = inspect.signature(unet.forward)
     calls, features = [], []
 
@@ -75,13 +69,13 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
 
     hooks = [
         unet.register_forward_pre_hook(record_call, with_kwargs=True),
-        _feature_module(unet).register_forward_pre_hook(record_feature, with_kwargs=True),
+        family.tdac_feature_module(unet).register_forward_pre_hook(record_feature, with_kwargs=True),
     ]
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.no_grad():
             if _is_text_pipeline(pipe):
-                size = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
+                size = cfg.resolution or family.default_size(pipe)
                 pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
                      width=size, generator=generator, output_type="latent")  # fmt: skip
             else:
@@ -164,4 +158,4 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
         picked = torch.stack([by_step[int(s)][int(t)] for s, t in zip(step_of, order)])
         leaves.append(picked.reshape(-1, *picked.shape[2:]))
     rows = n * groups
-    return CalibData(leaves, spec, rows, counts, timesteps, pipe.unet.device), weights
+    return CalibData(leaves, spec, rows, counts, timesteps, family_of(pipe).denoiser_of(pipe).device), weights

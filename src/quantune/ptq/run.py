@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from quantune.data.prompts import default_prompts
 from quantune.errors import QuantuneError
+from quantune.families import family_of
+from quantune.models.integer import save_integer_pipeline
 from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.calib import collect_calibration
 from quantune.ptq.config import PTQConfig
@@ -24,28 +27,6 @@ from quantune.ptq.wrap import export_integer, recon_units, set_quant, shortcut_s
 
 logger = logging.getLogger(__name__)
 REPORT_FILE = "quantune_ptq.json"
-
-
-def default_prompts(n: int = 512, seed: int = 0) -> list[str]:
-    """Calibration prompts when none are given: captions of OpenMoji glyphs (shipped with quantune)."""
-    from quantune.data.openmoji import openmoji_glyphs
-
-    captions = [g.caption for g in openmoji_glyphs()]
-    pick = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:n]
-    return [captions[i] for i in pick.tolist()]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Calibration prompts from a text file, one per line (blank lines and lines starting with # skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        fix = "pass a UTF-8 text file, one prompt per line"
-        raise QuantuneError(f"cannot read the prompts file {path} ({e}): {fix}") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise QuantuneError(f"{path} holds no prompts: write one prompt per line") from None
-    return prompts
 
 
 def _observe_activations(unet, calib, cfg: PTQConfig) -> None:
@@ -71,10 +52,10 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     """Quantize `pipe.unet` in place into an integer UNet; returns a report (counts, losses, time, sizes).
     On an error the UNet may be left partly wrapped: load the pipeline again before using it."""
     start = time.time()
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise QuantuneError(f"{type(pipe).__name__} has no UNet: quantune's PTQ quantizes diffusion UNets")
-    unet = unet.eval().requires_grad_(False)
+    family = family_of(pipe)
+    if family.denoiser != "unet":
+        raise QuantuneError(f"{family.name}: quantune's PTQ quantizes diffusion UNets; transformers are not supported")
+    unet = family.denoiser_of(pipe).eval().requires_grad_(False)
     fp32_bytes = sum(p.numel() * 4 for p in unet.parameters())
     if getattr(pipe, "text_encoder", None) is not None:
         prompts = prompts or default_prompts()
@@ -128,6 +109,4 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
 
 
 def save_ptq_pipeline(pipe, out: str | Path, report: dict) -> Path:
-    from quantune.quant.merge_run import save_integer_pipeline
-
     return save_integer_pipeline(pipe, out, extra={REPORT_FILE: report})

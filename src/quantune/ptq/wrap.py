@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from quantune.modules import set_module
 from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.adaround import AdaRoundQuantizer
 from quantune.ptq.config import PTQConfig
+from quantune.targets import listed
 
 logger = logging.getLogger(__name__)
 FLOAT_LEAVES = (nn.GroupNorm, nn.LayerNorm, nn.Embedding)
@@ -59,19 +59,6 @@ class PTQLayer(nn.Module):
 
         aq = self.aq.to_act_quantizer() if self.aq is not None else None
         return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
-
-
-def listed(patterns: list[str], name: str) -> bool:
-    """Is module `name` in `patterns`: a full name, a dotted suffix (conv_out) or a regex matching the whole name."""
-    for p in patterns:
-        if name == p or name.endswith("." + p):
-            return True
-        try:
-            if re.fullmatch(p, name):
-                return True
-        except re.error:
-            pass
-    return False
 
 
 def set_quant(module: nn.Module, on: bool) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from quantune.errors import QuantuneError
 from quantune.quant.primitives import check_bits
+from quantune.targets import select
 
 
 @dataclass
@@ -27,8 +28,4 @@ class QuantConfig:
             raise QuantuneError(f"search = {self.search!r} is not supported: use 'l2.4' or 'minmax'")
 
     def is_target(self, name: str) -> bool:
-        from quantune.lora.config import _matches
-
-        if self.exclude is not None and _matches(self.exclude, name):
-            return False
-        return self.targets is None or _matches(self.targets, name)
+        return select(name, self.targets, self.exclude)

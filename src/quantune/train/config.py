@@ -14,7 +14,7 @@ from pathlib import Path
 import tomllib
 
 from quantune.errors import QuantuneError
-from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
+from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS, LoraConfig
 
 TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
 METHODS = ("lora", "full", "qlora", "intlora-mul", "intlora-shift")  # train/methods.py, train/quant_methods.py
@@ -77,7 +77,7 @@ class DataConfig:
 class LoraSection:
     r: int = 4
     alpha: float | None = None
-    targets: str | list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: str | list[str] | None = None  # None: the model family's (quantune.families), e.g. attention q/k/v/out
     exclude: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -88,22 +88,21 @@ class LoraSection:
     conv_mode: str = "hard"
     text_encoder: bool = False  # also a LoRA on the text encoder
     text_encoder_r: int = 4
-    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_targets: list[str] | None = None  # None: the model family's (CLIP attention q/k/v/out)
 
     def __post_init__(self) -> None:
-        self.unet_config()  # validates through LoraConfig
+        self.denoiser_config()  # validates through LoraConfig
 
-    def unet_config(self, seed: int | None = None):
-        from quantune.lora.config import LoraConfig
-
+    def denoiser_config(self, default_targets=ATTENTION_TARGETS, seed: int | None = None) -> LoraConfig:
+        """The denoiser's LoraConfig; `default_targets` (the family's) where `targets` is not set."""
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        kwargs["targets"] = list(default_targets) if self.targets is None else self.targets
         return LoraConfig(**kwargs, seed=seed)
 
-    def text_encoder_config(self, seed: int | None = None):
-        from quantune.lora.config import LoraConfig
-
-        return LoraConfig(r=self.text_encoder_r, targets=self.text_encoder_targets, dropout=self.dropout, seed=seed)
+    def text_encoder_config(self, default_targets=TEXT_ENCODER_TARGETS, seed: int | None = None) -> LoraConfig:
+        targets = list(default_targets) if self.text_encoder_targets is None else self.text_encoder_targets
+        return LoraConfig(r=self.text_encoder_r, targets=targets, dropout=self.dropout, seed=seed)
 
 
 @dataclass

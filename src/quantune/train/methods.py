@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
+from quantune.errors import QuantuneError
+from quantune.families import family_of
+from quantune.formats import write_lora
 from quantune.io import atomic_dir
-from quantune.lora.inject import add_lora, lora_parameters
-from quantune.lora.weights import components_of
+from quantune.lora.inject import add_lora, lora_layers, lora_parameters, remove_lora
+from quantune.lora.weights import components_of, get_lora_weights
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ class TrainingMethod:
         own = self.trainable_state(pipe)
         missing = set(own) - set(state)
         if missing:
-            from quantune.errors import QuantuneError
-
             raise QuantuneError(
                 f"the checkpoint lacks {len(missing)} trainable tensors (e.g. {min(missing)}): "
                 "it was written by another method or config"
@@ -55,49 +56,63 @@ class TrainingMethod:
         raise NotImplementedError
 
 
+def text_encoder_lora(pipe, cfg) -> list[dict]:
+    """A LoRA on each of the family's text encoders (seeds train.seed + 1, + 2, ...): their param groups."""
+    groups = []
+    family = family_of(pipe)
+    for i, model in enumerate(family.text_encoders_of(pipe).values()):
+        add_lora(model, cfg.lora.text_encoder_config(family.text_encoder_targets, seed=cfg.train.seed + 1 + i))
+        groups.append({"params": lora_parameters(model), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
+    return groups
+
+
+def merge_text_encoder_loras(pipe) -> None:
+    """Merge the (float) LoRAs of the text encoders into their weights."""
+    for model in family_of(pipe).text_encoders_of(pipe).values():
+        if lora_layers(model):
+            remove_lora(model, merge=True)
+
+
 class LoraMethod(TrainingMethod):
-    """Float LoRA on the UNet (and optionally the text encoder); base frozen."""
+    """Float LoRA on the denoiser (and optionally the text encoders); base frozen."""
 
     name = "lora"
 
     def prepare(self, pipe, cfg) -> list[dict]:
-        components = components_of(pipe)
-        for model in components.values():
+        family = family_of(pipe)
+        for model in components_of(pipe).values():
             model.requires_grad_(False)
-        add_lora(pipe.unet, cfg.lora.unet_config(seed=cfg.train.seed))
-        groups = [{"params": lora_parameters(pipe.unet), "lr": cfg.optim.lr}]
+        denoiser = family.denoiser_of(pipe)
+        add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
+        groups = [{"params": lora_parameters(denoiser), "lr": cfg.optim.lr}]
         if cfg.lora.text_encoder:
-            add_lora(pipe.text_encoder, cfg.lora.text_encoder_config(seed=cfg.train.seed + 1))
-            groups.append(
-                {"params": lora_parameters(pipe.text_encoder), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr}
-            )
+            groups += text_encoder_lora(pipe, cfg)
         return groups
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
-        from quantune.api import save_lora
-        from quantune.formats import write_lora
-        from quantune.lora.weights import get_lora_weights
-
         weights = get_lora_weights(pipe)
-        q = save_lora(weights, out_dir / "lora.safetensors", config=cfg.lora.unet_config())
+        config = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets)
+        q = write_lora(weights, out_dir / "lora.safetensors", "quantune", config.to_json())
         d = write_lora(weights, out_dir / "pytorch_lora_weights.safetensors", "diffusers")
         return [q, d]
 
 
 class FullMethod(TrainingMethod):
-    """Full fine-tuning of the UNet (and optionally the text encoder): lora_wrapper's baseline, zoo:emoji's recipe."""
+    """Full fine-tuning of the denoiser (and optionally the text encoders): lora_wrapper's baseline, zoo:emoji's
+    recipe."""
 
     name = "full"
 
     def prepare(self, pipe, cfg) -> list[dict]:
+        family = family_of(pipe)
         for model in components_of(pipe).values():
             model.requires_grad_(False)
-        pipe.unet.requires_grad_(True)
-        groups = [{"params": [p for p in pipe.unet.parameters()], "lr": cfg.optim.lr}]
+        denoiser = family.denoiser_of(pipe).requires_grad_(True)
+        groups = [{"params": list(denoiser.parameters()), "lr": cfg.optim.lr}]
         if cfg.train.train_text_encoder:
-            pipe.text_encoder.requires_grad_(True)
-            te_params = [p for p in pipe.text_encoder.parameters()]
-            groups.append({"params": te_params, "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
+            for model in family.text_encoders_of(pipe).values():
+                model.requires_grad_(True)
+                groups.append({"params": list(model.parameters()), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
         return groups
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:

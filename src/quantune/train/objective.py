@@ -7,6 +7,7 @@ users of the peers expect.
           v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 (v prediction), as the scheduler's prediction_type says;
     min-SNR weighting (Hang et al. 2023, arXiv:2303.09556): w_i = min(SNR_t, gamma) / SNR_t for epsilon,
     min(SNR_t, gamma) / (SNR_t + 1) for v; otherwise w_i = 1.
+The conditioning c (text states, SDXL's added conditions) is the model family's (quantune.families).
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+from quantune.families import family_of, using_modules
 
-def encode_prompts(pipe, captions: list[str], text_encoder=None) -> torch.Tensor:
-    """Captions -> token ids [B, 77] -> CLIP hidden states [B, 77, D] (with the gradient when it trains)."""
-    text_encoder = text_encoder or pipe.text_encoder
-    ids = pipe.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(pipe.unet.device)
-    return text_encoder(ids)[0]
+
+def training_scheduler(pipe):
+    """The DDPM noise schedule of the pipeline's scheduler config (as diffusers' training scripts build it): the
+    same betas whatever sampler the pipeline ships (DDIM, Euler), and stateless, so sampling in between (validation
+    grids) cannot change it."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def encode_prompts(pipe, captions: list[str]) -> torch.Tensor:
+    """Captions -> the denoiser's encoder hidden states [B, L, D] (the family's conditioning, its text states)."""
+    family = family_of(pipe)
+    return family.condition(pipe, captions, (family.default_size(pipe),) * 2)["encoder_hidden_states"]
 
 
 @torch.no_grad()
@@ -49,22 +54,27 @@ def denoising_loss(
     latents: torch.Tensor,
     captions: list[str],
     generator: torch.Generator,
-    unet=None,
-    text_encoder=None,
+    denoiser=None,
+    text_encoders: dict | None = None,
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    scheduler=None,
 ) -> torch.Tensor:
-    """Per-sample losses [B] of the UNet (or its wrapped `unet`) on clean latents [B, C, h, w] with captions."""
-    unet = unet or pipe.unet
-    scheduler = pipe.scheduler
+    """Per-sample losses [B] of the denoiser (or its wrapped `denoiser`; `text_encoders`: wrapped text encoders
+    by component name) on clean latents [B, C, h, w] with captions; `scheduler`: the training noise schedule."""
+    family = family_of(pipe)
+    denoiser = denoiser or family.denoiser_of(pipe)
+    scheduler = scheduler or training_scheduler(pipe)
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    cond = encode_prompts(pipe, captions, text_encoder)
-    pred = unet(noisy.to(cond.dtype), t, cond).sample
+    size = tuple(int(n) * pipe.vae_scale_factor for n in latents.shape[-2:])
+    with using_modules(pipe, text_encoders):
+        cond = family.condition(pipe, captions, size)
+    pred = family.predict(pipe, denoiser, noisy, t, cond)
     epsilon = scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]

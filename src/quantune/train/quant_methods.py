@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from quantune.errors import QuantuneError
-from quantune.lora.inject import add_lora, find_targets, lora_parameters
+from quantune.families import family_of
+from quantune.lora.inject import find_targets, lora_layers
+from quantune.lora.weights import components_of
 from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.intlora import IntLoraLayer
 from quantune.quant.quantize import calibrate, quantize_
-from quantune.train.methods import LoraMethod, TrainingMethod
+from quantune.train.methods import LoraMethod, TrainingMethod, merge_text_encoder_loras, text_encoder_lora
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "adapter_state.safetensors"
@@ -40,13 +42,14 @@ def _rest_config(cfg) -> QuantConfig:
 class _QuantBase(TrainingMethod):
     def trainable_state(self, pipe) -> dict[str, torch.Tensor]:
         state = super().trainable_state(pipe)
-        for name, buf in pipe.unet.named_buffers():
+        family = family_of(pipe)
+        for name, buf in family.denoiser_of(pipe).named_buffers():
             if ".act_quant." in name:  # calibrated once on the first batch: part of what a resume needs
-                state[f"unet.{name}"] = buf.detach()
+                state[f"{family.denoiser}.{name}"] = buf.detach()
         return state
 
     def calibrate(self, pipe, run) -> None:
-        calibrate(pipe.unet, run)
+        calibrate(family_of(pipe).denoiser_of(pipe), run)
 
     def _save_state(self, pipe, out_dir: Path, cfg) -> Path:
         from safetensors.torch import save_file
@@ -75,8 +78,8 @@ class QLoraMethod(_QuantBase, LoraMethod):
             if q.quantize_rest
             else QuantConfig(bits=q.bits, act_bits=q.act_bits or None, search=q.search, targets=r".*\.base_layer")
         )
-        n = len(quantize_(pipe.unet, qc))
-        logger.info("qlora: %d UNet layers in %d-bit integers under float LoRA", n, q.bits)
+        n = len(quantize_(family_of(pipe).denoiser_of(pipe), qc))
+        logger.info("qlora: %d denoiser layers in %d-bit integers under float LoRA", n, q.bits)
         return groups
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
@@ -85,16 +88,12 @@ class QLoraMethod(_QuantBase, LoraMethod):
     @torch.no_grad()
     def merge(self, pipe, cfg=None) -> int:
         """Dequantize + add the LoRA delta + re-quantize (same bits and search) every adapted base."""
-        from quantune.lora.inject import lora_layers
-
         search = cfg.quant.search if cfg is not None else "l2.4"
-        layers = lora_layers(pipe.unet)
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        layers = lora_layers(denoiser)
         for name, layer in layers.items():
-            set_module(pipe.unet, name, requantize(layer, search))
-        if pipe.text_encoder is not None and lora_layers(pipe.text_encoder):
-            from quantune.lora.inject import remove_lora
-
-            remove_lora(pipe.text_encoder, merge=True)  # the text encoder is float: a plain LoRA merge
+            set_module(denoiser, name, requantize(layer, search))
+        merge_text_encoder_loras(pipe)  # the text encoders are float: a plain LoRA merge
         logger.info("qlora merge: %d layers dequantized, added to and re-quantized", len(layers))
         return len(layers)
 
@@ -114,16 +113,17 @@ class IntLoraMethod(_QuantBase):
     mode = "mul"
 
     def prepare(self, pipe, cfg) -> list[dict]:
-        for model in (pipe.unet, pipe.text_encoder, pipe.vae):
-            if model is not None:
-                model.requires_grad_(False)
-        lc, q = cfg.lora.unet_config(seed=cfg.train.seed), cfg.quant
+        for model in components_of(pipe).values():
+            model.requires_grad_(False)
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        lc = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets, seed=cfg.train.seed)
+        q = cfg.quant
         if lc.conv_mode == "soft":
             raise QuantuneError("IntLoRA merges into the base: lora.conv_mode = 'soft' cannot be used, set 'hard'")
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        names = find_targets(pipe.unet, lc)
+        names = find_targets(denoiser, lc)
         for name in names:
-            base = pipe.unet.get_submodule(name)
+            base = denoiser.get_submodule(name)
             layer = IntLoraLayer(
                 base,
                 name,
@@ -141,12 +141,11 @@ class IntLoraMethod(_QuantBase):
                 cache_aux=q.cache_aux,
                 generator=generator,
             )
-            set_module(pipe.unet, name, layer.to(base.weight.device))
+            set_module(denoiser, name, layer.to(base.weight.device))
         if q.quantize_rest:
-            quantize_(pipe.unet, _rest_config(cfg))
-        if cfg.lora.text_encoder:
-            add_lora(pipe.text_encoder, cfg.lora.text_encoder_config(seed=cfg.train.seed + 1))
-        layers = intlora_layers(pipe.unet)
+            quantize_(denoiser, _rest_config(cfg))
+        te_groups = text_encoder_lora(pipe, cfg) if cfg.lora.text_encoder else []
+        layers = intlora_layers(denoiser)
         dropped = sum(m.zero_fraction() * m.lora_A.shape[1] * m.lora_B.shape[0] for m in layers.values())
         total = sum(m.lora_A.shape[1] * m.lora_B.shape[0] for m in layers.values())
         logger.info(
@@ -158,11 +157,7 @@ class IntLoraMethod(_QuantBase):
             q.zero_fix,
         )
         params = [p for m in layers.values() for p in (m.lora_A, m.lora_B)]
-        groups = [{"params": params, "lr": cfg.optim.lr}]
-        if cfg.lora.text_encoder:
-            te = lora_parameters(pipe.text_encoder)
-            groups.append({"params": te, "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
-        return groups
+        return [{"params": params, "lr": cfg.optim.lr}, *te_groups]
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
         from safetensors.torch import save_file
@@ -171,12 +166,13 @@ class IntLoraMethod(_QuantBase):
 
         state = self._save_state(pipe, out_dir, cfg)
         integer = {}
-        for name, layer in intlora_layers(pipe.unet).items():
+        layers = intlora_layers(family_of(pipe).denoiser_of(pipe))
+        for name, layer in layers.items():
             integer.update({f"{name}.{k}": v.contiguous().cpu() for k, v in layer.integer_adapter().items()})
         path = out_dir / "intlora_int.safetensors"
         with atomic_path(path) as tmp:
             save_file(integer, str(tmp), metadata={"format": "quantune-intlora-int", "method": cfg.method})
-        float_bytes = sum(p.numel() * 4 for m in intlora_layers(pipe.unet).values() for p in (m.lora_A, m.lora_B))
+        float_bytes = sum(p.numel() * 4 for m in layers.values() for p in (m.lora_A, m.lora_B))
         int_bytes = sum(v.numel() * v.element_size() for v in integer.values())
         logger.info(
             "IntLoRA adapter: float A, B %.2f MB; integer adaptation term %.2f MB",
@@ -187,17 +183,14 @@ class IntLoraMethod(_QuantBase):
 
     @torch.no_grad()
     def merge(self, pipe, cfg=None) -> int:
-        layers = intlora_layers(pipe.unet)
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        layers = intlora_layers(denoiser)
         stored = Counter()
         for name, layer in layers.items():
             merged = layer.merge()
             stored[str(merged.qweight.dtype).removeprefix("torch.")] += 1
-            set_module(pipe.unet, name, merged)
-        if pipe.text_encoder is not None:
-            from quantune.lora.inject import lora_layers, remove_lora
-
-            if lora_layers(pipe.text_encoder):
-                remove_lora(pipe.text_encoder, merge=True)
+            set_module(denoiser, name, merged)
+        merge_text_encoder_loras(pipe)
         logger.info("intlora-%s merge: %d layers now integer (stored as %s)", self.mode, len(layers),
                     ", ".join(f"{d} x {n}" for d, n in sorted(stored.items())))  # fmt: skip
         return len(layers)

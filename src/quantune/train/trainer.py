@@ -22,11 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from quantune.errors import QuantuneError
+from quantune.families import family_of
 from quantune.io import write_json
+from quantune.models import load_pipeline
 from quantune.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from quantune.train.config import TrainConfig
 from quantune.train.data import Batcher, build_datasets, stream_indices
-from quantune.train.objective import denoising_loss, latent_params, sample_latents
+from quantune.train.objective import denoising_loss, latent_params, sample_latents, training_scheduler
 from quantune.train.registry import METHODS
 from quantune.train.validation import save_validation_grid
 
@@ -111,182 +113,231 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+@dataclass
+class _Run:
+    """Everything a training run holds between steps, built once by `_start` (explicit state, no set-up in the
+    loop): the pipeline and its family, the method, the data, the optimiser and the prepared (DDP) models."""
+
+    cfg: TrainConfig
+    accelerator: object
+    pipe: object
+    family: object
+    method: object
+    train_set: object
+    class_set: object
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    ema: object
+    denoiser: torch.nn.Module  # the prepared denoiser (a DDP wrapper with several processes)
+    text_encoders: dict  # the prepared text encoders that train, by component name
+    noise_scheduler: object
+    batcher: Batcher
+    class_batcher: Batcher | None
+    ts: TrainState = field(default_factory=lambda: TrainState(step=0, position=0))
+    last_checkpoint: Path | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from quantune.models import load_pipeline
-
     if cfg.task == "autoencoder":
-        from quantune.train.autoencoder import train_autoencoder
+        from quantune.train.autoencoder import train_autoencoder  # deferred: only the VAE task needs it
 
         return train_autoencoder(cfg)
-    out = Path(cfg.output_dir)
+    run = _start(cfg, resume)
+    bar = tqdm(total=cfg.train.steps, initial=run.ts.step, disable=not run.main, desc="train", dynamic_ncols=True)
+    start, loss_value = time.time(), float("nan")
+    run.denoiser.train()
+    while run.ts.step < cfg.train.steps:
+        loss_value = _train_step(run)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
+        _after_step(run, loss_value)
+    bar.close()
+    return _finish(run, time.time() - start, loss_value)
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
     mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
     if mixed != cfg.train.mixed_precision:
         logger.warning(
             "train.mixed_precision = %s needs a GPU: training in fp32 on the CPU", cfg.train.mixed_precision
         )
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, several processes (WORLD_SIZE > 1) run gloo (MULTI_CPU)
         mixed_precision=mixed,
         log_with="tensorboard" if cfg.log.tensorboard else None,
-        project_dir=str(out / "logs"),
+        project_dir=str(Path(cfg.output_dir) / "logs"),
     )
-    main = accelerator.is_main_process
+
+
+def _start(cfg: TrainConfig, resume: str | None) -> _Run:
+    """Load, prepare and (on a fresh run) calibrate; restore the checkpoint on --resume."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    accelerator = _accelerator(cfg)
+    out = Path(cfg.output_dir)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    if main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(cfg.to_dict(), out / "config.json")
-
     pipe = load_pipeline(cfg.model.pretrained)
     pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
     with accelerator.main_process_first():
         train_set, class_set = build_datasets(cfg, out, pipe)
     method = METHODS[cfg.method]()
     groups = method.prepare(pipe, cfg)
     params = [p for g in groups for p in g["params"]]
+    training_encoders = {
+        name: m for name, m in family.text_encoders_of(pipe).items() if any(p.requires_grad for p in m.parameters())
+    }
     if cfg.train.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if any(p.requires_grad for p in pipe.text_encoder.parameters()):
-            pipe.text_encoder.gradient_checkpointing_enable()
-    _cast_frozen(pipe, mixed)
+        family.denoiser_of(pipe).enable_gradient_checkpointing()
+        for model in training_encoders.values():
+            model.gradient_checkpointing_enable()
+    _cast_frozen(pipe, accelerator.mixed_precision)
     pipe.to(accelerator.device)
-    per_rank = cfg.train.batch_size
+    noise_scheduler = training_scheduler(pipe)
     if not resume:  # e.g. activation quantizers: once, on the first batch (the same one on every rank)
-        method.calibrate(pipe, lambda: _first_batch_forward(pipe, cfg, train_set, per_rank, accelerator))
+        method.calibrate(pipe, lambda: _first_batch_forward(pipe, cfg, train_set, noise_scheduler, accelerator))
     optimizer = make_optimizer(groups, cfg)
     lr_scheduler = get_scheduler(
         cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
     )
     ema = EMAModel(params, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    train_te = any(p.requires_grad for p in pipe.text_encoder.parameters())
-    unet = accelerator.prepare(pipe.unet)
-    text_encoder = accelerator.prepare(pipe.text_encoder) if train_te else pipe.text_encoder
+    denoiser = accelerator.prepare(family.denoiser_of(pipe))
+    text_encoders = {name: accelerator.prepare(m) for name, m in training_encoders.items()}
     optimizer = accelerator.prepare(optimizer)
-
-    ts = TrainState(step=0, position=0)
-    last_checkpoint = None
+    run = _Run(cfg, accelerator, pipe, family, method, train_set, class_set, params, optimizer, lr_scheduler, ema,
+               denoiser, text_encoders, noise_scheduler, Batcher(train_set, cfg.data.resolution, cfg.data.random_flip),
+               Batcher(class_set, cfg.data.resolution) if class_set is not None else None)  # fmt: skip
     if resume:
         folder = find_checkpoint(out / "checkpoints", resume)
-        ts, trainable = load_checkpoint(folder, optimizer, lr_scheduler, ema)
+        run.ts, trainable = load_checkpoint(folder, optimizer, lr_scheduler, ema)
         method.load_trainable_state(pipe, trainable)
-        last_checkpoint = folder
-        logger.info("resumed from %s at step %d", folder, ts.step)
+        run.last_checkpoint = folder
+        logger.info("resumed from %s at step %d", folder, run.ts.step)
     if cfg.log.tensorboard:
         accelerator.init_trackers("quantune", config=_flat_hparams(cfg))
+    return run
 
+
+def _train_step(run: _Run) -> float:
+    """One optimiser step over grad_accum micro-batches; returns the loss averaged over processes."""
+    cfg, accelerator = run.cfg, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank, accum = cfg.train.batch_size, cfg.train.grad_accum
-    batcher = Batcher(train_set, cfg.data.resolution, cfg.data.random_flip)
-    class_batcher = Batcher(class_set, cfg.data.resolution) if class_set is not None else None
-    generator = torch.Generator()
-    bar = tqdm(total=cfg.train.steps, initial=ts.step, disable=not main, desc="train", dynamic_ncols=True)
-    start, loss_value = time.time(), float("nan")
-    unet.train()
-    while ts.step < cfg.train.steps:
-        seed = _step_seed(cfg.train.seed, ts.step, rank)
-        generator.manual_seed(seed)
-        torch.manual_seed(seed)  # dropout and any other global draws of this step
-        total = 0.0
-        for micro in range(accum):
-            pos = ts.position
-            ts.position += per_rank * world
-            idx = stream_indices(len(train_set), cfg.train.seed, pos, per_rank * world)[rank * per_rank :][:per_rank]
-            latents = _latents(pipe, batcher, idx, generator, cfg.data.cache_latents)
-            captions = batcher.captions(idx)
-            if cfg.data.caption_dropout:  # the unconditional branch classifier-free guidance samples with
-                drop = torch.rand(len(captions), generator=generator) < cfg.data.caption_dropout
-                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            if class_batcher is not None:  # DreamBooth prior preservation: its own stream, same positions
-                cidx = stream_indices(len(class_set), cfg.train.seed + 1, pos, per_rank * world)
-                cidx = cidx[rank * per_rank :][:per_rank]
-                latents = torch.cat([latents, _latents(pipe, class_batcher, cidx, generator, cfg.data.cache_latents)])
-                captions = captions + class_batcher.captions(cidx)
-            sync = accelerator.no_sync(unet) if (micro < accum - 1 and world > 1) else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                losses = denoising_loss(
-                    pipe,
-                    latents,
-                    captions,
-                    generator,
-                    unet,
-                    text_encoder,
-                    cfg.train.min_snr_gamma,
-                    cfg.train.noise_offset,
-                )
-                if class_batcher is not None:
-                    loss = losses[:per_rank].mean() + cfg.data.prior_loss_weight * losses[per_rank:].mean()
-                else:
-                    loss = losses.mean()
-                accelerator.backward(loss / accum)
-            total += loss.detach().float() / accum
-        every = accelerator.gather(total.reshape(1))
-        if not torch.isfinite(every).all():
-            raise QuantuneError(
-                f"the loss became {float(every.max())} at step {ts.step + 1}: stopped; the last good checkpoint is "
-                f"{last_checkpoint or 'none (set log.checkpoint_every)'}; lower optim.lr or train in fp32"
-            )
-        if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        ts.step += 1
-        loss_value = float(every.mean())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        if ts.step % cfg.log.every == 0 or ts.step == cfg.train.steps:
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=ts.step)
-        if main and cfg.log.checkpoint_every and ts.step % cfg.log.checkpoint_every == 0 and ts.step < cfg.train.steps:
-            last_checkpoint = save_checkpoint(
-                out / "checkpoints",
-                ts,
-                method.trainable_state(pipe),
-                optimizer,
-                lr_scheduler,
-                ema,
-                keep=cfg.log.keep_checkpoints,
-            )
-        if main and cfg.log.validation_every and ts.step % cfg.log.validation_every == 0 and ts.step < cfg.train.steps:
-            _validate(pipe, cfg, out, ts.step, accelerator, unet)
-        accelerator.wait_for_everyone()
-    bar.close()
-    seconds = time.time() - start
+    seed = _step_seed(cfg.train.seed, run.ts.step, rank)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and any other global draws of this step
+    accum = cfg.train.grad_accum
+    total = 0.0
+    for micro in range(accum):
+        sync = accelerator.no_sync(run.denoiser) if (micro < accum - 1 and world > 1) else contextlib.nullcontext()
+        with sync, accelerator.autocast():
+            loss = _micro_batch_loss(run, generator)
+            accelerator.backward(loss / accum)
+        total += loss.detach().float() / accum
+    every = accelerator.gather(total.reshape(1))
+    if not torch.isfinite(every).all():
+        raise QuantuneError(
+            f"the loss became {float(every.max())} at step {run.ts.step + 1}: stopped; the last good checkpoint is "
+            f"{run.last_checkpoint or 'none (set log.checkpoint_every)'}; lower optim.lr or train in fp32"
+        )
+    if cfg.optim.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.params)
+    run.ts.step += 1
+    return float(every.mean())
 
-    digest = state_digest(method.trainable_state(pipe))
+
+def _micro_batch_loss(run: _Run, generator: torch.Generator) -> torch.Tensor:
+    """The next slice of the seeded data stream (+ the class images' stream for DreamBooth) -> the loss."""
+    cfg = run.cfg
+    world, rank, per_rank = run.accelerator.num_processes, run.accelerator.process_index, cfg.train.batch_size
+    batcher, class_batcher = run.batcher, run.class_batcher
+    pos = run.ts.position
+    run.ts.position += per_rank * world
+    idx = stream_indices(len(run.train_set), cfg.train.seed, pos, per_rank * world)[rank * per_rank :][:per_rank]
+    latents = _latents(run.pipe, batcher, idx, generator, cfg.data.cache_latents)
+    captions = batcher.captions(idx)
+    if cfg.data.caption_dropout:  # the unconditional branch classifier-free guidance samples with
+        drop = torch.rand(len(captions), generator=generator) < cfg.data.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    if run.class_set is not None:  # DreamBooth prior preservation: its own stream, same positions
+        cidx = stream_indices(len(run.class_set), cfg.train.seed + 1, pos, per_rank * world)
+        cidx = cidx[rank * per_rank :][:per_rank]
+        latents = torch.cat([latents, _latents(run.pipe, class_batcher, cidx, generator, cfg.data.cache_latents)])
+        captions = captions + class_batcher.captions(cidx)
+    losses = denoising_loss(run.pipe, latents, captions, generator, run.denoiser, run.text_encoders,
+                            cfg.train.min_snr_gamma, cfg.train.noise_offset, run.noise_scheduler)  # fmt: skip
+    if run.class_set is not None:
+        return losses[:per_rank].mean() + cfg.data.prior_loss_weight * losses[per_rank:].mean()
+    return losses.mean()
+
+
+def _after_step(run: _Run, loss_value: float) -> None:
+    """Log, checkpoint and validate on their schedules (files only from the main process)."""
+    cfg, ts = run.cfg, run.ts
+    if ts.step % cfg.log.every == 0 or ts.step == cfg.train.steps:
+        run.accelerator.log({"loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0]}, step=ts.step)
+    if run.main and cfg.log.checkpoint_every and ts.step % cfg.log.checkpoint_every == 0 and ts.step < cfg.train.steps:
+        state = run.method.trainable_state(run.pipe)
+        run.last_checkpoint = save_checkpoint(run.out / "checkpoints", ts, state, run.optimizer, run.lr_scheduler,
+                                              run.ema, keep=cfg.log.keep_checkpoints)  # fmt: skip
+    if run.main and cfg.log.validation_every and ts.step % cfg.log.validation_every == 0 and ts.step < cfg.train.steps:
+        _validate(run, ts.step)
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: _Run, seconds: float, loss_value: float) -> TrainResult:
+    """EMA weights in, the method's exports and the final grid written, result.json."""
+    accelerator = run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    digest = state_digest(run.method.trainable_state(run.pipe))
     logger.info("rank %d/%d: trainable state sha256 %s", rank, world, digest)
     outputs: list[Path] = []
-    if main:
-        if ema is not None:
-            ema.copy_to(params)
-        outputs = method.export(pipe, out, cfg)
-        outputs.append(_validate(pipe, cfg, out, ts.step, accelerator, unet, final=True))
+    if run.main:
+        if run.ema is not None:
+            run.ema.copy_to(run.params)
+        outputs = run.method.export(run.pipe, run.out, run.cfg)
+        outputs.append(_validate(run, run.ts.step, final=True))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     peak = _peak_memory_mb(accelerator.device)
-    result = TrainResult(out, ts.step, seconds, loss_value, peak, outputs, world, digest)
-    if main:
+    result = TrainResult(run.out, run.ts.step, seconds, loss_value, peak, outputs, world, digest)
+    if run.main:
         write_json(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items() if k != "outputs"}
             | {"outputs": [str(p) for p in outputs]},
-            out / "result.json",
+            run.out / "result.json",
         )
     return result
 
 
-def _first_batch_forward(pipe, cfg: TrainConfig, train_set, per_rank: int, accelerator) -> None:
-    """One UNet forward on the first batch of the data stream (rank 0's slice), for calibration."""
+def _first_batch_forward(pipe, cfg: TrainConfig, train_set, noise_scheduler, accelerator) -> None:
+    """One denoiser forward on the first batch of the data stream (rank 0's slice), for calibration."""
     generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, 0, 0))
     batcher = Batcher(train_set, cfg.data.resolution)
-    idx = stream_indices(len(train_set), cfg.train.seed, 0, per_rank)[:per_rank]
+    idx = stream_indices(len(train_set), cfg.train.seed, 0, cfg.train.batch_size)[: cfg.train.batch_size]
     latents = _latents(pipe, batcher, idx, generator, cache=False)
     with accelerator.autocast():
-        denoising_loss(pipe, latents, batcher.captions(idx), generator, pipe.unet, pipe.text_encoder, None, 0.0)
+        denoising_loss(pipe, latents, batcher.captions(idx), generator, scheduler=noise_scheduler)
 
 
 def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator, cache: bool) -> torch.Tensor:
@@ -295,22 +346,25 @@ def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator,
         if missing:
             params = latent_params(pipe, batcher.pixels(missing, generator))
             batcher.latent_cache.update({i: p.cpu() for i, p in zip(missing, params)})
-        params = torch.stack([batcher.latent_cache[i] for i in idx]).to(pipe.unet.device)
+        params = torch.stack([batcher.latent_cache[i] for i in idx]).to(pipe.device)
     else:
         params = latent_params(pipe, batcher.pixels(idx, generator))
     return sample_latents(pipe, params, generator)
 
 
-def _validate(pipe, cfg: TrainConfig, out: Path, step: int, accelerator, unet, final: bool = False) -> Path:
-    unet.eval()
-    path = save_validation_grid(pipe, cfg, out / ("samples.png" if final else f"validation/step-{step:06d}.png"))
-    unet.train()
+def _validate(run: _Run, step: int, final: bool = False) -> Path:
+    cfg = run.cfg
+    run.denoiser.eval()
+    path = save_validation_grid(
+        run.pipe, cfg, run.out / ("samples.png" if final else f"validation/step-{step:06d}.png")
+    )
+    run.denoiser.train()
     if cfg.log.tensorboard:
         import numpy as np
         from PIL import Image
 
         image = np.asarray(Image.open(path).convert("RGB"))[None]  # [1, H, W, 3]
-        for tracker in accelerator.trackers:
+        for tracker in run.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"validation": image}, step=step, dataformats="NHWC")
     return path

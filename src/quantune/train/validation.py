@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.generate import make_grid, save_png
+from quantune.io import make_grid, save_png
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ The run folder holds config.json (the resolved training config) and adapter_stat
 and calibrated tensor). The base is rebuilt exactly as in training (same seeds: same R*, same quantizers), the state
 loaded, then: IntLoRA layers become their integer products / shifts (no PTQ); QLoRA layers are dequantized, the
 LoRA delta added and the result re-quantized. The output is a diffusers pipeline folder whose UNet holds integers
-(quant/quantize.py: save_quantized_model); `quantune.load_pipeline(DIR)` loads it.
+(models/integer.py); `quantune.load_pipeline(DIR)` loads it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import logging
 from pathlib import Path
 
 from quantune.errors import QuantuneError
+from quantune.io import load_safetensors
+from quantune.models import load_pipeline
+from quantune.models.integer import save_integer_pipeline
+from quantune.train.config import config_from_dict
+from quantune.train.quant_methods import STATE_FILE
+from quantune.train.registry import METHODS
 
 logger = logging.getLogger(__name__)
 FAMILIES = {"intlora": ("intlora-mul", "intlora-shift"), "qlora": ("qlora",)}
@@ -21,12 +27,6 @@ FAMILIES = {"intlora": ("intlora-mul", "intlora-shift"), "qlora": ("qlora",)}
 
 def load_run(run_dir: str | Path, family: str):
     """(config, pipeline with the trained method applied, method) of a finished quantized run."""
-    from quantune.io import load_safetensors
-    from quantune.models import load_pipeline
-    from quantune.train.config import config_from_dict
-    from quantune.train.quant_methods import STATE_FILE
-    from quantune.train.registry import METHODS
-
     run_dir = Path(run_dir)
     cfg_path, state_path = run_dir / "config.json", run_dir / STATE_FILE
     missing = (
@@ -50,19 +50,6 @@ def load_run(run_dir: str | Path, family: str):
     method.prepare(pipe, cfg)
     method.load_trainable_state(pipe, load_safetensors(state_path)[0])
     return cfg, pipe, method
-
-
-def save_integer_pipeline(pipe, out: str | Path, extra: dict[str, dict] | None = None) -> Path:
-    """Write the pipeline (its UNet holding integers) and its spec atomically; `extra`: JSON files to add."""
-    from quantune.io import atomic_dir
-    from quantune.quant.quantize import write_spec
-
-    with atomic_dir(out, markers=("model_index.json",)) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        write_spec(pipe.unet, tmp / "unet")
-        for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=1))
-    return Path(out)
 
 
 def merge_run(run_dir: str | Path, out: str | Path, family: str) -> tuple[Path, int]:

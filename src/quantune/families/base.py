@@ -1,0 +1,117 @@
+"""The model-family contract: everything a job needs to know about one kind of diffusers pipeline.
+
+A family says which component is the denoiser (`unet` or `transformer`) and which are text encoders, how it is
+recognised (pipeline / denoiser class names), how captions become the denoiser's conditioning (through the
+pipeline's own `encode_prompt`), which inputs one training forward takes, the default LoRA targets, the PTQ
+specifics (the TDAC feature module, the layers kept at 8 bits) and its tiny zoo builders.
+Jobs (train, ptq, generate, eval, bench) ask `family_of(pipe)` and never name `unet` themselves; adding a family
+is one module under `quantune.families` plus its `register(...)` line (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
+
+Conditioning = dict  # the denoiser's keyword arguments that come from the text (encoder states, added conditions)
+
+
+class Family:
+    """One model family (SD-1.x/2.x UNet, SDXL, ...); subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    denoiser: ClassVar[str] = "unet"  # the pipeline attribute that holds the denoiser
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
+    text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
+    zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
+
+    # -- recognition and components ---------------------------------------------------------------------------
+    def matches(self, pipe) -> bool:
+        """True when `pipe` (a pipeline) is of this family: by pipeline class, else by its denoiser's class."""
+        if type(pipe).__name__ in self.pipeline_classes:
+            return True
+        model = getattr(pipe, self.denoiser, None)
+        return model is not None and type(model).__name__ in self.denoiser_classes and self.extra_match(pipe)
+
+    def extra_match(self, pipe) -> bool:
+        """A further check when the denoiser class is shared between families (SD and SDXL UNets)."""
+        return True
+
+    def denoiser_of(self, pipe) -> nn.Module:
+        model = getattr(pipe, self.denoiser, None)
+        if model is None:
+            raise QuantuneError(f"{type(pipe).__name__} has no {self.denoiser}: it is not a {self.name} pipeline")
+        return model
+
+    def text_encoders_of(self, pipe) -> dict[str, nn.Module]:
+        """The pipeline's text encoders that are present, by component name (none for unconditional models)."""
+        found = {name: getattr(pipe, name, None) for name in self.text_encoders}
+        return {name: m for name, m in found.items() if isinstance(m, nn.Module)}
+
+    def default_size(self, pipe) -> int:
+        """The default image side in pixels: the denoiser's sample size times the VAE's scale factor."""
+        return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1))
+
+    def pipeline_kwargs(self, pipe) -> dict:
+        """Extra keyword arguments every sampling call of this family's pipelines needs (none by default)."""
+        return {}
+
+    # -- conditioning and one training forward ----------------------------------------------------------------
+    def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
+        """Captions -> the denoiser's text conditioning (and added conditions for images of `size` (h, w) px),
+        through the pipeline's own `encode_prompt`, with the gradient when a text encoder trains."""
+        raise NotImplementedError
+
+    def predict(self, pipe, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning):
+        """The denoiser's prediction for noisy latents at timesteps t (model may be a wrapped denoiser)."""
+        return model(noisy.to(_dtype_of(cond, noisy)), t, **cond).sample
+
+    # -- PTQ -------------------------------------------------------------------------------------------------
+    def tdac_feature_module(self, model: nn.Module) -> nn.Module:
+        """The module whose input is TDAC's feature (spec/eda-dm.md)."""
+        raise QuantuneError(f"{self.name}: TDAC has no feature module for this family; use --method qdiffusion")
+
+
+def _dtype_of(cond: Conditioning, fallback: torch.Tensor) -> torch.dtype:
+    states = cond.get("encoder_hidden_states")
+    return states.dtype if isinstance(states, torch.Tensor) else fallback.dtype
+
+
+class _Forwarding:
+    """A wrapped module (e.g. accelerate's DDP wrapper) that calls through the wrapper and reads attributes of the
+    inner module, so a pipeline's `encode_prompt` (which reads `.config` and `.dtype`) runs the wrapper."""
+
+    def __init__(self, wrapper: nn.Module, inner: nn.Module) -> None:
+        self._wrapper, self._inner = wrapper, inner
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def using_modules(pipe, modules: dict[str, nn.Module] | None):
+    """Within the block, `pipe.<name>` calls `modules[name]` (a wrapped copy of the pipeline's own module)."""
+    swapped = {}
+    for name, module in (modules or {}).items():
+        own = getattr(pipe, name)
+        if module is not own:
+            swapped[name] = own
+            object.__setattr__(pipe, name, _Forwarding(module, own))  # no pipeline registration: restored below
+    try:
+        yield
+    finally:
+        for name, own in swapped.items():
+            object.__setattr__(pipe, name, own)

@@ -1,0 +1,49 @@
+"""The model-family seam: recognition, the conditioning a training step feeds (equal to what the pipeline's own
+sampler feeds), the tiny zoo builders, and the one-line refusal of an unknown pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantune.errors import QuantuneError
+from quantune.families import FAMILIES, family_of
+from quantune.models import load_pipeline
+from tests.families.conftest import MODELS
+
+
+def test_every_family_has_a_tiny_model():
+    assert set(MODELS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_recognised_and_deterministic(name):
+    a, b = load_pipeline(MODELS[name]), load_pipeline(MODELS[name])
+    assert family_of(a).name == name
+    sa, sb = family_of(a).denoiser_of(a).state_dict(), family_of(b).denoiser_of(b).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_conditioning_equals_the_samplers(family_ref):
+    """The denoiser inputs a training step builds from captions are those the pipeline's own sampler passes."""
+    pipe = load_pipeline(family_ref)
+    family = family_of(pipe)
+    denoiser = family.denoiser_of(pipe)
+    seen = []
+    hook = denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        pipe(["red apple"], num_inference_steps=1, guidance_scale=1.0, height=32, width=32, output_type="latent")
+    finally:
+        hook.remove()
+    mine = family.condition(pipe, ["red apple"], (32, 32))
+    torch.testing.assert_close(mine["encoder_hidden_states"], seen[0]["encoder_hidden_states"], atol=0, rtol=0)
+    for key, value in mine.get("added_cond_kwargs", {}).items():
+        torch.testing.assert_close(value, seen[0]["added_cond_kwargs"][key], atol=0, rtol=0)
+
+
+def test_unknown_pipeline_is_one_line_listing_the_families():
+    class Strange:
+        unet = None
+
+    with pytest.raises(QuantuneError, match=r"supports sdxl .*sd "):
+        family_of(Strange())
