@@ -22,7 +22,8 @@ def add_random_lora(pipe) -> None:
     """A LoRA with non-zero factors on the denoiser (attention + proj_in + 3x3 conv1) and on every text encoder."""
     family = family_of(pipe)
     targets = r".*(to_q|to_k|to_v|to_out\.0|proj_in|conv1)"
-    add_lora(family.denoiser_of(pipe), LoraConfig(r=4, alpha=2.0, targets=targets, alpha_pattern={"to_v": 5.0}, seed=0))
+    config = LoraConfig(r=4, alpha=2.0, targets=targets, alpha_pattern={"to_v": 5.0}, seed=0)
+    add_lora(family.denoiser_of(pipe), config)
     randomize_lora(family.denoiser_of(pipe), 0)
     for i, model in enumerate(family.text_encoders_of(pipe).values()):
         add_lora(model, LoraConfig(r=2, alpha=3.0, targets=list(family.text_encoder_targets), seed=1 + i))

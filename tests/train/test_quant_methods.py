@@ -33,8 +33,8 @@ def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
     from quantune.models import load_pipeline
     from quantune.quant.kernels import drop_int_kernels
     from quantune.quant.layers import QuantConv2d, QuantLinear
-    from quantune.train.merge_run import load_run
     from quantune.quant.primitives import sqnr_db
+    from quantune.train.merge_run import load_run
 
     run = tmp_path / "run"
     result = train(_cfg(run, f"method={method}", "train.steps=3", *extra, config="tiny_intlora.toml"))
@@ -56,8 +56,8 @@ def test_intlora_trains_and_merges_exactly(tmp_path, capsys, method, extra):
 
 def test_qlora_trains_and_merges_with_requantization(tmp_path, capsys):
     from quantune.models import load_pipeline
-    from quantune.train.merge_run import load_run
     from quantune.quant.primitives import sqnr_db
+    from quantune.train.merge_run import load_run
 
     run = tmp_path / "run"
     train(_cfg(run, "train.steps=3", config="tiny_qlora.toml"))

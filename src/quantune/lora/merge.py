@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.weights import LoraModule, LoraWeights, check_shapes, components_of, resolve_path, split_key
+from quantune.lora.weights import (
+    LoraModule,
+    LoraWeights,
+    check_shapes,
+    components_of,
+    one_spelling,
+    resolve_path,
+    split_key,
+)
 from quantune.targets import matches
 
 logger = logging.getLogger(__name__)
@@ -77,6 +85,9 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
         raise QuantuneError(f"unknown mix mode {mode!r}: choose sum, concat or svd")
     if mode == "svd" and (rank is None or rank < 1):
         raise QuantuneError("--mode svd needs --rank R (a positive integer)")
+    loras = [
+        (one_spelling(weights), s) for weights, s in loras
+    ]  # files read without a model spell CLIP paths two ways
     keys = list(dict.fromkeys(k for weights, _ in loras for k in weights))
     out: LoraWeights = {}
     report = MixReport()

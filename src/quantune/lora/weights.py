@@ -78,6 +78,19 @@ def resolve_path(model: nn.Module, path: str) -> str | None:
     return None
 
 
+def one_spelling(weights: LoraWeights) -> LoraWeights:
+    """Without a model: CLIP paths spelt as transformers 5 names them ("encoder...", not "text_model.encoder..."),
+    so LoRAs read from files of either spelling name the same module by the same key (resolve_path finds both)."""
+    out: LoraWeights = {}
+    for key, mod in weights.items():
+        component, path = split_key(key)
+        name = f"{component}.{path.removeprefix('text_model.')}" if component.startswith("text_encoder") else key
+        if name in out:
+            raise QuantuneError(f"{key} appears twice in one LoRA (with and without 'text_model.'): a broken file")
+        out[name] = mod
+    return out
+
+
 def canonicalize(weights: LoraWeights, pipe_or_model) -> LoraWeights:
     """Rename keys to the model's own module paths where a file spells them otherwise (see resolve_path)."""
     components = components_of(pipe_or_model)

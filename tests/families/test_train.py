@@ -1,0 +1,70 @@
+"""`quantune train` with every method on every family's tiny model (2 steps, denoiser + every text encoder), the
+exports the real loaders read, and the integer merges of the quantized methods equal to the training forward
+(exactly for IntLoRA, within re-quantization for QLoRA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantune.cli import main
+from quantune.families import family_of
+from quantune.formats import read_lora
+from quantune.models import load_pipeline
+from quantune.quant.primitives import sqnr_db
+from quantune.train.merge_run import load_run
+from quantune.train.trainer import train
+from tests.families.conftest import family_outputs
+from tests.train.test_trainer import _cfg
+
+STEPS = ["train.steps=2", "log.checkpoint_every=0", "log.validation_every=0", "optim.lr=1e-2"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_methods_train_every_text_encoder(family_ref, method, tmp_path):
+    sets = [f"model.pretrained={family_ref}", f"method={method}", "lora.text_encoder=true", "quant.act_bits=8"]
+    result = train(_cfg(tmp_path, *STEPS, *sets))
+    assert result.final_loss == result.final_loss
+    pipe = load_pipeline(family_ref)
+    family = family_of(pipe)
+    weights, fmt, _ = read_lora(tmp_path / "pytorch_lora_weights.safetensors", pipe)
+    assert fmt == "diffusers"
+    components = {family.denoiser, *family.text_encoders_of(pipe)}
+    assert {k.split(".")[0] for k in weights} == components
+    # every component learnt (B moved from 0); SDXL conditions on the penultimate CLIP layer, so the last layer
+    # of its first text encoder gets no gradient, as in kohya's and diffusers' SDXL training
+    assert {k.split(".")[0] for k, m in weights.items() if m.up.abs().max() > 0} == components
+    pipe.load_lora_weights(str(tmp_path / "pytorch_lora_weights.safetensors"))  # the family's diffusers loader
+
+
+@pytest.mark.parametrize(("method", "merge"), [("intlora-mul", "intlora"), ("intlora-shift", "intlora"),
+                                               ("qlora", "qlora")])  # fmt: skip
+def test_quantized_methods_merge_into_integer_models(family_ref, method, merge, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [f"model.pretrained={family_ref}", f"method={method}", "lora.text_encoder=true", "quant.act_bits=8"]
+    bits = "quant.bits=8" if merge == "qlora" else "quant.bits=4"  # QLoRA re-quantizes: at 8 bits it stays close
+    train(_cfg(run, *STEPS, *sets, bits, config="tiny_intlora.toml"))
+    assert main([merge, "merge", str(run), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    merged = load_pipeline(str(tmp_path / "merged"))
+    _, trained, _ = load_run(run, merge)
+    from quantune.quant.kernels import drop_int_kernels
+
+    drop_int_kernels(family_of(merged).denoiser_of(merged))  # the training's arithmetic on the stored integers
+    states, after = family_outputs(merged)
+    trained_states, before = family_outputs(trained)
+    torch.testing.assert_close(states, trained_states, atol=1e-5, rtol=0)  # text-encoder LoRAs merged in float
+    if merge == "intlora":
+        assert torch.equal(after, before)  # IntLoRA's merge is the training weight, no PTQ
+    else:
+        assert sqnr_db(before, after) > 25.0  # dequantize + add + re-quantize at 8 bits
+    image = merged(["cat"], num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape[0] == 1 and (image == image).all()
+
+
+def test_full_finetune_trains_the_text_encoders(family_ref, tmp_path):
+    sets = [f"model.pretrained={family_ref}", "method=full", "task=full", "train.train_text_encoder=true"]
+    train(_cfg(tmp_path, *STEPS, *sets))
+    tuned, base = load_pipeline(str(tmp_path / "pipeline")), load_pipeline(family_ref)
+    for name in family_of(base).text_encoders_of(base):
+        a, b = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), name
