@@ -139,6 +139,13 @@ class _QuantWeight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return (self.scale * self.int_weight().float()).view(self.weight_shape)
 
+    def with_weight(self, weight: torch.Tensor, search: str = "l2.4") -> _QuantWeight:
+        """A layer of this shape, bits and activation quantizer holding `weight` quantized again (the adapter
+        seam's merge into an integer base: QLoRA + PTQ)."""
+        merged = from_float(self, self.bits, search=search, weight=weight)
+        merged.act_quant = self.act_quant
+        return merged
+
     def weight_bytes(self) -> int:
         """Bytes of the stored weight: integers, scales, zero points, shifts."""
         return sum(

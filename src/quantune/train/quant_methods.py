@@ -100,13 +100,8 @@ class QLoraMethod(_QuantBase, LoraMethod):
 
 def requantize(layer, search: str = "l2.4"):
     """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits)."""
-    from quantune.quant.layers import from_float
-
     base = layer.base_layer
-    w = base.dequantize() + layer.get_delta_weight() * layer.multiplier
-    merged = from_float(base, base.bits, search=search, weight=w)
-    merged.act_quant = base.act_quant
-    return merged
+    return base.with_weight(base.dequantize() + layer.get_delta_weight() * layer.multiplier, search)
 
 
 class IntLoraMethod(_QuantBase):
