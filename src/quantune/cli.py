@@ -256,7 +256,7 @@ def cmd_inspect(a) -> None:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
     print(f"{info['path']}: {info['format']} LoRA, {human_size(info['size_bytes'])}")
-    for key in ("modules", "components", "layer_kinds", "ranks", "alphas", "dtype", "parameters"):
+    for key in ("modules", "adapter_types", "components", "layer_kinds", "ranks", "alphas", "dtype", "parameters"):
         print(f"  {key:12s} {info[key]}")
 
 

@@ -108,6 +108,8 @@ def read_lora(path, pipe=None, component: str = "unet") -> tuple[LoraWeights, st
             weights = diffusers_format.from_diffusers(sd, meta)
     if not weights:
         raise QuantuneError(f"{path} holds no LoRA modules")
+    for key, mod in weights.items():  # the file's own consistency, once, for every format
+        mod.check(key)
     if pipe is not None:
         weights = canonicalize(weights, pipe)
     return weights, fmt, meta

@@ -16,7 +16,8 @@ from collections import Counter
 import torch
 
 from quantune.errors import QuantuneError
-from quantune.lora.weights import LoraModule, LoraWeights
+from quantune.lora.layers import LoraModule
+from quantune.lora.weights import LoraWeights
 
 METADATA_KEY = "lora_adapter_metadata"
 _DOWN = re.compile(r"^(.+?)\.(?:lora_A|lora\.down|lora_linear_layer\.down|lora_down)\.weight$")
@@ -55,10 +56,9 @@ def to_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[st
     sd: dict[str, torch.Tensor] = {}
     by_component: dict[str, list[tuple[str, LoraModule]]] = {}
     for key, mod in weights.items():
-        if mod.soft:
+        if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which diffusers cannot load: train with conv_mode='hard'")
-        sd[f"{key}.lora_A.weight"] = mod.down
-        sd[f"{key}.lora_B.weight"] = mod.up
+        sd.update({f"{key}.{name}": t for name, t in mod.peft_tensors().items()})
         component, _, path = key.partition(".")
         by_component.setdefault(component, []).append((path, mod))
     meta = {}

@@ -15,15 +15,22 @@ def disk_size(path) -> int:
     return path.stat().st_size
 
 
+def _layer_kind(mod) -> str:
+    if getattr(mod, "soft", False):
+        return "soft-conv"
+    return "conv" if any(t.dim() == 4 for t in mod.tensors()) else "linear"
+
+
 def describe(weights: LoraWeights, fmt: str, path, metadata: dict | None = None) -> dict:
     components = Counter(k.split(".")[0] for k in weights)
     ranks = Counter(m.rank for m in weights.values())
     alphas = Counter(round(m.alpha, 6) for m in weights.values())
-    dtypes = Counter(str(m.down.dtype).removeprefix("torch.") for m in weights.values())
-    kinds = Counter("soft-conv" if m.soft else ("conv" if m.down.dim() == 4 else "linear") for m in weights.values())
-    params = sum(m.down.numel() + m.up.numel() for m in weights.values())
+    dtypes = Counter(str(m.tensors()[0].dtype).removeprefix("torch.") for m in weights.values())
+    kinds = Counter(_layer_kind(m) for m in weights.values())
+    params = sum(t.numel() for m in weights.values() for t in m.tensors())
     return {
         "format": fmt,
+        "adapter_types": dict(Counter(m.kind for m in weights.values())),
         "path": str(path),
         "modules": len(weights),
         "components": dict(components),

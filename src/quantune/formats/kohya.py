@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.weights import LoraModule, LoraWeights
+from quantune.lora.adapter import group_by_module, module_from_kohya
+from quantune.lora.weights import LoraWeights
 
 PREFIXES = {
     "unet": "lora_unet_",
@@ -96,25 +97,23 @@ def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, s
     common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
     has_te2 = any(k.startswith("text_encoder_2.") for k in weights)
     for key, mod in weights.items():
-        if mod.soft:
+        if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
         component, _, path = key.partition(".")
         prefix = "lora_te1_" if (component == "text_encoder" and has_te2) else PREFIXES[component]
         if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
         name = prefix + path.replace(".", "_")
-        sd[f"{name}.lora_down.weight"] = mod.down
-        alpha = common[component]
-        up = mod.up if mod.alpha == alpha else (mod.up.float() * (mod.alpha / alpha)).to(mod.up.dtype)
-        sd[f"{name}.lora_up.weight"] = up
-        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        for suffix, tensor in mod.with_alpha(common[component]).kohya_tensors().items():
+            sd[f"{name}.{suffix}"] = tensor
     ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0]
     common_alpha = Counter(common.values()).most_common(1)[0][0]
+    conv = any(t.dim() == 4 for m in weights.values() for t in m.tensors())
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
-        "ss_network_args": json.dumps({"conv_dim": ranks} if any(m.down.dim() == 4 for m in weights.values()) else {}),
+        "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
         "modelspec.architecture": "stable-diffusion-v1/lora",
     }
     return sd, meta
@@ -140,24 +139,16 @@ def unflatten(flat: str, names: list[str] | None = None) -> str:
 
 def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
     names = {c: [n for n, _ in m.named_modules()] for c, m in (components or {}).items()}
-    weights: LoraWeights = {}
-    used = set()
-    for key, down in sd.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        flat_full = key[: -len(".lora_down.weight")]
-        match = next(((p, c) for p, c in _READ_PREFIXES if flat_full.startswith(p)), None)
-        if match is None:
-            raise QuantuneError(f"kohya key {key!r} has no lora_unet_/lora_te_ prefix: not a kohya LoRA")
-        prefix, component = match
-        up_key, alpha_key = f"{flat_full}.lora_up.weight", f"{flat_full}.alpha"
-        if up_key not in sd:
-            raise QuantuneError(f"{key} has no lora_up partner: the file is incomplete")
-        alpha = float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0])  # kohya: no alpha means alpha = r
-        path = unflatten(flat_full[len(prefix) :], names.get(component))
-        weights[f"{component}.{path}"] = LoraModule(down=down, up=sd[up_key], alpha=alpha)
-        used.update((key, up_key, alpha_key))
-    unknown = [k for k in sd if k not in used]
+    grouped = group_by_module(sd)
+    unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
     if unknown:
         raise QuantuneError(f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (LoHa/LoKr/DoRA are not read)")
+    weights: LoraWeights = {}
+    for flat_full, tensors in grouped.items():
+        match = next(((p, c) for p, c in _READ_PREFIXES if flat_full.startswith(p)), None)
+        if match is None:
+            raise QuantuneError(f"kohya key {flat_full!r} has no lora_unet_/lora_te_ prefix: not a kohya LoRA")
+        prefix, component = match
+        path = unflatten(flat_full[len(prefix) :], names.get(component))
+        weights[f"{component}.{path}"] = module_from_kohya(tensors, flat_full)
     return weights

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.weights import LoraModule, LoraWeights
+from quantune.lora.layers import LoraModule
+from quantune.lora.weights import LoraWeights
 
 CLONEOFSIMO_TARGETS = {"unet": {"CrossAttention", "Attention", "GEGLU"}, "text_encoder": {"CLIPAttention"}}
 

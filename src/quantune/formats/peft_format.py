@@ -16,7 +16,8 @@ from pathlib import Path
 from quantune.errors import QuantuneError
 from quantune.formats.diffusers_format import alpha_from_peft_config, peft_config_dict
 from quantune.io import atomic_dir, load_safetensors, save_safetensors, write_json
-from quantune.lora.weights import COMPONENTS, LoraModule, LoraWeights
+from quantune.lora.layers import LoraModule
+from quantune.lora.weights import COMPONENTS, LoraWeights
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_A(?:\.[^.]+)?\.weight$")
@@ -26,7 +27,7 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
     """Write OUT/<component>/{adapter_config.json, adapter_model.safetensors} atomically; returns the folders."""
     groups: dict[str, dict[str, LoraModule]] = {}
     for key, mod in weights.items():
-        if mod.soft:
+        if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which peft cannot load: train with conv_mode='hard'")
         component, _, path = key.partition(".")
         groups.setdefault(component, {})[path] = mod
@@ -38,10 +39,7 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
             cfg.update(
                 {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True}
             )
-            sd = {}
-            for path, mod in mods.items():
-                sd[f"{PREFIX}{path}.lora_A.weight"] = mod.down
-                sd[f"{PREFIX}{path}.lora_B.weight"] = mod.up
+            sd = {f"{PREFIX}{path}.{n}": t for path, mod in mods.items() for n, t in mod.peft_tensors().items()}
             save_safetensors(sd, tmp / component / "adapter_model.safetensors", {"format": "pt"})
             write_json(cfg, tmp / component / "adapter_config.json")
     return [out_dir / c for c in groups]

@@ -1,8 +1,9 @@
 """The quantune LoRA file: safetensors with full dotted keys and a per-module alpha, config in the metadata.
 
-Keys: "<component>.<path>.lora_down.weight" (A), ".lora_up.weight" (B), ".alpha" (0-d float32), so a file
-states its own scales with no outside convention. Metadata: {"format": "quantune-lora", "format_version": "1",
-"soft_modules": JSON list of soft conv keys, "lora_config": the LoraConfig JSON when known, plus user fields}.
+Keys: "<component>.<path>.<suffix>" with each adapter type's kohya / LyCORIS suffixes (LoRA: ".lora_down.weight"
+(A), ".lora_up.weight" (B), ".alpha" (0-d float32)), so a file states its own scales with no outside convention.
+Metadata: {"format": "quantune-lora", "format_version": "1", "soft_modules": JSON list of soft conv keys,
+"lora_config": the LoraConfig JSON when known, plus user fields}.
 """
 
 from __future__ import annotations
@@ -13,35 +14,33 @@ import torch
 
 from quantune.errors import QuantuneError
 from quantune.io import load_safetensors, save_safetensors
-from quantune.lora.weights import LoraModule, LoraWeights
+from quantune.lora.adapter import group_by_module, module_from_kohya
+from quantune.lora.weights import LoraWeights
 
 FORMAT_NAME = "quantune-lora"
 
 
 def to_state_dict(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    sd = {}
-    for key, mod in weights.items():
-        sd[f"{key}.lora_down.weight"] = mod.down
-        sd[f"{key}.lora_up.weight"] = mod.up
-        sd[f"{key}.alpha"] = torch.tensor(mod.alpha, dtype=torch.float32)
-    soft = sorted(k for k, m in weights.items() if m.soft)
+    """Every module's tensors under its adapter type's kohya / LyCORIS suffixes (lora/adapter.py)."""
+    sd = {f"{key}.{suffix}": t for key, mod in weights.items() for suffix, t in mod.kohya_tensors().items()}
+    soft = sorted(k for k, m in weights.items() if getattr(m, "soft", False))
     return sd, {"format": FORMAT_NAME, "format_version": "1", "soft_modules": json.dumps(soft)}
 
 
 def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraWeights:
     soft = set(json.loads(metadata.get("soft_modules", "[]")))
+    grouped = group_by_module(sd)
+    known = {f"{key}.{suffix}" for key, tensors in grouped.items() for suffix in tensors}
+    unknown = sorted(set(sd) - known)
+    if unknown:
+        raise QuantuneError(f"unexpected key {unknown[0]!r} in a quantune LoRA file: the file is damaged")
     weights: LoraWeights = {}
-    for name in sd:
-        if not name.endswith(".lora_down.weight"):
-            if not name.endswith((".lora_up.weight", ".alpha")):
-                raise QuantuneError(f"unexpected key {name!r} in a quantune LoRA file: the file is damaged")
-            continue
-        key = name[: -len(".lora_down.weight")]
-        try:
-            up, alpha = sd[f"{key}.lora_up.weight"], float(sd[f"{key}.alpha"])
-        except KeyError as e:
-            raise QuantuneError(f"quantune LoRA file lacks {e.args[0]!r}: the file is damaged") from None
-        weights[key] = LoraModule(down=sd[name], up=up, alpha=alpha, soft=key in soft)
+    for key, tensors in grouped.items():
+        if "alpha" not in tensors:
+            raise QuantuneError(f"quantune LoRA file lacks {key + '.alpha'!r}: the file is damaged")
+        weights[key] = module_from_kohya(tensors, key)
+        if key in soft:
+            weights[key].soft = True
     return weights
 
 

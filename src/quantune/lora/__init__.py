@@ -11,9 +11,9 @@ from quantune.lora.inject import (
     set_lora_multiplier,
     unmerge_lora,
 )
-from quantune.lora.layers import LoraLayer
+from quantune.lora.layers import LoraLayer, LoraModule
 from quantune.lora.merge import extract, merge_into, mix
-from quantune.lora.weights import LoraModule, LoraWeights, apply_lora, get_lora_weights
+from quantune.lora.weights import LoraWeights, apply_lora, get_lora_weights
 
 __all__ = [
     "ATTENTION_TARGETS",

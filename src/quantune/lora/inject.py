@@ -14,28 +14,29 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.lora.adapter import AdapterLayer
+from quantune.lora.bases import base_type
 from quantune.lora.config import LoraConfig
 from quantune.lora.layers import LoraLayer
 from quantune.modules import set_module
 
 logger = logging.getLogger(__name__)
-SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules the config adapts; an error listing close names when nothing matches."""
     names = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, LoraLayer) or ".base_layer" in name or ".lora_" in name:
+        if not name or isinstance(module, AdapterLayer) or ".base_layer" in name or ".lora_" in name:
             continue
         if not config.is_target(name):
             continue
-        if isinstance(module, SUPPORTED):
+        if base_type(module) is not None:  # float or integer Linear / Conv2d (lora/bases.py)
             names.append(name)
         elif not any(True for _ in module.children()):  # a leaf of another type is a mistake; containers are skipped
             raise QuantuneError(
-                f"target {name!r} is a {type(module).__name__}: LoRA adapts nn.Linear and nn.Conv2d only; "
-                "change LoraConfig.targets or add it to exclude"
+                f"target {name!r} is a {type(module).__name__}: LoRA adapts nn.Linear and nn.Conv2d only (float or "
+                "integer); change LoraConfig.targets or add it to exclude"
             )
     if not names:
         raise QuantuneError(f"no module matches targets {config.targets!r}{_close_names(model, config.targets)}")
@@ -43,7 +44,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _close_names(model: nn.Module, targets: str | list[str]) -> str:
-    leaves = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+    leaves = [n for n, m in model.named_modules() if base_type(m) is not None]
     suffixes = sorted({".".join(n.split(".")[-k:]) for n in leaves for k in (1, 2)})
     queries = [targets] if isinstance(targets, str) else list(targets)
     close = []
@@ -78,9 +79,9 @@ def add_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -> 
     return names
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Adapted module name -> its LoraLayer."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+def lora_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Adapted module name -> its adapter layer (LoraLayer, or another adapter type's)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def set_lora_multiplier(model: nn.Module, multiplier: float) -> None:

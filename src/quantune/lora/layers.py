@@ -15,16 +15,19 @@ cannot be merged and costs latency at inference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.quant.layers import QuantConv2d, QuantLinear
+from quantune.lora.adapter import AdapterLayer, AdapterModule, register_adapter
+from quantune.lora.bases import reference_tensor
 
 
-class LoraLayer(nn.Module):
-    """Wraps `base_layer` (kept as is, frozen) with `lora_down` (A) and `lora_up` (B)."""
+class LoraLayer(AdapterLayer):
+    """Wraps `base_layer` (kept as is, frozen; float or integer, lora/bases.py) with `lora_down` (A) and
+    `lora_up` (B)."""
 
     def __init__(
         self,
@@ -39,14 +42,13 @@ class LoraLayer(nn.Module):
         conv_mode: str = "hard",
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.r = r
         self.soft = False
-        if isinstance(base_layer, (nn.Linear, QuantLinear)):  # a QuantLinear base: QLoRA
+        if self.base_kind == "linear":
             self.lora_down = nn.Linear(base_layer.in_features, r, bias=False)
             self.lora_up = nn.Linear(r, base_layer.out_features, bias=False)
-        elif isinstance(base_layer, (nn.Conv2d, QuantConv2d)):
+        else:
             conv = base_layer
             if conv.groups != 1:
                 raise QuantuneError(f"LoRA on a grouped conv (groups={conv.groups}) is not supported: exclude it")
@@ -57,10 +59,6 @@ class LoraLayer(nn.Module):
                 self.lora_up = nn.Conv2d(r, conv.out_channels, conv.kernel_size, padding="same", bias=False)
             else:
                 self.lora_up = nn.Conv2d(r, conv.out_channels, 1, bias=False)
-        else:
-            raise QuantuneError(
-                f"LoRA adapts nn.Linear and nn.Conv2d only, not {type(base_layer).__name__}: change the targets"
-            )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         scale = torch.tensor(alpha / (math.sqrt(r) if use_rslora else r), dtype=torch.float32)
         self.trainable_scale = trainable_scale
@@ -70,21 +68,10 @@ class LoraLayer(nn.Module):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
-        self.multiplier = 1.0
-        self.merged_multiplier: float | None = None  # the multiplier folded into base_layer.weight, if merged
         self.reset_parameters(init, generator)  # on the CPU in fp32 (a seeded CPU generator works for any device)
-        w = base_layer.scale if self.quantized_base else base_layer.weight
+        w = reference_tensor(base_layer)
         self.lora_down.to(device=w.device, dtype=w.dtype)
         self.lora_up.to(device=w.device, dtype=w.dtype)
-
-    @property
-    def quantized_base(self) -> bool:
-        return isinstance(self.base_layer, (QuantLinear, QuantConv2d))
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        b = self.base_layer
-        return tuple(b.weight_shape) if self.quantized_base else tuple(b.weight.shape)
 
     def reset_parameters(self, init: str = "kaiming", generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
@@ -97,20 +84,13 @@ class LoraLayer(nn.Module):
             self.lora_up.weight.zero_()
 
     @property
-    def merged(self) -> bool:
-        return self.merged_multiplier is not None
-
-    @property
     def alpha(self) -> float:
         """The alpha with scale = alpha / r that every file format stores (rsLoRA and trainable scales included)."""
         return float(self.scale.detach()) * self.r
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged or self.multiplier == 0.0:
-            return y
+    def adapter_forward(self, x: torch.Tensor, multiplier: float) -> torch.Tensor:
         scale = self.scale if self.trainable_scale else self.scaling  # a python float: no tensor op per call
-        return y + self.lora_up(self.lora_down(self.dropout(x))) * (scale * self.multiplier)
+        return self.lora_up(self.lora_down(self.dropout(x))) * (scale * multiplier)
 
     def get_delta_weight(self) -> torch.Tensor:
         """s * B A in the base weight's shape (float32 computation, returned in the base dtype)."""
@@ -121,28 +101,9 @@ class LoraLayer(nn.Module):
         delta = (up @ down).view(self.weight_shape) * self.scale.float()
         return delta if self.quantized_base else delta.to(self.base_layer.weight.dtype)
 
-    def merge(self, safe: bool = True) -> None:
-        """Fold multiplier * s * B A into the base weight; with safe=True refuse a delta with NaN or inf."""
-        if self.merged:
-            return
-        if self.quantized_base:
-            raise QuantuneError(
-                "a LoRA on a quantized base cannot be merged in place: `quantune qlora merge RUN_DIR --out DIR` "
-                "dequantizes, adds and re-quantizes"
-            )
-        delta = self.get_delta_weight() * self.multiplier
-        if safe and not torch.isfinite(delta).all():
-            raise QuantuneError("the LoRA delta has NaN or inf values: refusing to merge (the adapter is broken)")
-        with torch.no_grad():
-            self.base_layer.weight.add_(delta)
-        self.merged_multiplier = self.multiplier
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        with torch.no_grad():
-            self.base_layer.weight.sub_(self.get_delta_weight() * self.merged_multiplier)
-        self.merged_multiplier = None
+    def to_module(self) -> LoraModule:
+        return LoraModule(self.lora_down.weight.detach().clone(), self.lora_up.weight.detach().clone(), self.alpha,
+                          self.soft)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={float(self.scale):.4g}, soft={self.soft}"
@@ -150,3 +111,86 @@ class LoraLayer(nn.Module):
 
 def _refresh_scaling(module: LoraLayer, incompatible_keys) -> None:
     module.scaling = float(module.scale.detach())
+
+
+@register_adapter
+@dataclass
+class LoraModule(AdapterModule):
+    """LoRA's canonical weights: down A [r, C_in] or [r, C_in, kh, kw], up B [C_out, r] or [C_out, r, 1, 1] (a soft
+    conv's up is [C_out, r, kh, kw]), and alpha, normalised so that the update is (alpha / r) B A for every source
+    (rsLoRA and trainable scales are converted on the way in)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    soft: bool = False
+
+    kind = "lora"
+    kohya_suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """(alpha / r) * B A, in float32, shaped as the base weight ([out, in] or [out, in, kh, kw])."""
+        if self.soft:
+            raise QuantuneError("a soft conv LoRA has no weight delta: it cannot be merged, mixed or converted")
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (up @ down).view(self.up.shape[0], *self.down.shape[1:]) * self.scale
+
+    def problem_with(self, shape: tuple[int, ...]) -> str | None:
+        ok = self.down.shape[1] == shape[1] and self.up.shape[0] == shape[0] and self.up.shape[1] == self.rank
+        if len(shape) == 4:
+            ok = ok and self.down.dim() == 4 and tuple(self.down.shape[2:]) == tuple(shape[2:]) and self.up.dim() == 4
+        else:
+            ok = ok and self.down.dim() == 2 and self.up.dim() == 2
+        if ok:
+            return None
+        return f"down {list(self.down.shape)}, up {list(self.up.shape)} do not fit the model's layer {list(shape)}"
+
+    def check(self, key: str) -> None:
+        if self.down.dim() not in (2, 4) or self.up.dim() != self.down.dim() or self.up.shape[1] != self.rank:
+            raise QuantuneError(
+                f"{key}: the LoRA's factors contradict each other (down {list(self.down.shape)}, up "
+                f"{list(self.up.shape)}: the up factor's second dimension must be the rank): the file is broken"
+            )
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise QuantuneError(f"{key}: alpha = {self.alpha} must be a finite number > 0: the file is broken")
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up,
+                "alpha": torch.tensor(self.alpha, dtype=torch.float32)}  # fmt: skip
+
+    @classmethod
+    def from_kohya(cls, tensors: dict[str, torch.Tensor], key: str) -> LoraModule:
+        if "lora_up.weight" not in tensors:
+            raise QuantuneError(f"{key} has a lora_down but no lora_up weight: the file is incomplete")
+        down = tensors["lora_down.weight"]
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])  # no alpha: scale 1
+        return cls(down=down, up=tensors["lora_up.weight"], alpha=alpha)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        if self.soft:
+            raise QuantuneError(
+                "a soft conv LoRA (lora_wrapper) has no peft / diffusers form: write the quantune format"
+            )
+        return {"lora_A.weight": self.down, "lora_B.weight": self.up}
+
+    def with_alpha(self, alpha: float) -> LoraModule:
+        """alpha' with B' = B * alpha / alpha': the update (alpha' / r) B' A is unchanged (bit-exact when equal)."""
+        if alpha == self.alpha:
+            return self
+        return LoraModule(self.down, (self.up.float() * (self.alpha / alpha)).to(self.up.dtype), alpha, self.soft)
+
+    def layer(self, base: nn.Module, multiplier: float = 1.0) -> LoraLayer:
+        layer = LoraLayer(base, self.rank, self.alpha, conv_mode="soft" if self.soft else "hard")
+        with torch.no_grad():
+            layer.lora_down.weight.copy_(self.down)
+            layer.lora_up.weight.copy_(self.up)
+        layer.multiplier = multiplier
+        return layer.requires_grad_(False)

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.lora.bases import base_type, with_delta
+from quantune.lora.layers import LoraModule
 from quantune.lora.weights import (
-    LoraModule,
     LoraWeights,
     check_shapes,
     components_of,
@@ -30,6 +31,7 @@ from quantune.lora.weights import (
     resolve_path,
     split_key,
 )
+from quantune.modules import set_module
 from quantune.targets import matches
 
 logger = logging.getLogger(__name__)
@@ -62,10 +64,12 @@ def merge_into(pipe_or_model, loras: list[tuple[LoraWeights, float]]) -> int:
     for key, d in deltas.items():
         if not torch.isfinite(d).all():
             raise QuantuneError(f"the LoRA delta of {key} has NaN or inf values: refusing to merge")
-    with torch.no_grad():
-        for key, d in deltas.items():
-            base = _module(components, *split_key(key), key)
-            base.weight.add_(d.to(base.weight))  # device and dtype of the base
+    for key, d in deltas.items():
+        component, path = split_key(key)
+        base = _module(components, component, path, key)
+        merged = with_delta(base, d)  # a float base in place; an integer base quantized again (lora/bases.py)
+        if merged is not base:
+            set_module(components[component], resolve_path(components[component], path), merged)
     return len(deltas)
 
 
@@ -74,7 +78,7 @@ def _module(components: dict[str, nn.Module], component: str, path: str, key: st
     if real is None:
         raise QuantuneError(f"the LoRA module {key} is not in the model: the LoRA was made for another model")
     module = components[component].get_submodule(real)
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if base_type(module) is None:
         raise QuantuneError(f"{key} is a {type(module).__name__}, not a Linear/Conv2d (does it already hold a LoRA?)")
     return module
 
@@ -93,8 +97,13 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
     report = MixReport()
     for key in keys:
         parts = [(w[key], s) for w, s in loras if key in w]
-        if any(m.soft for m, _ in parts):
+        if any(getattr(m, "soft", False) for m, _ in parts):
             raise QuantuneError(f"{key} is a soft conv LoRA: it cannot be mixed")
+        if mode != "svd" and not all(isinstance(m, LoraModule) for m, _ in parts):
+            kinds = sorted({m.kind for m, _ in parts})
+            raise QuantuneError(
+                f"{key} is a {'/'.join(kinds)} adapter: --mode {mode} mixes LoRA factors; use --mode svd"
+            )
         if mode == "sum":
             if len({m.rank for m, _ in parts}) > 1:
                 raise QuantuneError(

@@ -1,51 +1,24 @@
-"""The canonical in-memory LoRA: module key -> (down, up, alpha), independent of any file format.
+"""The canonical in-memory adapter: module key -> an AdapterModule (lora/adapter.py; LoRA's is LoraModule with
+down, up, alpha), independent of any file format. Every format converter maps to and from this.
 
 Keys are "<component>.<module path>" with component one of the pipeline's parts ("unet", "text_encoder",
 "text_encoder_2", "transformer"), e.g. "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".
-down is A ([r, C_in] or [r, C_in, kh, kw]), up is B ([C_out, r] or [C_out, r, 1, 1]; a soft conv's up is
-[C_out, r, kh, kw]), and the update is (alpha / r) * B A: alpha is normalised so that this holds for every
-source (rsLoRA and trainable scales are converted on the way in). Every format converter maps to and from this.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.lora.adapter import AdapterLayer, AdapterModule
+from quantune.lora.bases import base_type, weight_shape
 from quantune.lora.inject import lora_layers
-from quantune.lora.layers import LoraLayer
 from quantune.modules import set_module
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
-@dataclass
-class LoraModule:
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-    soft: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        """(alpha / r) * B A, in float32, shaped as the base weight ([out, in] or [out, in, kh, kw])."""
-        if self.soft:
-            raise QuantuneError("a soft conv LoRA has no weight delta: it cannot be merged, mixed or converted")
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
-        return (up @ down).view(self.up.shape[0], *self.down.shape[1:]) * self.scale
-
-
-LoraWeights = dict[str, LoraModule]
+LoraWeights = dict[str, AdapterModule]
 
 
 def components_of(pipe_or_model) -> dict[str, nn.Module]:
@@ -103,21 +76,17 @@ def canonicalize(weights: LoraWeights, pipe_or_model) -> LoraWeights:
 
 
 def get_lora_weights(pipe_or_model) -> LoraWeights:
-    """Collect the LoRA layers of a pipeline or model into canonical weights (detached copies)."""
-    weights: LoraWeights = {}
-    for component, model in components_of(pipe_or_model).items():
-        for name, layer in lora_layers(model).items():
-            weights[f"{component}.{name}"] = LoraModule(
-                down=layer.lora_down.weight.detach().clone(),
-                up=layer.lora_up.weight.detach().clone(),
-                alpha=layer.alpha,
-                soft=layer.soft,
-            )
-    return weights
+    """Collect the adapter layers of a pipeline or model into canonical weights (detached copies)."""
+    return {
+        f"{component}.{name}": layer.to_module()
+        for component, model in components_of(pipe_or_model).items()
+        for name, layer in lora_layers(model).items()
+    }
 
 
 def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> list[str]:
-    """Wrap the modules named in `weights` with LoraLayers holding those weights (in place, not merged)."""
+    """Wrap the modules named in `weights` with adapter layers holding those weights (in place, not merged); all
+    modules are checked before any is wrapped. Float and integer bases both carry them (lora/bases.py)."""
     components = components_of(pipe_or_model)
     plan = []
     for key, mod in weights.items():
@@ -127,24 +96,23 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
         model = components[component]
         real = resolve_path(model, path)
         base = model.get_submodule(real) if real else None
-        if isinstance(base, LoraLayer):
+        if isinstance(base, AdapterLayer):
             raise QuantuneError(f"{key} already has a LoRA: remove it first, or mix the LoRAs into one")
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        if base is None:
             missing = [k for k in weights if not _exists(components, k)]
             raise QuantuneError(
                 f"{len(missing) or 1} LoRA module(s) not found in the model (e.g. {key}): this LoRA was made for "
                 "another model or architecture"
             )
+        if base_type(base) is None:
+            raise QuantuneError(
+                f"{key} is a {type(base).__name__} in this model, which an adapter cannot wrap (Linear and Conv2d, "
+                "float or integer, can): this LoRA was made for another architecture"
+            )
         check_shapes(key, mod, base)
         plan.append((model, real, base, mod))
     for model, path, base, mod in plan:
-        layer = LoraLayer(base, mod.rank, mod.alpha, conv_mode="soft" if mod.soft else "hard")
-        with torch.no_grad():
-            layer.lora_down.weight.copy_(mod.down)
-            layer.lora_up.weight.copy_(mod.up)
-        layer.multiplier = multiplier
-        layer.requires_grad_(False)
-        set_module(model, path, layer)
+        set_module(model, path, mod.layer(base, multiplier))
     return list(weights)
 
 
@@ -153,17 +121,7 @@ def _exists(components: dict[str, nn.Module], key: str) -> bool:
     return component in components and resolve_path(components[component], path) is not None
 
 
-def check_shapes(key: str, mod: LoraModule, base: nn.Module) -> None:
-    w = base.weight
-    out_f, in_f = w.shape[0], w.shape[1]
-    r = mod.rank
-    ok = mod.down.shape[1] == in_f and mod.up.shape[0] == out_f and mod.up.shape[1] == r
-    if isinstance(base, nn.Conv2d):
-        ok = ok and mod.down.dim() == 4 and tuple(mod.down.shape[2:]) == tuple(w.shape[2:]) and mod.up.dim() == 4
-    else:
-        ok = ok and mod.down.dim() == 2 and mod.up.dim() == 2
-    if not ok:
-        raise QuantuneError(
-            f"LoRA shapes for {key} (down {list(mod.down.shape)}, up {list(mod.up.shape)}) do not fit the model's "
-            f"layer {list(w.shape)}: this LoRA was made for another model"
-        )
+def check_shapes(key: str, mod: AdapterModule, base: nn.Module) -> None:
+    problem = mod.problem_with(weight_shape(base))
+    if problem:
+        raise QuantuneError(f"LoRA shapes for {key} ({problem}): this LoRA was made for another model")

@@ -1,0 +1,160 @@
+"""The adapter contract, separate from the base layers it wraps (lora/bases.py) and from any file format.
+
+Two halves per adapter type (LoRA in lora/layers.py; LoHa, LoKr, DoRA are each one more file):
+- `AdapterModule`: the canonical in-memory weights of one adapted module. Every tool reads it through the same
+  interface: `delta()` (the weight update, in the base weight's shape), `rank` / `alpha`, `problem_with(shape)`
+  (does it fit a base), the tensors under kohya / LyCORIS suffixes (`kohya_tensors`, `from_kohya`: what the
+  quantune and kohya formats store) and under peft's names (`peft_tensors`), and `layer(base)`, the module that
+  applies it. Merge, mix (by deltas), inspect and the formats never reach into one type's factors.
+- `AdapterLayer`: an nn.Module wrapping a frozen base, y = base(x) + multiplier * adapter(x), with merge / unmerge
+  through the base dispatcher (a float base in place; an integer base quantized again).
+`ADAPTERS` maps a type name to its module class; `register_adapter` adds one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.lora.bases import base_type, weight_shape, with_delta
+
+
+class AdapterModule:
+    """Canonical weights of one adapted module (see the module docstring); subclasses are dataclasses."""
+
+    kind: ClassVar[str] = ""
+    kohya_suffixes: ClassVar[tuple[str, ...]] = ()  # the first one identifies the type in a file
+
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    alpha: float
+
+    def delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def problem_with(self, shape: tuple[int, ...]) -> str | None:
+        """Why these weights cannot adapt a base weight of `shape`, or None when they fit."""
+        raise NotImplementedError
+
+    def check(self, key: str) -> None:
+        """The file's own consistency (factor ranks agree, alpha finite and > 0): one error line naming `key`."""
+        raise NotImplementedError
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_kohya(cls, tensors: dict[str, torch.Tensor], key: str) -> AdapterModule:
+        raise NotImplementedError
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        raise QuantuneError(f"a {self.kind} adapter has no peft / diffusers form: write the quantune or kohya format")
+
+    def with_alpha(self, alpha: float) -> AdapterModule:
+        """The same update stored with another alpha (kohya files keep one alpha per component)."""
+        raise NotImplementedError
+
+    def layer(self, base: nn.Module, multiplier: float = 1.0) -> AdapterLayer:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for name, t in self.kohya_tensors().items() if name != "alpha"]
+
+
+ADAPTERS: dict[str, type[AdapterModule]] = {}
+
+
+def register_adapter(cls: type[AdapterModule]) -> type[AdapterModule]:
+    ADAPTERS[cls.kind] = cls
+    return cls
+
+
+def kohya_suffixes() -> list[str]:
+    """Every registered type's tensor suffixes, longest first (for splitting "<module>.<suffix>" keys)."""
+    return sorted({s for cls in ADAPTERS.values() for s in cls.kohya_suffixes}, key=len, reverse=True)
+
+
+def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split "<module>.<suffix>" keys into {module: {suffix: tensor}}; keys with no known suffix are ignored."""
+    suffixes = kohya_suffixes()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is not None:
+            out.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensor
+    return out
+
+
+def module_from_kohya(tensors: dict[str, torch.Tensor], key: str) -> AdapterModule:
+    """The adapter type whose identifying suffix is present builds the module; an unknown layout is one line."""
+    for cls in ADAPTERS.values():
+        if cls.kohya_suffixes[0] in tensors:
+            return cls.from_kohya(tensors, key)
+    found = ", ".join(sorted(tensors))
+    raise QuantuneError(f"{key}: tensors {found} are no adapter type quantune reads ({', '.join(ADAPTERS)})")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base (any lora/bases.py type) plus an adapter: y = base(x) + multiplier * adapter(x)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = base_type(base_layer)
+        if kind is None:
+            raise QuantuneError(
+                f"an adapter wraps nn.Linear and nn.Conv2d layers (float or integer), not "
+                f"{type(base_layer).__name__}: change the targets"
+            )
+        self.base_layer = base_layer
+        self.base_kind = kind.kind
+        self.quantized_base = kind.stored
+        self.multiplier = 1.0
+        self.merged_multiplier: float | None = None  # the multiplier folded into the base weight, if merged
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return weight_shape(self.base_layer)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_multiplier is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.multiplier == 0.0:
+            return y
+        return y + self.adapter_forward(x, self.multiplier)
+
+    def adapter_forward(self, x: torch.Tensor, multiplier: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_module(self) -> AdapterModule:
+        """The canonical weights of this layer (detached copies)."""
+        raise NotImplementedError
+
+    def merge(self, safe: bool = True) -> None:
+        """Fold multiplier * delta into the base; safe=True refuses NaN / inf. An integer base is quantized again
+        (the QLoRA + PTQ merge) and cannot be unmerged."""
+        if self.merged:
+            return
+        delta = self.get_delta_weight() * self.multiplier
+        if safe and not torch.isfinite(delta).all():
+            raise QuantuneError("the LoRA delta has NaN or inf values: refusing to merge (the adapter is broken)")
+        self.base_layer = with_delta(self.base_layer, delta)
+        self.merged_multiplier = self.multiplier
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.quantized_base:
+            raise QuantuneError("an adapter merged into an integer base was re-quantized: reload the model instead")
+        self.base_layer = with_delta(self.base_layer, -self.get_delta_weight() * self.merged_multiplier)
+        self.merged_multiplier = None
