@@ -112,9 +112,14 @@ class AdapterLayer(nn.Module):
             )
         self.base_layer = base_layer
         self.base_kind = kind.kind
-        self.quantized_base = kind.stored
         self.multiplier = 1.0
         self.merged_multiplier: float | None = None  # the multiplier folded into the base weight, if merged
+
+    @property
+    def quantized_base(self) -> bool:
+        """True while the base is an integer layer (QLoRA quantizes a base after its adapter was added)."""
+        kind = base_type(self.base_layer)
+        return kind is not None and kind.stored
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
