@@ -151,3 +151,18 @@ def test_console_entry_point_runs():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     done = subprocess.run([sys.executable, "-m", "quantune", "--help"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "generate" in done.stdout and "lora" in done.stdout
+
+
+@pytest.mark.parametrize("spec", ["FILE:nan", "FILE:inf", "FILE:-inf", "FILE:abc", "FILE:0,nan"])
+@pytest.mark.parametrize("command", ["generate", "mix"])
+def test_lora_strengths_must_be_finite_numbers(spec, command, lora_file, capsys, tmp_path):
+    arg = spec.replace("FILE", str(lora_file))
+    if command == "generate":
+        argv = ["generate", "--model", "zoo:tiny", "--lora", arg, "--prompt", "x", "--out", tmp_path / "o"]
+    else:
+        argv = ["lora", "mix", arg, f"{lora_file}:0.5", "--mode", "concat", "--out", tmp_path / "m.safetensors"]
+    rc, _, err = _run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:")
+    assert "strength" in lines[0] and "no such file" not in lines[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.safetensors").exists()

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from quantune.errors import QuantuneError
+from quantune.errors import QuantuneError, cause_chain
 from quantune.logs import quiet_libraries
 
 logger = logging.getLogger("quantune")
@@ -22,7 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantune", description="Fine-tune and compress diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_train(sub)
+    _add_lora(sub)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_merges(sub)
+    return p
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images, optionally with LoRAs at one or several strengths")
     g.add_argument("--model", required=True, help="zoo:tiny, a diffusers folder, or a hub id")
     g.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] or FILE:S1,S2,... (repeatable)")
@@ -36,11 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     g.add_argument("--out", required=True)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a LoRA or the full UNet from a TOML config")
     t.add_argument("config", nargs="?", help="a TOML file (configs/ has examples); defaults apply without one")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
     t.add_argument("--resume", help="latest, or a checkpoint folder name (step-000100)")
 
+
+def _add_lora(sub) -> None:
     lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
         dest="lora_command", required=True
     )
@@ -77,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
     e.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
     e.add_argument("--out", required=True)
-    q = sub.add_parser("quantize", help="post-training quantization of the UNet into an integer model")
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="post-training quantization of the denoiser into an integer model")
     q.add_argument("--model", required=True, help="zoo:emoji, a diffusers folder, or a hub id")
     q.add_argument("--method", default="eda-dm", choices=["eda-dm", "qdiffusion", "minmax"])
     q.add_argument("--wbits", type=int, default=8, help="weight bits: 2..8 (8: symmetric int8)")
@@ -101,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval", help="generate for a prompt set and score: FID, glyph, CLIP-T/I, DINO, PSNR, SSIM, LPIPS"
     )
@@ -122,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", required=True)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="the benchmark tables vs the peers (one process per table) and the report")
     b.add_argument("--quick", action="store_true", help="small settings: under 15 minutes on a 2-core CPU")
     b.add_argument("--only", help="comma-separated tables: training,files,inference,quality_ptq,quality_finetune")
@@ -130,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--link", help="the --out folder as the README links it (default: relative to the README)")
     b.add_argument("--out", required=True)
 
+
+def _add_merges(sub) -> None:
     for family, what in (("intlora", "IntLoRA: integer products / shifts, no PTQ"), ("qlora", "QLoRA + PTQ")):
         fam = sub.add_parser(family, help=f"merge a {family} run into an integer model ({what})")
         fm = fam.add_subparsers(dest=f"{family}_command", required=True).add_parser(
@@ -138,7 +161,6 @@ def _parser() -> argparse.ArgumentParser:
         fm.add_argument("run_dir", help="the training run's output_dir")
         fm.add_argument("--out", required=True)
         fm.set_defaults(family=family)
-    return p
 
 
 def _bits_or_none(text: str) -> int | None:
@@ -356,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[command](args)
     except QuantuneError as e:
+        for cause in cause_chain(e):  # -v: what lies behind the one line
+            logger.debug("caused by", exc_info=(type(cause), cause, cause.__traceback__))
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,6 +24,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+from quantune import cli
+from quantune.api import load_lora
+from quantune.data import openmoji_dataset
+from quantune.families import family_of
+from quantune.formats import read_lora
+from quantune.formats.inspect import disk_size
+from quantune.io import human_size, make_grid, save_png
+from quantune.lora.weights import apply_lora
+from quantune.models import load_pipeline
 
 SUBJECT = "unicorn face"
 
@@ -33,18 +44,14 @@ def _say(text: str) -> None:
 
 
 def _cli(command: str) -> None:
-    from quantune.cli import main
 
     _say(f"$ quantune {command}")
-    if main(shlex.split(command)) != 0:
+    if cli.main(shlex.split(command)) != 0:
         raise SystemExit(f"demo step failed: quantune {command}")
 
 
 def instance_images(folder: Path) -> list[Path]:
     """4 views of the held-out subject: the glyph at 4 scales/offsets, as a photographer would vary a subject."""
-    from PIL import Image
-
-    from quantune.data import openmoji_dataset
 
     glyph = openmoji_dataset(size=128, subset=[SUBJECT])[0]["image"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,9 +66,6 @@ def instance_images(folder: Path) -> list[Path]:
 
 
 def with_lora(lora: Path):
-    from quantune.formats import read_lora
-    from quantune.lora.weights import apply_lora
-    from quantune.models import load_pipeline
 
     tuned = load_pipeline("zoo:emoji")
     apply_lora(tuned, read_lora(lora, tuned)[0])
@@ -71,7 +75,6 @@ def with_lora(lora: Path):
 @torch.no_grad()
 def side_by_side(pipes: list, prompts: list[str], path: Path, n: int = 4, steps: int = 25) -> Path:
     """Rows: prompts; columns: n seeds of each pipeline in turn (the same seeds)."""
-    from quantune.io import make_grid, save_png
 
     rows = []
     for prompt in prompts:
@@ -88,31 +91,43 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--config", default="configs/emoji_dreambooth.toml", help="the DreamBooth recipe (TOML)")
     a = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    config = Path(a.config)
+    if not config.is_file():
+        raise SystemExit(f"error: no recipe at {config}: run the demo from the repository root or pass --config FILE")
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
     start = time.time()
+    extra = f" --set train.steps={a.steps}" if a.steps else ""
+    prompts = ["a sks emoji", "an emoji", "cat face"]
+    run = dreambooth(config, out, extra, prompts)
+    lora = run / "lora.safetensors"
+    toolkit(lora, out)
+    intlora(config, out, run, extra, lora, prompts)
+    post_training_quantization(out, prompts)
+    summary(out, run, lora, start)
+
+
+def dreambooth(config: Path, out: Path, extra: str, prompts: list[str]) -> Path:
+    """Steps 1-3: the subject's images, the DreamBooth LoRA, the before / after grid; returns the run folder."""
 
     _say(f"== 1. the subject: '{SUBJECT}', held out of zoo:emoji's pretraining ==")
     instance = instance_images(out / "instance")
     _say(f"wrote {len(instance)} instance images to {out / 'instance'}")
-
     _say("\n== 2. DreamBooth LoRA with prior preservation ==")
-    config = Path(__file__).parents[2] / "configs" / "emoji_dreambooth.toml"  # the repository's recipe
     run = out / "dreambooth"
-    extra = f" --set train.steps={a.steps}" if a.steps else ""
     _cli(f"train {config} --set output_dir={run} --set data.path={out / 'instance'}{extra}")
-    lora = run / "lora.safetensors"
-
     _say("\n== 3. before / after (left: zoo:emoji, right: + LoRA; same seeds) ==")
-    from quantune.models import load_pipeline
+    pipes = [load_pipeline("zoo:emoji"), with_lora(run / "lora.safetensors")]
+    _say(f"wrote {side_by_side(pipes, prompts, out / 'before_after.png')}")
+    return run
 
-    prompts = ["a sks emoji", "an emoji", "cat face"]
-    grid = side_by_side([load_pipeline("zoo:emoji"), with_lora(lora)], prompts, out / "before_after.png")
-    _say(f"wrote {grid}")
 
+def toolkit(lora: Path, out: Path) -> None:
+    """Step 4: inspect, convert every way (diffusers' loader checked), merge, extract, the strength grid."""
     _say("\n== 4. the LoRA toolkit on the trained adapter ==")
     _cli(f"lora inspect {lora}")
     _cli(f"lora convert {lora} --to diffusers --out {out}/lora_diffusers.safetensors")
@@ -132,6 +147,10 @@ def main() -> None:
         f"--out {out}/strength_grid"
     )
 
+
+def intlora(config: Path, out: Path, run: Path, extra: str, lora: Path, prompts: list[str]) -> None:
+    """Step 5: IntLoRA-MUL W4A8 DreamBooth, merged into an integer model; grid against the float LoRA."""
+
     _say("\n== 5. IntLoRA-MUL W4A8: the same DreamBooth on a 4-bit integer base, merged into integers ==")
     int_run = out / "intlora"
     quant = "--set method=intlora-mul --set quant.bits=4 --set quant.act_bits=8 --set quant.quantize_rest=true"
@@ -144,6 +163,10 @@ def main() -> None:
     grid = side_by_side([with_lora(lora), merged], prompts, out / "lora_vs_intlora_w4a8.png")
     _say(f"wrote {grid} (left: float LoRA; right: IntLoRA-MUL W4A8 merged integer model)")
 
+
+def post_training_quantization(out: Path, prompts: list[str]) -> None:
+    """Step 6: EDA-DM W8A8 of the LoRA-merged model on int8 kernels; grid float vs integer."""
+
     _say("\n== 6. EDA-DM W8A8 post-training quantization of the merged model, run on int8 kernels ==")
     _cli(
         f"quantize --model {out}/merged --method eda-dm --wbits 8 --abits 8 --calib-samples 64 --steps 20 "
@@ -153,8 +176,8 @@ def main() -> None:
     grid = side_by_side([load_pipeline(str(out / "merged")), ptq], prompts, out / "merged_vs_ptq_w8a8.png")
     _say(f"wrote {grid} (left: float LoRA-merged model; right: its EDA-DM W8A8 integer model)")
 
-    from quantune.formats.inspect import disk_size
-    from quantune.io import human_size
+
+def summary(out: Path, run: Path, lora: Path, start: float) -> None:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     _say(f"\n== summary: {time.time() - start:.0f} s, peak memory {peak:.0f} MB ==")
@@ -166,16 +189,15 @@ def main() -> None:
 
 def check_interop(lora: Path, out: Path) -> None:
     """diffusers' own loader on the exported files gives quantune's UNet outputs."""
-    from quantune import load_lora
-    from quantune.models import load_pipeline
 
     torch.manual_seed(0)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
 
     @torch.no_grad()
     def outputs(pipe):
-        ids = pipe.tokenizer(["a sks emoji"], padding="max_length", return_tensors="pt").input_ids
-        return pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
+        family = family_of(pipe)
+        cond = family.condition(pipe, ["a sks emoji"], (family.default_size(pipe),) * 2)
+        return family.predict(pipe, family.denoiser_of(pipe), x, t, cond)
 
     mine = load_pipeline("zoo:emoji")
     load_lora(lora, into=mine)

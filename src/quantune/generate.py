@@ -4,6 +4,7 @@ one row per LoRA strength, the seeds fixed, so a row differs from the next only 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,18 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """'FILE', 'FILE:0.8' or 'FILE:0,0.5,1'."""
+        """'FILE', 'FILE:0.8' or 'FILE:0,0.5,1'; strengths must be finite numbers (a name that exists as a file,
+        colon and all, is a file)."""
         head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                scales = [float(s) for s in tail.split(",")]
-                return cls(head, scales)
-            except ValueError:
-                pass
-        return cls(text, [1.0])
+        if not (sep and head) or Path(text).exists():
+            return cls(text, [1.0])
+        try:
+            scales = [float(s) for s in tail.split(",")]
+        except ValueError:
+            raise QuantuneError(f"{text!r}: {tail!r} is not a strength: give FILE, FILE:0.8 or FILE:0,0.5,1") from None
+        if not all(math.isfinite(x) for x in scales):
+            raise QuantuneError(f"{text!r}: strengths must be finite numbers, not {tail!r}")
+        return cls(head, scales)
 
 
 def attach_loras(pipe, specs: list[LoraSpec]) -> list[float]:

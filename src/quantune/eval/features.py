@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantune.assets import FEATURES_FILE
+from quantune.data import openmoji_dataset, to_tensor
 from quantune.errors import QuantuneError
+from quantune.io import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 WEIGHTS = FEATURES_FILE
@@ -62,7 +64,6 @@ class EmojiFeatureNet(nn.Module):
 
 def load_feature_net(path: str | Path | None = None) -> EmojiFeatureNet:
     """The shipped (or a given) OpenMoji feature network, in eval mode."""
-    from quantune.io import load_safetensors
 
     path = Path(path) if path else WEIGHTS
     if not path.is_file():
@@ -89,8 +90,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_feature_net(epochs: int = 40, batch: int = 128, seed: int = 0, out: Path = WEIGHTS) -> dict:
-    from quantune.data import openmoji_dataset, to_tensor
-    from quantune.io import save_safetensors
 
     data = openmoji_dataset(size=32)
     x = torch.stack([(to_tensor(data[i]["image"], 32) + 1) / 2 for i in range(len(data))])  # [N, 3, 32, 32] in [0, 1]

@@ -8,6 +8,7 @@ network by default (eval/features.py), or a CLIP vision tower from a local folde
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from transformers import CLIPModel, CLIPVisionModelWithProjection
 
 from quantune.errors import QuantuneError
+from quantune.eval.features import load_feature_net
+from quantune.eval.local import load_complete
 
 logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -46,15 +51,11 @@ class ClipFeatures(nn.Module):
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
-        import json
-
-        from transformers import CLIPModel, CLIPVisionModelWithProjection
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise QuantuneError(f"no CLIP model in {folder} (no config.json): give a local folder, nothing is fetched")
         full = json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
-        from quantune.eval.metrics import load_complete
 
         self.model = load_complete(CLIPModel if full else CLIPVisionModelWithProjection, folder, "CLIP")
         vision = self.model.config.vision_config if full else self.model.config
@@ -72,15 +73,12 @@ def feature_extractor(feature: str | Path | nn.Module = "openmoji") -> nn.Module
     if isinstance(feature, nn.Module):
         return feature
     if feature == "openmoji":
-        from quantune.eval.features import load_feature_net
-
         return load_feature_net()
     path = Path(feature)
     if not path.exists():
         raise QuantuneError(f"feature network {feature!r} not found: use 'openmoji' or a local CLIP folder")
     if path.is_dir():
         return ClipFeatures(path)
-    from quantune.eval.features import load_feature_net
 
     return load_feature_net(path)
 
@@ -102,7 +100,6 @@ def to_batch(images) -> torch.Tensor:
 @torch.no_grad()
 def fid(generated, reference, feature: str | Path | nn.Module = "openmoji", batch: int = 256) -> float:
     """FID between two image sets (PIL lists or [N, 3, H, W] tensors in [0, 1]); each needs at least 2 images."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
 
     net = feature_extractor(feature)
     gen, ref = to_batch(generated), to_batch(reference)

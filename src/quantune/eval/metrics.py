@@ -21,31 +21,9 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.eval.fid import CLIP_MEAN, CLIP_STD, processor_pixels, projected, to_batch
+from quantune.eval.local import load_complete, local_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _local(folder: str | Path | None, what: str, flag: str) -> Path:
-    if folder is None:
-        raise QuantuneError(f"{what} needs a local model folder: pass {flag} DIR (nothing is downloaded)")
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise QuantuneError(f"no {what} model in {path} (no config.json): pass a local folder with {flag}")
-    return path
-
-
-def load_complete(cls, folder: Path, what: str):
-    """`cls.from_pretrained` from a local folder, refusing one whose weights are missing or partial (transformers
-    would initialise the rest at random, silently)."""
-    try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        problem = f"cannot load the {what} model in {folder} ({type(e).__name__})"
-        raise QuantuneError(f"{problem}: check its files") from None
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise QuantuneError(f"{folder} lacks {len(missing)} {what} weights (e.g. {missing[0]}): give a complete model")
-    return model.eval()
 
 
 class DinoFeatures(nn.Module):
@@ -55,7 +33,7 @@ class DinoFeatures(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.model = load_complete(AutoModel, _local(folder, "DINO", "--dino"), "DINO")
+        self.model = load_complete(AutoModel, local_folder(folder, "DINO", "--dino"), "DINO")
         size = int(getattr(self.model.config, "image_size", 224))
         self.size = 224 if self.model.config.model_type == "dinov2" and size > 224 else size  # DINOv2's eval crop
 
@@ -71,7 +49,7 @@ def clip_t(images, prompts: list[str], folder: str | Path | None, batch: int = 6
     """Per-image cosine similarity between CLIP's image and text embeddings (the prompt each image was made from)."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = _local(folder, "CLIP-T", "--clip")
+    path = local_folder(folder, "CLIP-T", "--clip")
     if len(images) != len(prompts):
         raise QuantuneError(f"CLIP-T pairs images with prompts: {len(images)} images, {len(prompts)} prompts")
     model = load_complete(CLIPModel, path, "CLIP")

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
+from quantune.data import openmoji_dataset
 from quantune.errors import QuantuneError
+from quantune.eval.features import load_feature_net
 from quantune.eval.fid import to_batch
 
 
 @lru_cache(maxsize=1)
 def caption_index() -> dict[str, int]:
     """OpenMoji caption -> the feature network's class index (the order it was trained in)."""
-    from quantune.data import openmoji_dataset
 
     return {c: i for i, c in enumerate(openmoji_dataset(size=32).captions)}
 
@@ -48,7 +49,6 @@ def top_k(ranks: list[int], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
 @torch.no_grad()
 def glyph_logits(images, weights: str | Path | None = None, batch: int = 256) -> torch.Tensor:
     """The OpenMoji network's class logits [N, 1463] for PIL images or an [N, 3, H, W] tensor in [0, 1]."""
-    from quantune.eval.features import load_feature_net
 
     net, x = load_feature_net(weights), to_batch(images)
     return torch.cat([net.head(net.features(x[i : i + batch])).float() for i in range(0, len(x), batch)])

@@ -18,8 +18,20 @@ from pathlib import Path
 
 import torch
 
+from quantune.data import openmoji_dataset
+from quantune.data.folders import load_rgb
+from quantune.data.prompts import read_prompts
 from quantune.errors import QuantuneError
+from quantune.eval import metrics as M
+from quantune.eval.fid import ClipFeatures, fid
+from quantune.eval.recognition import check_captions, glyph_ranks, top_k
+from quantune.eval.similarity import similarity_per_image
 from quantune.families import family_of
+from quantune.generate import LoraSpec, attach_loras
+from quantune.io import atomic_dir, make_grid
+from quantune.lora.inject import set_lora_multiplier
+from quantune.lora.weights import components_of
+from quantune.models.loading import load_pipeline, to_device
 
 logger = logging.getLogger(__name__)
 METRICS = ("fid", "glyph", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
@@ -67,20 +79,16 @@ class EvalConfig:
 def load_prompts(cfg: EvalConfig) -> tuple[list[str], list | None]:
     """(prompts, FID reference images or None)."""
     if cfg.prompts == "builtin":
-        from quantune.data import openmoji_dataset
-
         data = openmoji_dataset(size=32)
         n = cfg.n or len(data)
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
         return [data.captions[i] for i in pick], [data[i]["image"] for i in pick]
-    from quantune.data.prompts import read_prompts
 
     prompts = read_prompts(cfg.prompts)
     return prompts[: cfg.n] if cfg.n else prompts, None
 
 
 def read_images(folder: str | Path) -> list:
-    from quantune.data.folders import load_rgb
 
     files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     images = []
@@ -109,10 +117,6 @@ def sample_images(pipe, prompts: list[str], cfg: EvalConfig, size: int | None = 
 
 def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=None) -> tuple[dict, list[dict]]:
     """(figures, per-image rows) for the metrics of `cfg`."""
-    from quantune.eval import metrics as M
-    from quantune.eval.fid import ClipFeatures, fid
-    from quantune.eval.recognition import glyph_ranks, top_k
-    from quantune.eval.similarity import similarity_per_image
 
     figures: dict[str, float] = {}
     rows = [{"index": i, "prompt": p, "seed": cfg.seed + i} for i, p in enumerate(prompts)]
@@ -161,16 +165,11 @@ def evaluate(
 ) -> dict:
     """Generate with `model` (+ `loras`, FILE[:SCALE]) on `device`, score, write the outputs into `out`; returns the
     figures. Inputs are checked first (check_inputs), so a bad folder fails before any image is generated."""
-    from quantune.generate import LoraSpec, attach_loras
-    from quantune.io import atomic_dir, make_grid
-    from quantune.models.loading import load_pipeline, to_device
 
     start = time.time()
     check_inputs(cfg, out)
     prompts, reference = load_prompts(cfg)
     if "glyph" in cfg.metrics:
-        from quantune.eval.recognition import check_captions
-
         check_captions(prompts)
     pipe = to_device(load_pipeline(model), device)
     specs = [LoraSpec.parse(s) for s in loras or []]
@@ -178,9 +177,6 @@ def evaluate(
         raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
     scales = attach_loras(pipe, specs)
     if specs:
-        from quantune.lora.inject import set_lora_multiplier
-        from quantune.lora.weights import components_of
-
         for component in components_of(pipe).values():
             set_lora_multiplier(component, scales[0])
     size = cfg.size or family_of(pipe).default_size(pipe)  # pairs share it

@@ -15,19 +15,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from quantune.io import atomic_dir, write_json
+from quantune.models import load_pipeline
 from quantune.train.data import Batcher, build_datasets, stream_indices
+from quantune.train.trainer import TrainResult, _peak_memory_mb, _step_seed
 
 logger = logging.getLogger(__name__)
 
 
 def train_autoencoder(cfg):
-    from diffusers.optimization import get_scheduler
-
-    from quantune.models import load_pipeline
-    from quantune.train.trainer import TrainResult, _peak_memory_mb, _step_seed
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

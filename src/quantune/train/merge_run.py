@@ -37,7 +37,7 @@ def load_run(run_dir: str | Path, family: str):
         raise QuantuneError(missing)
     try:
         cfg = config_from_dict(json.loads(cfg_path.read_text()))
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise QuantuneError(f"{cfg_path} is not valid JSON ({e}): the run folder is damaged") from None
     if cfg.method not in FAMILIES[family]:
         other = next((f for f, methods in FAMILIES.items() if cfg.method in methods), None)

@@ -14,17 +14,26 @@ import contextlib
 import hashlib
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params
+from PIL import Image
 from tqdm.auto import tqdm
 
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.io import write_json
+from quantune.lora.weights import components_of
 from quantune.models import load_pipeline
+from quantune.quant.intlora import IntLoraLayer
+from quantune.quant.layers import ActQuantizer, _QuantWeight
 from quantune.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from quantune.train.config import TrainConfig
 from quantune.train.data import Batcher, build_datasets, stream_indices
@@ -78,9 +87,6 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 def _cast_frozen(pipe, mixed: str) -> None:
     """Mixed precision (GPU): frozen weights in fp16/bf16 to halve their memory, trainable ones kept in fp32."""
-    from diffusers.training_utils import cast_training_params
-
-    from quantune.lora.weights import components_of
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
     if dtype is None:
@@ -95,8 +101,6 @@ def _cast_frozen(pipe, mixed: str) -> None:
 
 def _cast_float_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """model.to(dtype), except integer layers and IntLoRA layers: their scales stay fp32 (they define the weights)."""
-    from quantune.quant.intlora import IntLoraLayer
-    from quantune.quant.layers import ActQuantizer, _QuantWeight
 
     keep = (_QuantWeight, IntLoraLayer, ActQuantizer)
     inside = {id(m) for k in model.modules() if isinstance(k, keep) for m in k.modules()}
@@ -108,7 +112,6 @@ def _cast_float_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -165,7 +168,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
 
 
 def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
 
     mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
     if mixed != cfg.train.mixed_precision:
@@ -182,8 +184,6 @@ def _accelerator(cfg: TrainConfig):
 
 def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     """Load, prepare and (on a fresh run) calibrate; restore the checkpoint on --resume."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     accelerator = _accelerator(cfg)
     out = Path(cfg.output_dir)
@@ -360,9 +360,6 @@ def _validate(run: _Run, step: int, final: bool = False) -> Path:
     )
     run.denoiser.train()
     if cfg.log.tensorboard:
-        import numpy as np
-        from PIL import Image
-
         image = np.asarray(Image.open(path).convert("RGB"))[None]  # [1, H, W, 3]
         for tracker in run.accelerator.trackers:
             if tracker.name == "tensorboard":
