@@ -32,17 +32,16 @@ def test_lora_on_an_integer_linear_adds_its_branch():
 
 
 def test_merge_into_an_integer_base_requantizes():
-    base = from_float(nn.Linear(16, 8), 8)
-    mod = _lora(8, 16)
-    layer = mod.layer(base)
+    model = nn.Sequential(from_float(nn.Linear(16, 8), 8))
+    base, mod = model[0], _lora(8, 16)
     target = base.dequantize() + mod.delta()
-    layer.merge()
-    merged = layer.base_layer
+    assert merge_into(model, [({"unet.0": mod}, 1.0)]) == 1
+    merged = model[0]
     assert isinstance(merged, QuantLinear) and merged is not base and merged.bits == 8
     step = merged.scale.max()  # the merged weight is W + dW up to half a quantization step per entry
     assert (merged.dequantize() - target).abs().max() <= step / 2 + 1e-6
-    with pytest.raises(QuantuneError, match="re-quantized"):
-        layer.unmerge()
+    with pytest.raises(QuantuneError, match="qlora merge"):
+        mod.layer(merged).merge()  # in place: refused, with the two commands that do it
 
 
 def test_a_lora_file_applies_to_and_merges_into_an_integer_model(lora_pipe, tmp_path):

@@ -7,7 +7,7 @@ Two halves per adapter type (LoRA in lora/layers.py; LoHa, LoKr, DoRA are each o
   quantune and kohya formats store) and under peft's names (`peft_tensors`), and `layer(base)`, the module that
   applies it. Merge, mix (by deltas), inspect and the formats never reach into one type's factors.
 - `AdapterLayer`: an nn.Module wrapping a frozen base, y = base(x) + multiplier * adapter(x), with merge / unmerge
-  through the base dispatcher (a float base in place; an integer base quantized again).
+  of a float base in place (an integer base is merged by `merge_into`, which quantizes the new weight again).
 `ADAPTERS` maps a type name to its module class; `register_adapter` adds one.
 """
 
@@ -146,10 +146,15 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def merge(self, safe: bool = True) -> None:
-        """Fold multiplier * delta into the base; safe=True refuses NaN / inf. An integer base is quantized again
-        (the QLoRA + PTQ merge) and cannot be unmerged."""
+        """Fold multiplier * delta into a float base in place; safe=True refuses NaN / inf. An integer base is not
+        merged in place: `merge_into` (lora merge) re-quantizes, `quantune qlora merge` does it for a training run."""
         if self.merged:
             return
+        if self.quantized_base:
+            raise QuantuneError(
+                "a LoRA on a quantized base cannot be merged in place: `quantune qlora merge RUN_DIR --out DIR` "
+                "dequantizes, adds and re-quantizes a training run; `quantune lora merge` does it for a LoRA file"
+            )
         delta = self.get_delta_weight() * self.multiplier
         if safe and not torch.isfinite(delta).all():
             raise QuantuneError("the LoRA delta has NaN or inf values: refusing to merge (the adapter is broken)")
@@ -159,7 +164,5 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self.quantized_base:
-            raise QuantuneError("an adapter merged into an integer base was re-quantized: reload the model instead")
         self.base_layer = with_delta(self.base_layer, -self.get_delta_weight() * self.merged_multiplier)
         self.merged_multiplier = None
