@@ -293,8 +293,9 @@ def _load(ref):
 def cmd_convert(a) -> None:
     from quantune.formats import read_lora, write_lora
 
-    weights, fmt, meta = read_lora(a.input, _load(a.model), a.component)
-    out = write_lora(weights, a.out, a.to, meta.get("lora_config"))
+    pipe = _load(a.model)
+    weights, fmt, meta = read_lora(a.input, pipe, a.component)
+    out = write_lora(weights, a.out, a.to, meta.get("lora_config"), pipe)
     print(f"{fmt} -> {a.to}: {len(weights)} modules, wrote {out} ({_size(out)})")
 
 
@@ -333,7 +334,7 @@ def cmd_mix(a) -> None:
     if any(len(s.scales) != 1 for s in specs):
         raise QuantuneError("lora mix takes FILE:WEIGHT with one weight each")
     mixed, report = mix([(read_lora(s.path, pipe)[0], s.scales[0]) for s in specs], a.mode, a.rank)
-    out = write_lora(mixed, a.out, a.to)
+    out = write_lora(mixed, a.out, a.to, pipe=pipe)
     ranks = sorted({m.rank for m in mixed.values()})
     print(f"mixed {len(specs)} LoRAs ({a.mode}): {len(mixed)} modules, rank(s) {ranks}; wrote {out} ({_size(out)})")
     if a.mode == "svd":
@@ -346,8 +347,9 @@ def cmd_extract(a) -> None:
     from quantune.formats import write_lora
     from quantune.lora.merge import extract
 
-    weights, report = extract(_load(a.base), _load(a.tuned), a.rank, a.clamp_quantile, targets=a.targets)
-    out = write_lora(weights, a.out, a.to)
+    base = _load(a.base)
+    weights, report = extract(base, _load(a.tuned), a.rank, a.clamp_quantile, targets=a.targets)
+    out = write_lora(weights, a.out, a.to, pipe=base)
     print(f"extracted {len(weights)} modules at rank {a.rank}; wrote {out} ({_size(out)})")
     print(f"  relative error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g}")
 

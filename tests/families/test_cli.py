@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,7 @@ def test_lora_toolkit(family_lora_pipe, family_ref, tmp_path, capsys):
                         "4", "--clamp-quantile", "1", "--out", tmp_path / "ex.safetensors")  # fmt: skip
     assert rc == 0 and f"extracted {len(weights)} modules" in out, err
     rc, _, err = _run(capsys, "lora", "mix", f"{lora}:0.5", f"{kohya}:0.5", "--mode", "concat", "--to", "diffusers",
-                      "--out", tmp_path / "mix.safetensors")  # fmt: skip
+                      "--model", family_ref, "--out", tmp_path / "mix.safetensors")  # fmt: skip
     assert rc == 0, err
     fresh = load_pipeline(family_ref)
     fresh.load_lora_weights(str(tmp_path / "mix.safetensors"))  # the mix of two halves is the LoRA again
@@ -55,3 +56,15 @@ def test_generate_quantize_eval(family_lora_pipe, family_ref, tmp_path, capsys):
     rc, _, err = _run(capsys, "eval", "--model", tmp_path / "int", "--compare-model", family_ref, "--metrics",
                       "psnr,ssim", "--n", "2", "--steps", "2", "--size", "32", "--out", tmp_path / "ev")  # fmt: skip
     assert rc == 0, err
+
+
+def test_train_from_a_pipeline_folder(family_ref, tmp_path, capsys):
+    """A family's pipeline saved as a diffusers folder trains like the zoo model (SDXL died in get_aug_embed)."""
+    load_pipeline(family_ref).save_pretrained(tmp_path / "model")
+    sets = [f"model.pretrained={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "train.steps=2",
+            "log.tensorboard=false", "log.checkpoint_every=0", "log.validation_every=0", "log.validation_steps=2",
+            "log.validation_images=1", "lora.text_encoder=true"]  # fmt: skip
+    config = Path(__file__).parents[2] / "configs" / "tiny_lora.toml"
+    rc, _, err = _run(capsys, "train", config, *[f"--set={s}" for s in sets])
+    assert rc == 0, err
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

@@ -28,14 +28,14 @@ def _assert_same(a, b):
 def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt, tmp_path):
     reference = family_outputs(family_lora_pipe)
     assert (reference[1] - family_outputs(load_pipeline(family_ref))[1]).abs().max() > 1e-2  # the LoRA matters
-    path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "lora.safetensors", fmt)
+    path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "lora.safetensors", fmt, pipe=family_lora_pipe)
     fresh = load_pipeline(family_ref)
     fresh.load_lora_weights(str(path))
     _assert_same(family_outputs(fresh), reference)
 
 
 def test_kohya_names_per_family(family_lora_pipe, tmp_path):
-    path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya")
+    path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)
     with safe_open(str(path), "pt") as f:
         prefixes = {k.split("text_model")[0] for k in f.keys() if not k.startswith("lora_unet_")}
     assert prefixes == KOHYA_TEXT_PREFIXES[family_of(family_lora_pipe).name]
@@ -54,8 +54,44 @@ def test_peft_loads_quantune_export(family_lora_pipe, family_ref, tmp_path):
 def test_every_format_round_trips(family_lora_pipe, family_ref, tmp_path):
     weights = get_lora_weights(family_lora_pipe)
     for fmt in WRITABLE:
-        path = write_lora(weights, tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors"), fmt)
+        path = write_lora(
+            weights, tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors"), fmt, pipe=family_lora_pipe
+        )
         back, read_fmt, _ = read_lora(path, load_pipeline(family_ref))
         assert read_fmt == fmt and set(back) == set(weights), fmt
         for key, module in weights.items():
             torch.testing.assert_close(back[key].delta(), module.delta(), atol=1e-6, rtol=0)
+
+
+def test_sdxl_kohya_names_are_stabilitys_at_real_size():
+    """Every Linear / Conv2d of a full-size SDXL UNet (built on the meta device) maps to Stability's name and
+    back; anchors as in kohya's SDXL LoRA files."""
+    from diffusers import UNet2DConditionModel
+
+    from quantune.formats.unet_names import UNetLayout, diffusers_to_ldm_path, ldm_to_diffusers_path
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
+        )  # fmt: skip
+    layout = UNetLayout.of(unet)
+    assert layout == UNetLayout(2, (True, True, False))  # the default: the standard SDXL UNet
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for name in names:
+        assert ldm_to_diffusers_path(diffusers_to_ldm_path(name, layout), 2, sdxl=True) == name
+    tb = "transformer_blocks"
+    anchors = {
+        f"down_blocks.1.attentions.0.{tb}.0.attn1.to_k": f"input_blocks.4.1.{tb}.0.attn1.to_k",
+        f"down_blocks.2.attentions.1.{tb}.9.ff.net.2": f"input_blocks.8.1.{tb}.9.ff.net.2",
+        "mid_block.attentions.0.proj_in": "middle_block.1.proj_in",
+        f"up_blocks.0.attentions.2.{tb}.0.attn2.to_v": f"output_blocks.2.1.{tb}.0.attn2.to_v",
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "up_blocks.2.resnets.0.conv1": "output_blocks.6.0.in_layers.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+    }
+    for diffusers_name, stability_name in anchors.items():
+        assert diffusers_to_ldm_path(diffusers_name, layout) == stability_name

@@ -115,8 +115,9 @@ def read_lora(path, pipe=None, component: str = "unet") -> tuple[LoraWeights, st
     return weights, fmt, meta
 
 
-def write_lora(weights: LoraWeights, path, fmt: str, config_json: str | None = None) -> Path:
-    """Write canonical weights in `fmt`; returns the file or folder written (atomically)."""
+def write_lora(weights: LoraWeights, path, fmt: str, config_json: str | None = None, pipe=None) -> Path:
+    """Write canonical weights in `fmt`; returns the file or folder written (atomically). `pipe` (optional) tells
+    the kohya writer the UNet's layout (an SDXL UNet is named as Stability's)."""
     path = Path(path)
     if fmt not in WRITABLE:
         raise QuantuneError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITABLE)}")
@@ -130,6 +131,9 @@ def write_lora(weights: LoraWeights, path, fmt: str, config_json: str | None = N
     if fmt == "quantune":
         quantune_format.save_lora(weights, path, config_json)
         return path
-    sd, meta = diffusers_format.to_diffusers(weights) if fmt == "diffusers" else kohya.to_kohya(weights)
+    if fmt == "diffusers":
+        sd, meta = diffusers_format.to_diffusers(weights)
+    else:
+        sd, meta = kohya.to_kohya(weights, components_of(pipe).get("unet") if pipe is not None else None)
     save_safetensors(sd, path, meta)
     return path

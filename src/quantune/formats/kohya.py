@@ -19,15 +19,18 @@ else by a vocabulary of the multi-word names in diffusers' UNet and CLIP (down_b
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, ldm_to_diffusers_path
 from quantune.lora.adapter import group_by_module, module_from_kohya
 from quantune.lora.weights import LoraWeights
 
+logger = logging.getLogger(__name__)
 PREFIXES = {
     "unet": "lora_unet_",
     "text_encoder": "lora_te_",
@@ -42,6 +45,15 @@ _READ_PREFIXES = [
 ]
 # Names in diffusers' UNet / CLIP that contain "_" themselves (longest first when joining tokens).
 _VOCAB = {
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "time_embed",
+    "label_emb",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
     "down_blocks",
     "up_blocks",
     "mid_block",
@@ -89,7 +101,21 @@ _VOCAB = {
 _CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 
 
-def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UNetLayout | None:
+    """The Stability UNet layout an SDXL file's names follow, or None for SD-1.x / 2.x (diffusers names). With the
+    model: an SDXL UNet (`addition_embed_type = "text_time"`); without: a LoRA that adapts a second text encoder is
+    taken for one of the standard SDXL UNet (pass the model for another)."""
+    if unet is not None:
+        return UNetLayout.of(unet) if getattr(unet.config, "addition_embed_type", None) == "text_time" else None
+    if not any(k.startswith("text_encoder_2.") for k in weights):
+        return None
+    logger.warning("kohya names: assuming the standard SDXL UNet (3 levels, 2 layers per block); pass --model else")
+    return UNetLayout()
+
+
+def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use."""
+    layout = kohya_unet_layout(weights, unet)
     sd: dict[str, torch.Tensor] = {}
     common = {}  # per component, as diffusers builds one peft config per component
     for key, mod in weights.items():
@@ -103,6 +129,8 @@ def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, s
         prefix = "lora_te1_" if (component == "text_encoder" and has_te2) else PREFIXES[component]
         if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
+        if component == "unet" and layout is not None:
+            path = diffusers_to_ldm_path(path, layout)
         name = prefix + path.replace(".", "_")
         for suffix, tensor in mod.with_alpha(common[component]).kohya_tensors().items():
             sd[f"{name}.{suffix}"] = tensor
@@ -114,9 +142,18 @@ def to_kohya(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, s
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
         "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if layout else "stable-diffusion-v1/lora",
     }
     return sd, meta
+
+
+def _from_ldm(path: str, layers_per_block: int, known_layout: bool) -> str:
+    try:
+        return ldm_to_diffusers_path(path, layers_per_block, sdxl=True)
+    except QuantuneError as e:
+        if known_layout:
+            raise
+        raise QuantuneError(f"{e}; read without the model, the standard SDXL UNet was assumed: pass --model") from e
 
 
 def unflatten(flat: str, names: list[str] | None = None) -> str:
@@ -139,6 +176,8 @@ def unflatten(flat: str, names: list[str] | None = None) -> str:
 
 def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
     names = {c: [n for n, _ in m.named_modules()] for c, m in (components or {}).items()}
+    unet = (components or {}).get("unet")
+    lpb = UNetLayout.of(unet).layers_per_block if unet is not None and hasattr(unet.config, "up_block_types") else 2
     grouped = group_by_module(sd)
     unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
     if unknown:
@@ -150,5 +189,7 @@ def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | N
             raise QuantuneError(f"kohya key {flat_full!r} has no lora_unet_/lora_te_ prefix: not a kohya LoRA")
         prefix, component = match
         path = unflatten(flat_full[len(prefix) :], names.get(component))
+        if component == "unet" and path.startswith(LDM_ROOTS):  # an SDXL file: Stability's UNet names
+            path = _from_ldm(path, lpb, known_layout=unet is not None)
         weights[f"{component}.{path}"] = module_from_kohya(tensors, flat_full)
     return weights

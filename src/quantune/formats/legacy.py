@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.formats.unet_names import ldm_to_diffusers_path
 from quantune.lora.layers import LoraModule
 from quantune.lora.weights import LoraWeights
 
@@ -77,51 +78,6 @@ def _positional(pairs, model: nn.Module, component: str, targets: set[str]) -> L
         f"{component}.{name}": LoraModule(down=down, up=up, alpha=float(down.shape[0]))
         for name, (up, down) in zip(order, pairs)
     }
-
-
-def ldm_to_diffusers_path(path: str, layers_per_block: int = 2) -> str:
-    """Map a CompVis UNet module path (no "model.diffusion_model." prefix) to diffusers' UNet2DConditionModel."""
-    fixed = {
-        "input_blocks.0.0": "conv_in",
-        "out.2": "conv_out",
-        "time_embed.0": "time_embedding.linear_1",
-        "time_embed.2": "time_embedding.linear_2",
-    }
-    if path in fixed:
-        return fixed[path]
-    m = re.match(r"^input_blocks\.(\d+)\.(\d+)\.(.+)$", path)
-    if m:
-        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        block, layer = (i - 1) // (layers_per_block + 1), (i - 1) % (layers_per_block + 1)
-        if layer == layers_per_block and j == 0 and rest == "op":
-            return f"down_blocks.{block}.downsamplers.0.conv"
-        if layer == layers_per_block:
-            raise QuantuneError(f"CompVis module {path!r} (a downsampler) is not mapped: exclude it")
-        return f"down_blocks.{block}.{'attentions' if j else 'resnets'}.{layer}.{_resnet(rest) if j == 0 else rest}"
-    m = re.match(r"^middle_block\.(\d+)\.(.+)$", path)
-    if m:
-        j, rest = int(m.group(1)), m.group(2)
-        return f"mid_block.attentions.0.{rest}" if j == 1 else f"mid_block.resnets.{j // 2}.{_resnet(rest)}"
-    m = re.match(r"^output_blocks\.(\d+)\.(\d+)\.(.+)$", path)
-    if m:
-        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        block, layer = i // (layers_per_block + 1), i % (layers_per_block + 1)
-        if j > 0 and rest == "conv":  # the upsampler sits after the resnet (and the attention, if any)
-            return f"up_blocks.{block}.upsamplers.0.conv"
-        return f"up_blocks.{block}.{'attentions' if j else 'resnets'}.{layer}.{_resnet(rest) if j == 0 else rest}"
-    raise QuantuneError(f"CompVis module {path!r} has no diffusers equivalent that quantune maps")
-
-
-def _resnet(rest: str) -> str:
-    table = {
-        "in_layers.2": "conv1",
-        "out_layers.3": "conv2",
-        "emb_layers.1": "time_emb_proj",
-        "skip_connection": "conv_shortcut",
-    }
-    if rest not in table:
-        raise QuantuneError(f"CompVis resnet module {rest!r} is not mapped to diffusers")
-    return table[rest]
 
 
 def from_lora_wrapper(sd: dict, layers_per_block: int = 2) -> LoraWeights:
