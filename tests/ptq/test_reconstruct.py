@@ -69,7 +69,7 @@ def _rounding_run(method: str, round_reg: float) -> tuple[float, float, float]:
     with torch.no_grad():
         lin.weight.copy_(torch.randn(16, 32, generator=g) * 0.2)
     cfg = PTQConfig(method=method, wbits=3, abits=None, iters=1000, batch_size=64, lr_w=0.5, round_reg=round_reg)
-    layer = PTQLayer(lin, 3, None, cfg)
+    layer = PTQLayer(lin, cfg.weight, cfg.act)
     x = torch.randn(256, 8, generator=g) @ torch.randn(8, 32, generator=g) + 0.1 * torch.randn(256, 32, generator=g)
     with torch.no_grad():
         target = lin(x)

@@ -1,5 +1,5 @@
 """IntLoRA layers: AQS/VMC as specified, the integer merge equals the training weight exactly (MUL and SHIFT,
-Linear and Conv2d, faithful and mid-rise), W' bit for bit against the spec's formulas (base, MUL's U quantizer,
+Linear and Conv2d, faithful and mid-rise), W' bit for bit against the paper's formulas (base, MUL's U quantizer,
 SHIFT), STE gradients, zero-drop, R regenerated not stored, bad input."""
 
 from __future__ import annotations
@@ -10,8 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.quant.intlora import IntLoraLayer, laplace
+from quantune.quant.config import ActQuant, WeightQuant
+from quantune.quant.intlora import IntLoraConfig, IntLoraLayer, laplace
 from quantune.quant.primitives import search_qparams, sqnr_db
+
+
+def _layer(base: nn.Module, name: str, bits: int = 8, act_bits: int | None = None, **kwargs) -> IntLoraLayer:
+    """An IntLoraLayer with IntLoraConfig(weight=WeightQuant(bits), act=ActQuant(act_bits) or None, **kwargs)."""
+    act = ActQuant(act_bits) if act_bits is not None else None
+    return IntLoraLayer(base, name, IntLoraConfig(weight=WeightQuant(bits), act=act, **kwargs))
 
 
 def _base(kind: str) -> nn.Module:
@@ -31,7 +38,7 @@ def _trained(layer: IntLoraLayer) -> IntLoraLayer:
 
 def test_vmc_and_aqs_follow_the_spec():
     base = _base("linear")
-    layer = IntLoraLayer(base, "blocks.0.to_q", bits=8, seed=7)
+    layer = _layer(base, "blocks.0.to_q", bits=8, seed=7)
     W = base.weight.detach()
     R = laplace(W.shape, 0.5, layer.aux_seed)
     a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
@@ -40,7 +47,7 @@ def test_vmc_and_aqs_follow_the_spec():
     assert torch.allclose(layer.r_star(), expected, rtol=1e-3, atol=1e-6)  # R* is kept in fp16
     # at step 0 (B = 0) the adapted weight is Q[W - R*] + R*, close to W
     assert sqnr_db(W, layer.adapted_weight()) > 30.0
-    assert IntLoraLayer(base, "blocks.1.to_q", seed=7).aux_seed != layer.aux_seed  # per-layer R
+    assert _layer(base, "blocks.1.to_q", seed=7).aux_seed != layer.aux_seed  # per-layer R
 
 
 @pytest.mark.parametrize("zero_fix", ["none", "midrise"])
@@ -48,7 +55,7 @@ def test_vmc_and_aqs_follow_the_spec():
 @pytest.mark.parametrize("mode", ["mul", "shift"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_integer_merge_equals_the_training_forward_exactly(kind, mode, bits, zero_fix):
-    layer = _trained(IntLoraLayer(_base(kind), "m", mode=mode, bits=bits, zero_fix=zero_fix, act_bits=None))
+    layer = _trained(_layer(_base(kind), "m", mode=mode, bits=bits, zero_fix=zero_fix, act_bits=None))
     merged = layer.merge()
     x = _input(kind)
     with torch.no_grad():
@@ -60,7 +67,8 @@ def test_integer_merge_equals_the_training_forward_exactly(kind, mode, bits, zer
 
 
 def _spec_search(x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """../shared/spec/intlora.md s. 1, per row, as written: no forced 0 in the grid, z = round(-lo / scale)."""
+    """The IntLoRA paper's L2.4 search (arXiv 2410.21759), per row, as written: no forced 0 in the grid,
+    z = round(-lo / scale)."""
     x_min, x_max = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     best_err = best_scale = best_zero = None
     for i in range(80):
@@ -79,7 +87,7 @@ def _spec_search(x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _spec_base(layer: IntLoraLayer, W: torch.Tensor, b: int):
-    """R* (VMC, kept in fp16 as quantune stores it) and the base W_int, s of W - R* (spec s. 1-3)."""
+    """R* (VMC, kept in fp16 as quantune stores it) and the base W_int, s of W - R* (the paper's steps 1-3)."""
     R = laplace(W.shape, 0.5, layer.aux_seed)
     a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
     a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
@@ -93,14 +101,14 @@ def _spec_base(layer: IntLoraLayer, W: torch.Tensor, b: int):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_mul_and_shift_weights_equal_the_specs_formulas_bit_for_bit(kind, bits, lora_bits):
     base = _base(kind)
-    mul = _trained(IntLoraLayer(base, "m", mode="mul", bits=bits, lora_bits=lora_bits))
-    shift = _trained(IntLoraLayer(base, "m", mode="shift", bits=bits))
+    mul = _trained(_layer(base, "m", mode="mul", bits=bits, lora_bits=lora_bits))
+    shift = _trained(_layer(base, "m", mode="shift", bits=bits))
     W = base.weight.detach().float().reshape(base.weight.shape[0], -1)
     r_star, w_int, s = _spec_base(mul, W, bits)
     assert torch.equal(mul.r_star(), r_star) and torch.equal(mul.int_base(), w_int) and torch.equal(mul.scale, s)
     safe = torch.where(w_int == 0, torch.ones_like(w_int), w_int)
     BA = mul.scaling * (mul.lora_B.detach() @ mul.lora_A.detach())
-    # MUL: U's quantizer fitted at B A = 0 by the spec's search; rows of U all positive get a zero point below 0
+    # MUL: U's quantizer fitted at B A = 0 by the paper's search; rows of U all positive get a zero point below 0
     U0 = s + r_star / safe
     scale_u, zero_u = _spec_search(U0, lora_bits)
     positive = (U0 > 0).all(1)
@@ -124,7 +132,7 @@ def test_mul_and_shift_weights_equal_the_specs_formulas_bit_for_bit(kind, bits, 
 
 
 def test_mul_gradient_is_lora_gradient_masked_where_w_int_is_zero():
-    layer = _trained(IntLoraLayer(_base("linear"), "m", bits=4))
+    layer = _trained(_layer(_base("linear"), "m", bits=4))
     x = _input("linear")
     W = layer.adapted_weight()
     W.retain_grad()
@@ -138,16 +146,16 @@ def test_mul_gradient_is_lora_gradient_masked_where_w_int_is_zero():
 
 def test_zero_drop_is_faithful_by_default_and_the_midrise_fix_removes_it():
     base = _base("linear")
-    faithful = IntLoraLayer(base, "m", bits=4)
-    fixed = IntLoraLayer(base, "m", bits=4, zero_fix="midrise")
+    faithful = _layer(base, "m", bits=4)
+    fixed = _layer(base, "m", bits=4, zero_fix="midrise")
     assert faithful.zero_fraction() > 0.01  # the reference loses entries at 4 bits
     assert fixed.zero_fraction() == 0.0
 
 
 def test_r_is_regenerated_not_stored():
     base = _base("conv")
-    cached = _trained(IntLoraLayer(base, "m", mode="shift", cache_aux=True))
-    regen = IntLoraLayer(base, "m", mode="shift", cache_aux=False)
+    cached = _trained(_layer(base, "m", mode="shift", cache_aux=True))
+    regen = _layer(base, "m", mode="shift", cache_aux=False)
     regen.load_state_dict(cached.state_dict())
     assert "aux" not in cached.state_dict()
     biggest_float = max(t.numel() for t in cached.state_dict().values() if t.is_floating_point())
@@ -160,7 +168,7 @@ def test_r_is_regenerated_not_stored():
 def test_activation_quantizer_is_used_and_merged():
     from quantune.quant import calibrate
 
-    layer = _trained(IntLoraLayer(_base("linear"), "m", bits=8, act_bits=8))
+    layer = _trained(_layer(_base("linear"), "m", bits=8, act_bits=8))
     x = _input("linear")
     with pytest.raises(QuantuneError, match="not calibrated"):
         layer(x)
@@ -172,12 +180,12 @@ def test_activation_quantizer_is_used_and_merged():
 
 def test_bad_input():
     with pytest.raises(QuantuneError, match="nn.Linear and nn.Conv2d only"):
-        IntLoraLayer(nn.LayerNorm(4), "norm")
+        _layer(nn.LayerNorm(4), "norm")
     with pytest.raises(QuantuneError, match="from 2 to 8"):
-        IntLoraLayer(_base("linear"), "m", bits=1)
+        _layer(_base("linear"), "m", bits=1)
     with pytest.raises(QuantuneError, match="from 2 to 8"):
-        IntLoraLayer(_base("linear"), "m", bits=8, lora_bits=9)
-    layer = IntLoraLayer(_base("linear"), "m")
+        _layer(_base("linear"), "m", bits=8, lora_bits=9)
+    layer = _layer(_base("linear"), "m")
     with torch.no_grad():
         layer.lora_B.fill_(float("nan"))
     with pytest.raises(QuantuneError, match="NaN or inf"):

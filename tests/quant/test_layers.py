@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.quant import QuantConfig, calibrate, quantize_
+from quantune.quant import ActQuant, QuantConfig, WeightQuant, calibrate, quantize_
 from quantune.quant.layers import QuantConv2d, QuantLinear, from_float
 from quantune.quant.primitives import sqnr_db
 from quantune.quant.quantize import load_quantized_model, save_quantized_model, weight_memory
@@ -45,7 +45,7 @@ def test_weight_only_unet_holds_about_b_over_32_of_fp32(bits):
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     fp32 = sum(m.weight.numel() * 4 for m in layers.values())
     rows = sum(m.weight.shape[0] for m in layers.values())
-    quantize_(unet, QuantConfig(bits=bits, search="minmax"))
+    quantize_(unet, QuantConfig(WeightQuant(bits, search="minmax")))
     held = weight_memory(unet)["integer"]
     overhead = rows * 8  # an fp32 scale and an int32 zero point per row
     codes = held - overhead
@@ -61,7 +61,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     from quantune.models import build_tiny
 
     unet = build_tiny().unet
-    quantize_(unet, QuantConfig(bits=4, act_bits=8))
+    quantize_(unet, QuantConfig(WeightQuant(4), ActQuant(8)))
     x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
     with pytest.raises(QuantuneError, match="not calibrated"):
         unet(x, 10, c)
@@ -81,9 +81,9 @@ def test_bad_targets_and_bits():
     with pytest.raises(QuantuneError, match="only nn.Linear and nn.Conv2d"):
         quantize_(model, QuantConfig(targets=["1"]))
     with pytest.raises(QuantuneError, match="from 2 to 8"):
-        QuantConfig(bits=1)
+        QuantConfig(WeightQuant(bits=1))
     with pytest.raises(QuantuneError, match="from 2 to 8"):
-        QuantConfig(bits=12)
+        QuantConfig(WeightQuant(bits=12))
 
 
 def test_lora_on_an_integer_base_trains_only_the_lora():
@@ -91,7 +91,7 @@ def test_lora_on_an_integer_base_trains_only_the_lora():
 
     model = nn.Sequential(nn.Linear(16, 16))
     add_lora(model, LoraConfig(r=2, targets=["0"]))
-    quantize_(model, QuantConfig(bits=4, targets=r".*\.base_layer"))
+    quantize_(model, QuantConfig(WeightQuant(4), targets=r".*\.base_layer"))
     layer = model[0]
     assert isinstance(layer.base_layer, QuantLinear) and layer.quantized_base
     with torch.no_grad():
@@ -101,3 +101,13 @@ def test_lora_on_an_integer_base_trains_only_the_lora():
     assert layer.get_delta_weight().shape == (16, 16)
     with pytest.raises(QuantuneError, match="qlora merge"):
         layer.merge()
+
+
+def test_quant_config_short_spelling():
+    """docs/intlora.md's QuantConfig(bits=..., act_bits=...) is the shared vocabulary's WeightQuant / ActQuant."""
+    from quantune.quant import ActQuant, WeightQuant
+
+    assert QuantConfig(bits=4, act_bits=8) == QuantConfig(WeightQuant(4), ActQuant(8))
+    assert QuantConfig(bits=4).act is None
+    with pytest.raises(QuantuneError, match="must be a WeightQuant"):
+        QuantConfig(weight=4)

@@ -4,6 +4,7 @@ CLI equal to the training forward (exactly for IntLoRA), resume, mixed-precision
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,20 @@ def test_bad_quant_config(override, match):
 
     with pytest.raises(QuantuneError, match=match):
         resolve_config(None, [override])
+
+
+def test_quant_section_speaks_the_shared_vocabulary(tmp_path):
+    """[quant] keeps its flat TOML keys; act_bits = 0 / lora_bits = 0 (older configs) still mean weight-only / U at
+    the base's bits, read as None; `weight` / `act` are the quantization core's WeightQuant / ActQuant."""
+    from quantune.quant.config import ActQuant, WeightQuant
+    from quantune.train.config import config_from_dict, resolve_config
+
+    old = tmp_path / "old.toml"
+    old.write_text('method = "intlora-mul"\n[quant]\nbits = 4\nact_bits = 0\nlora_bits = 0\nsearch = "minmax"\n')
+    q = resolve_config(old).quant
+    assert q.act_bits is None and q.lora_bits is None and q.act is None
+    assert q.weight == WeightQuant(4, search="minmax")
+    cfg = resolve_config(None, ["quant.act_bits=8"])
+    assert cfg.quant.act == ActQuant(8) and config_from_dict(cfg.to_dict()).quant == cfg.quant
+    for name in ("tiny_intlora.toml", "tiny_qlora.toml"):
+        assert resolve_config(Path(__file__).parents[2] / "configs" / name).quant.act == ActQuant(8)

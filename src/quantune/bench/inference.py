@@ -27,27 +27,17 @@ from quantune.bench.models import build
 logger = logging.getLogger(__name__)
 
 
+UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")  # BenchModel.inputs' order
+
+
 def quantune_int(unet, calib: list[tuple], wbits: int, abits: int | None):
-    """minmax PTQ of every layer (quantized attention unless weight-only), exported to integers, kernels prepared."""
-    from quantune.ptq import PTQConfig
-    from quantune.ptq.act_lsq import LSQActQuantizer
-    from quantune.ptq.wrap import export_integer, set_quant, shortcut_splits, wrap_for_ptq
+    """minmax PTQ of every layer (quantized attention unless weight-only) through the public entry point
+    (quantune.ptq.quantize_model) on the given input batches, exported to integers, kernels prepared."""
+    from quantune.ptq import PTQConfig, quantize_model
     from quantune.quant.kernels import prepare_int_kernels
 
-    cfg = PTQConfig(method="minmax", wbits=wbits, abits=abits)
-    with torch.no_grad():
-        splits = shortcut_splits(unet, lambda: unet(*calib[0]))
-        wrap_for_ptq(unet, cfg, splits)
-        set_quant(unet, False)
-        quantizers = [m for m in unet.modules() if isinstance(m, LSQActQuantizer)]
-        for q in quantizers:
-            q.observing = True
-        for args in calib:
-            unet(*args)
-        for q in quantizers:
-            q.observing = False
-        set_quant(unet, True)
-        export_integer(unet)
+    batches = [dict(zip(UNET_ARGS, args, strict=True)) for args in calib]
+    quantize_model(unet, batches, PTQConfig(method="minmax", wbits=wbits, abits=abits), progress=False)
     logger.info("quantune kernels: %s", dict(prepare_int_kernels(unet)))
     return unet
 

@@ -1,8 +1,10 @@
 """Activation quantizer for reconstruction: a learned per-tensor step size (LSQ, Esser et al. 2020) with a fixed
 zero point, initialised by the L2.4 search per calibration batch smoothed by an EMA (0.9 old / 0.1 new), and QDrop
 (Wei et al. 2022): while reconstructing, each element is quantized with probability 1 - p and left in float
-otherwise (spec/eda-dm.md). `split` > 0 quantizes channels [:split] and [split:] of dim 1 separately (the
-shortcut split). Exported as the integer model's fixed ActQuantizer (`to_act_quantizer`).
+otherwise (EDA-DM, arXiv 2401.04585; docs/quantization.md). `split` > 0 quantizes channels [:split] and [split:]
+of dim 1 separately (the shortcut split). Exported as the integer model's fixed ActQuantizer (`to_act_quantizer`).
+It follows the activation quantizers' observation protocol (quant/act.py: ActQuantBase); `observe` also works
+outside it (one batch, directly).
 
     x_hat = s (clamp(round(x / s) + z, 0, 2^b - 1) - z),   d x_hat / d s by the straight-through estimator
 The step size is learned as log s (s = exp(theta)): Adam's steps are then relative changes of s, so one lr_a
@@ -15,31 +17,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantune.errors import QuantuneError
+from quantune.quant.act import ActQuantBase, ActQuantizer
 from quantune.quant.primitives import QParams, fake_quantize, sample_values, search_qparams
 
 EMA = 0.9
 SEARCH_SAMPLE = 1 << 18  # the L2.4 search of one batch looks at a random sample of at most this many elements
 
 
-class LSQActQuantizer(nn.Module):
+class LSQActQuantizer(ActQuantBase):
+    """The learned-step-size activation quantizer of PTQ reconstruction (module docstring)."""
+
     def __init__(self, bits: int, split: int = 0, search: str = "l2.4") -> None:
-        super().__init__()
-        self.bits, self.split, self.search = bits, split, search
-        parts = 2 if split else 1
-        self.log_scale = nn.Parameter(torch.zeros(parts))  # theta, s = exp(theta)
-        self.register_buffer("zero_point", torch.zeros(parts))
-        self.register_buffer("low", torch.zeros(parts))  # EMA of -z s (the range's low end) during observation
+        super().__init__(bits, search, split)
+        self.log_scale = nn.Parameter(torch.zeros(self.n_parts))  # theta, s = exp(theta)
+        self.register_buffer("zero_point", torch.zeros(self.n_parts))
+        self.register_buffer("low", torch.zeros(self.n_parts))  # EMA of -z s (the range's low end) while observing
         self.observed = 0
-        self.observing = False
         self.enabled = True
         self.qdrop = 0.0  # > 0 only while reconstructing
 
     @property
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp()
-
-    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
 
     def observe(self, x: torch.Tensor) -> None:
         for i, part in enumerate(self.parts(x.detach())):
@@ -54,10 +54,18 @@ class LSQActQuantizer(nn.Module):
             self.zero_point[i] = torch.round(-low / scale).clamp(0, 2**self.bits - 1)
         self.observed += 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.observe(x)
-            return x
+    @property
+    def seen(self) -> bool:
+        return self.observed > 0
+
+    def _reset(self) -> None:
+        self.observed = 0
+
+    def _finish(self) -> None:
+        if not (torch.isfinite(self.scale).all() and torch.isfinite(self.zero_point).all()):
+            raise QuantuneError("calibration produced NaN/inf activation ranges: check the model's FP outputs")
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         out, scale = [], self.scale
@@ -68,9 +76,7 @@ class LSQActQuantizer(nn.Module):
             out.append(q.to(part.dtype))
         return torch.cat(out, 1) if self.split else out[0]
 
-    def to_act_quantizer(self):
-        from quantune.quant.layers import ActQuantizer
-
+    def to_act_quantizer(self) -> ActQuantizer:
         aq = ActQuantizer(self.bits, split=self.split)
         with torch.no_grad():
             aq.scale.copy_(self.scale.detach().clamp_min(1e-8).reshape(-1, 1))

@@ -1,5 +1,5 @@
 """AdaRound: learned rounding of weights (Nagel et al. 2020, "Up or Down?", as used by BRECQ, Q-Diffusion and
-EDA-DM; spec/eda-dm.md "Quantizers during reconstruction").
+EDA-DM, arXiv 2401.04585; docs/quantization.md).
 
 Per output channel n, with the scale s_n and zero point z_n of the L2.4 (or min-max) search:
     W_hat = s (clamp(floor(W / s) + h(V) + z, q_min, q_max) - z),

@@ -1,11 +1,13 @@
-"""Calibration data: the UNet's inputs along FP sampler trajectories, picked per step by TDAC or uniformly.
+"""Calibration data: the UNet's inputs along FP sampler trajectories, picked per step as the method says (EDA-DM's
+TDAC, arXiv 2401.04585 section 4.1, or uniformly as Q-Diffusion, arXiv 2302.04304; docs/quantization.md).
 
 `collect_calibration(pipe, config, prompts)` runs the pipeline's own sampler (text-to-image with classifier-free
 guidance, or unconditional DDPM/DDIM) for N = config.calib_samples trajectories, records every UNet call's
 arguments (x_t, t, conditioning; tensors that do not change along a trajectory are kept once) and the TDAC feature
 (the input of the mid-block attention, or of the mid block when it has none). Step s then receives n_s samples
-(ptq/tdac.py), each the latent of a distinct trajectory at that step, with its timestep and conditioning; under
-guidance a sample is its two UNet rows (unconditional and conditional), as the sampler feeds them.
+(the method's `calibration_counts`, ptq/methods/), each the latent of a distinct trajectory at that step, with its
+timestep and conditioning; under guidance a sample is its two UNet rows (unconditional and conditional), as the
+sampler feeds them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils import _pytree as pytree
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.ptq.config import PTQConfig
-from quantune.ptq.tdac import sample_counts, tdac_weights, uniform_counts
+from quantune.ptq.methods import method_for
 
 logger = logging.getLogger(__name__)
 CHUNK = 32  # trajectories per pipeline call
@@ -43,9 +45,15 @@ class CalibData:
         leaves = [x[index].to(self.device) if isinstance(x, torch.Tensor) else x for x in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int, on_device: bool = True):
+        """Consecutive batches of UNet keyword arguments, on `device` (or left on the CPU: `on_device=False`)."""
         for i in range(0, self.rows, batch_size):
-            yield self.kwargs(slice(i, min(i + batch_size, self.rows)))
+            index = slice(i, min(i + batch_size, self.rows))
+            if on_device:
+                yield self.kwargs(index)
+            else:
+                leaves = [x[index] if isinstance(x, torch.Tensor) else x for x in self.leaves]
+                yield pytree.tree_unflatten(leaves, self.spec)
 
 
 def _is_text_pipeline(pipe) -> bool:
@@ -138,11 +146,7 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
         if start < FEATURE_TRAJECTORIES:
             features.append(torch.stack([f.reshape(groups, size, *f.shape[1:])[-1] for f in feats]))
     steps = len(per_step)
-    if cfg.method == "eda-dm":
-        weights = tdac_weights(torch.cat(features, 1), cfg.tdac_r, cfg.tdac_lambda)
-        counts = sample_counts(weights, n)
-    else:
-        weights, counts = torch.ones(steps), uniform_counts(steps, n)
+    weights, counts = method_for(cfg).calibration_counts(torch.cat(features, 1), n)
     logger.info("calibration samples per step: %s", counts)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=g)  # the trajectory each sample comes from

@@ -1,17 +1,30 @@
-"""PTQConfig: the post-training quantization method and its hyperparameters (defaults: spec/eda-dm.md)."""
+"""PTQConfig: the post-training quantization method and its hyperparameters (defaults: the EDA-DM paper, arXiv
+2401.04585, and its reference code; docs/quantization.md).
+
+The flat fields are the `quantune quantize` flags. `__post_init__` converts the bit widths into the quantization
+core's vocabulary (quant/config.py): `weight` (WeightQuant: per output channel, symmetric at 8 bits so the codes
+fit int8 for the integer kernels, asymmetric below; the method's range search), `act` and `attn` (ActQuant, or
+None: `abits=None` is weight-only, W4A16 / W8A16, and then no activation anywhere is quantized). It also builds the
+method's own options (`options`, the dataclass the method registers in ptq/methods/) from the fields of the same
+name and `extra_options`, and validates them there.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from quantune.errors import QuantuneError
+from quantune.quant.config import ActQuant, WeightQuant
 from quantune.quant.primitives import check_bits
-
-METHODS = ("minmax", "qdiffusion", "eda-dm")
+from quantune.targets import listed
 
 
 @dataclass
 class PTQConfig:
+    """Settings of one PTQ run: method, bits, calibration, reconstruction budget and the layers kept at higher
+    precision (the module docstring says what `__post_init__` derives)."""
+
     method: str = "eda-dm"
     wbits: int = 8
     abits: int | None = 8  # None: weight-only (W4A16 / W8A16)
@@ -22,10 +35,10 @@ class PTQConfig:
     lr_w: float | None = None  # AdaRound's learning rate; None: 0.5 at W4 or fewer bits, 5e-3 at W5..W7, 5e-4 at W8
     round_reg: float = 0.01  # AdaRound's rounding-regulariser weight (BRECQ, Q-Diffusion); EDA-DM's reference: 0
     lr_a: float = 1e-3  # activation step sizes (EDA-DM's joint reconstruction)
-    add_loss: float = 0.8  # FBR's weight of the inner-layer terms (eda-dm only)
-    qdrop: float = 0.5  # QDrop probability (eda-dm only)
-    tdac_r: float = 0.3  # TDAC density radius (spec: 3.0 CIFAR/ImageNet, 0.3 LSUN/COCO)
-    tdac_lambda: float = 5.0  # TDAC variety weight (spec: 1.2 CIFAR/ImageNet, 1.0 LSUN, 5.0 COCO)
+    add_loss: float = 0.8  # FBR's weight of the inner-layer terms (eda-dm's option)
+    qdrop: float = 0.5  # QDrop probability (eda-dm's option)
+    tdac_r: float = 0.3  # TDAC density radius (paper: 3.0 CIFAR/ImageNet, 0.3 LSUN/COCO; eda-dm's option)
+    tdac_lambda: float = 5.0  # TDAC variety weight (paper: 1.2 CIFAR/ImageNet, 1.0 LSUN, 5.0 COCO; eda-dm's option)
     attn_bits: int | None = 8  # q, k, v and softmax output of every attention; None: attention stays float
     # layers kept at 8-bit weights (EDA-DM: the first layer, the time embedding's linear_1, and the last conv)
     keep_8bit: list[str] = field(default_factory=lambda: ["time_embedding.linear_1", "conv_out"])
@@ -34,10 +47,27 @@ class PTQConfig:
     guidance_scale: float = 7.5
     resolution: int | None = None  # calibration image size in pixels; None: the pipeline's default
     seed: int = 0
+    extra_options: dict = field(default_factory=dict)  # options of a method that PTQConfig has no field for
+    # derived in __post_init__ (not settings):
+    weight: WeightQuant = field(init=False, repr=False, compare=False)
+    act: ActQuant | None = field(init=False, repr=False, compare=False)
+    attn: ActQuant | None = field(init=False, repr=False, compare=False)
+    options: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise QuantuneError(f"method = {self.method!r} is not supported: choose one of {', '.join(METHODS)}")
+        from quantune.ptq.methods import method_class
+
+        method = method_class(self.method)
+        self._check_bits()
+        self._check_budget()
+        if self.lr_w is None:
+            self.lr_w = 0.5 if self.wbits <= 4 else (5e-3 if self.wbits < 8 else 5e-4)
+        self.weight = WeightQuant(self.wbits, per_channel=True, symmetric=self.wbits == 8, search=method.search)
+        self.act = ActQuant(self.abits, method.search) if self.abits is not None else None
+        self.attn = ActQuant(self.attn_bits, method.search) if self.attn_bits is not None else None
+        self.options = method.build_options(self)
+
+    def _check_bits(self) -> None:
         check_bits(self.wbits, "wbits")
         if self.abits is not None:
             check_bits(self.abits, "abits", low=4, high=16)
@@ -45,6 +75,8 @@ class PTQConfig:
             self.attn_bits = None  # weight-only (W4A16 / W8A16): no activation anywhere is quantized
         if self.attn_bits is not None:
             check_bits(self.attn_bits, "attn_bits", low=4, high=16)
+
+    def _check_budget(self) -> None:
         for name in ("calib_samples", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise QuantuneError(f"{name} = {getattr(self, name)} must be at least 1")
@@ -57,28 +89,30 @@ class PTQConfig:
                 f"calib_samples = {self.calib_samples} is fewer than the {self.steps} sampler steps: TDAC needs at "
                 "least one sample per step; raise --calib-samples or lower --steps"
             )
-        for name in ("round_reg", "add_loss", "tdac_lambda"):
-            if getattr(self, name) < 0:
-                raise QuantuneError(f"{name} = {getattr(self, name)} must be 0 or more")
-        for name in ("lr_a", "tdac_r"):
-            if getattr(self, name) <= 0:
-                raise QuantuneError(f"{name} = {getattr(self, name)} must be positive")
+        if self.round_reg < 0:
+            raise QuantuneError(f"round_reg = {self.round_reg} must be 0 or more")
+        if self.lr_a <= 0:
+            raise QuantuneError(f"lr_a = {self.lr_a} must be positive")
         if self.lr_w is not None and self.lr_w <= 0:
             raise QuantuneError(f"lr_w = {self.lr_w} must be positive")
-        if not 0.0 <= self.qdrop < 1.0:
-            raise QuantuneError(f"qdrop = {self.qdrop} must be in [0, 1)")
-        if self.lr_w is None:
-            self.lr_w = 0.5 if self.wbits <= 4 else (5e-3 if self.wbits < 8 else 5e-4)
+
+    def weight_for(self, name: str) -> WeightQuant:
+        """The weight quantization of layer `name`: 8-bit symmetric for the `keep_8bit` layers, else `weight`."""
+        if listed(self.keep_8bit, name):
+            return dataclasses.replace(self.weight, bits=8, symmetric=True)
+        return self.weight
+
+    def act_for(self, name: str) -> ActQuant | None:
+        """The input quantization of layer `name`: None (float) for the `act_fp` layers, else `act`."""
+        return None if listed(self.act_fp, name) else self.act
 
     @property
     def learns(self) -> bool:
         """Does the method reconstruct (learn rounding / step sizes), or only calibrate ranges?"""
-        return self.method != "minmax" and self.iters > 0
+        from quantune.ptq.methods import method_class
 
-    @property
-    def search(self) -> str:
-        return "minmax" if self.method == "minmax" else "l2.4"
+        return method_class(self.method).learns(self)
 
-    def wsym(self, bits: int) -> bool:
-        """8-bit weights are symmetric (their integers fit int8 for the integer kernels); fewer bits asymmetric."""
-        return bits == 8
+    def to_dict(self) -> dict:
+        """The settings (the init fields), as saved in the PTQ report."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

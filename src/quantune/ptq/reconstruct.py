@@ -1,5 +1,6 @@
-"""Block reconstruction: BRECQ / Q-Diffusion (block-output loss, AdaRound then step sizes) and EDA-DM's FBR
-(Fine-grained Block Reconstruction; arXiv 2401.04585 section 4.2; spec/eda-dm.md).
+"""Block reconstruction: BRECQ / Q-Diffusion (block-output loss, AdaRound then step sizes; Li et al. 2021, arXiv
+2102.05426; Li et al. 2023, arXiv 2302.04304) and EDA-DM's FBR (Fine-grained Block Reconstruction; arXiv 2401.04585
+section 4.2); docs/quantization.md.
 
 For a unit (block or lone layer) with FP input X_fp (the float model's) and quantized-model input X_q (the model
 with every earlier unit quantized):
@@ -7,6 +8,7 @@ with every earlier unit quantized):
 where g_l are the outputs of the unit's quantized layers except the last one it calls, ||.||^2 is the squared error
 summed over dim 1 and averaged over the rest, and X~ is X_q (Q-Diffusion) or, with QDrop, a per-element random mix
 of X_fp and X_q whose activation quantizers each quantize an element with probability 1 - p (EDA-DM).
+A method says how with a ReconRecipe (its stages, QDrop, the FBR weight add_loss; ptq/methods/):
 - eda-dm: AdaRound V and the activation step sizes learned jointly, Adam (lr_w, lr_a) with cosine decay, `iters`
   iterations. EDA-DM's reference has no rounding regulariser; quantune keeps BRECQ's (weight `round_reg`, 0.01)
   because without it h(V) stays near 0.5 and the hard rounding loses what the soft one learned (measured in
@@ -20,8 +22,10 @@ Afterwards rounding is hard (1[V >= 0]) and QDrop off; the unit stays quantized 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from quantune.errors import QuantuneError
@@ -123,56 +127,50 @@ class _InnerOutputs:
             h.remove()
 
 
-def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generator) -> float:
-    """Reconstruct one unit in place (see the module docstring); returns the last reconstruction loss (FBR or block
-    output, without the rounding regulariser)."""
+@dataclass(frozen=True)
+class ReconRecipe:
+    """How a method reconstructs a unit: `stages`, each (learn AdaRound's V, learn the activation step sizes) for
+    `iters` iterations; QDrop probability `qdrop` (0: the quantized input as is, every element quantized); FBR's
+    inner-layer weight `add_loss` (0: the block-output loss only)."""
+
+    stages: tuple[tuple[bool, bool], ...]
+    qdrop: float = 0.0
+    add_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.stages or not all(len(s) == 2 for s in self.stages):
+            raise QuantuneError("a reconstruction recipe needs stages of (learn weights, learn activations)")
+        if not 0.0 <= self.qdrop < 1.0 or self.add_loss < 0:
+            raise QuantuneError(f"bad recipe: qdrop = {self.qdrop} must be in [0, 1), add_loss = {self.add_loss} >= 0")
+
+
+@dataclass
+class _Unit:
+    """One unit under reconstruction: its quantized layers, LSQ quantizers, captured inputs, inner-output record."""
+
+    module: nn.Module
+    layers: list[PTQLayer]
+    lsq: list[LSQActQuantizer]
+    fp_in: tuple
+    q_in: tuple
+    inner: _InnerOutputs | None
+
+
+def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generator, recipe=None) -> float:
+    """Reconstruct one unit in place (see the module docstring) as `recipe` says (None: the recipe of cfg's
+    method); returns the last reconstruction loss (FBR or block output, without the rounding regulariser)."""
+    if recipe is None:
+        from quantune.ptq.methods import method_for
+
+        recipe = method_for(cfg).recipe()
     layers = [m for m in unit.modules() if isinstance(m, PTQLayer)] if not isinstance(unit, PTQLayer) else [unit]
     lsq = [m for m in unit.modules() if isinstance(m, LSQActQuantizer)]
-    rows = fp_in[2]
-    fbr = cfg.method == "eda-dm"
-    inner = _InnerOutputs(layers) if fbr and cfg.add_loss > 0 and len(layers) > 1 else None
-    stages = [(True, True)] if fbr else [(True, False), (False, True)]  # (learn weights, learn activations)
+    inner = _InnerOutputs(layers) if recipe.add_loss > 0 and len(layers) > 1 else None
+    u = _Unit(unit, layers, lsq, fp_in, q_in, inner)
     loss_value = float("nan")
     try:
-        for learn_w, learn_a in stages:
-            params = []
-            if learn_w:
-                params.append({"params": [m.wq.v for m in layers], "lr": cfg.lr_w})
-            if learn_a and lsq:
-                params.append({"params": [q.log_scale for q in lsq], "lr": cfg.lr_a})
-            if not params or not any(g["params"] for g in params):
-                continue
-            for m in layers:
-                m.wq.hard = not learn_w
-            opt = torch.optim.Adam(params)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
-            for it in range(cfg.iters):
-                idx = torch.randperm(rows, generator=generator)[: cfg.batch_size]
-                args_fp, kwargs_fp = _pick(fp_in, idx, rows)
-                args_q, kwargs_q = _pick(q_in, idx, rows)
-                with torch.no_grad():
-                    set_quant(unit, False)
-                    target = _first(unit(*args_fp, **kwargs_fp))
-                    inner_fp = inner.take() if inner else []
-                set_quant(unit, True)
-                for q in lsq:
-                    q.enabled = learn_a
-                    q.qdrop = cfg.qdrop if fbr else 0.0
-                if fbr and cfg.qdrop > 0:
-                    args_q, kwargs_q = _qdrop_mix((args_fp, kwargs_fp), (args_q, kwargs_q), cfg.qdrop)
-                out = _first(unit(*args_q, **kwargs_q))
-                loss = fbr_loss(out, target, inner.take() if inner else [], inner_fp, cfg.add_loss)
-                loss_value = float(loss.detach())  # reported: the reconstruction loss, without the regulariser
-                if learn_w and cfg.round_reg > 0:
-                    beta = beta_schedule(it, cfg.iters)
-                    if beta is not None:
-                        loss = loss + cfg.round_reg * sum(m.wq.regularizer(beta) for m in layers)
-                if not torch.isfinite(loss):
-                    raise QuantuneError("the reconstruction loss became NaN/inf: lower --lr-w / --lr-a or use minmax")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        for learn_w, learn_a in recipe.stages:
+            loss_value = _stage(u, cfg, recipe, generator, learn_w, learn_a, loss_value)
     finally:
         if inner:
             inner.close()
@@ -182,3 +180,54 @@ def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generat
             q.qdrop, q.enabled = 0.0, True
         set_quant(unit, True)
     return loss_value
+
+
+def _stage(
+    u: _Unit, cfg: PTQConfig, recipe: ReconRecipe, generator, learn_w: bool, learn_a: bool, last: float
+) -> float:
+    """One stage of `cfg.iters` Adam steps with cosine decay; returns its last loss (`last` when it has nothing to
+    learn)."""
+    params = []
+    if learn_w:
+        params.append({"params": [m.wq.v for m in u.layers], "lr": cfg.lr_w})
+    if learn_a and u.lsq:
+        params.append({"params": [q.log_scale for q in u.lsq], "lr": cfg.lr_a})
+    if not params or not any(g["params"] for g in params):
+        return last
+    for m in u.layers:
+        m.wq.hard = not learn_w
+    opt = torch.optim.Adam(params)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
+    rows = u.fp_in[2]
+    for it in range(cfg.iters):
+        idx = torch.randperm(rows, generator=generator)[: cfg.batch_size]
+        loss = _step_loss(u, recipe, _pick(u.fp_in, idx, rows), _pick(u.q_in, idx, rows), learn_a)
+        last = float(loss.detach())  # reported: the reconstruction loss, without the regulariser
+        if learn_w and cfg.round_reg > 0:
+            beta = beta_schedule(it, cfg.iters)
+            if beta is not None:
+                loss = loss + cfg.round_reg * sum(m.wq.regularizer(beta) for m in u.layers)
+        if not torch.isfinite(loss):
+            raise QuantuneError("the reconstruction loss became NaN/inf: lower --lr-w / --lr-a or use minmax")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return last
+
+
+def _step_loss(u: _Unit, recipe: ReconRecipe, fp_batch, q_batch, learn_a: bool) -> torch.Tensor:
+    """The FP target, then the quantized unit's loss on one batch (QDrop-mixed inputs when recipe.qdrop > 0)."""
+    (args_fp, kwargs_fp), (args_q, kwargs_q) = fp_batch, q_batch
+    with torch.no_grad():
+        set_quant(u.module, False)
+        target = _first(u.module(*args_fp, **kwargs_fp))
+        inner_fp = u.inner.take() if u.inner else []
+    set_quant(u.module, True)
+    for q in u.lsq:
+        q.enabled = learn_a
+        q.qdrop = recipe.qdrop
+    if recipe.qdrop > 0:
+        args_q, kwargs_q = _qdrop_mix((args_fp, kwargs_fp), (args_q, kwargs_q), recipe.qdrop)
+    out = _first(u.module(*args_q, **kwargs_q))
+    return fbr_loss(out, target, u.inner.take() if u.inner else [], inner_fp, recipe.add_loss)

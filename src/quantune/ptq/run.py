@@ -1,9 +1,11 @@
-"""`quantize_pipeline`: post-training quantization of a pipeline's UNet by minmax, Q-Diffusion or EDA-DM, ending
-in an integer UNet (QuantLinear / QuantConv2d + quantized attention) that `save_ptq_pipeline` writes.
+"""`quantize_pipeline`: post-training quantization of a pipeline's UNet by a registered method (minmax, Q-Diffusion,
+EDA-DM: ptq/methods/), ending in an integer UNet (QuantLinear / QuantConv2d + quantized attention) that
+`save_ptq_pipeline` writes.
 
-Steps (spec/eda-dm.md "Pipeline"): FP trajectories -> calibration samples (TDAC for eda-dm, uniform otherwise) ->
-shortcut splits -> wrap -> activation ranges (L2.4 per batch with EMA; min-max for minmax) -> reconstruct each
-unit in forward order (not for minmax: round to nearest) -> hard rounding -> export integers.
+Steps (EDA-DM, arXiv 2401.04585; docs/quantization.md): FP trajectories -> calibration samples per step (the
+method's choice: TDAC for eda-dm, uniform otherwise; ptq/calib.py) -> batches of UNet arguments -> the generic
+driver, `quantize_model` (ptq/driver.py): shortcut splits, wrap, activation ranges, per-unit reconstruction in
+forward order, hard rounding, export to integers.
 """
 
 from __future__ import annotations
@@ -12,40 +14,16 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from quantune.data.prompts import default_prompts
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.models.integer import save_integer_pipeline
-from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.calib import collect_calibration
 from quantune.ptq.config import PTQConfig
-from quantune.ptq.reconstruct import capture_inputs, reconstruct_unit
-from quantune.ptq.wrap import export_integer, recon_units, set_quant, shortcut_splits, wrap_for_ptq
+from quantune.ptq.driver import quantize_model
 
 logger = logging.getLogger(__name__)
 REPORT_FILE = "quantune_ptq.json"
-
-
-def _observe_activations(unet, calib, cfg: PTQConfig) -> None:
-    quantizers = [m for m in unet.modules() if isinstance(m, LSQActQuantizer)]
-    set_quant(unet, False)
-    for q in quantizers:
-        q.observing = True
-    try:
-        with torch.no_grad():
-            for kwargs in calib.batches(cfg.batch_size):
-                unet(**kwargs)
-    finally:
-        for q in quantizers:
-            q.observing = False
-    bad = [q for q in quantizers if not q.observed]
-    if bad:
-        raise QuantuneError(f"{len(bad)} activation quantizers never saw calibration data: the UNet skips layers")
-    if not all(torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all() for q in quantizers):
-        raise QuantuneError("calibration produced NaN/inf activation ranges: check the model's FP outputs")
 
 
 def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, progress: bool = True) -> dict:
@@ -60,52 +38,18 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     if getattr(pipe, "text_encoder", None) is not None:
         prompts = prompts or default_prompts()
     calib, tdac = collect_calibration(pipe, cfg, prompts)
-    first = calib.kwargs(slice(0, min(cfg.batch_size, calib.rows)))
-
-    def run_once():
-        with torch.no_grad():
-            unet(**first)
-
-    splits = shortcut_splits(unet, run_once)
-    wrapped = wrap_for_ptq(unet, cfg, splits)
-    _observe_activations(unet, calib, cfg)
-    units = recon_units(unet, run_once)
-    losses: dict[str, float] = {}
-    if cfg.learns:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # QDrop's masks draw from the global generator: seeded, the run repeats
-        bar = tqdm(units, desc=f"{cfg.method} reconstruction", disable=not progress, unit="unit")
-        done = []
-        for name, unit in bar:
-            set_quant(unet, False)
-            fp_in = capture_inputs(unet, unit, calib.batches(cfg.batch_size))
-            for d in done:
-                set_quant(d, True)
-            q_in = capture_inputs(unet, unit, calib.batches(cfg.batch_size))
-            losses[name] = reconstruct_unit(unit, fp_in, q_in, cfg, generator)
-            bar.set_postfix(unit=name, loss=f"{losses[name]:.4g}")
-            done.append(unit)
-    set_quant(unet, True)
-    n = export_integer(unet)
-    report = {
-        "method": cfg.method,
-        "wbits": cfg.wbits,
-        "abits": cfg.abits,
-        "attn_bits": cfg.attn_bits,
-        "layers": n,
-        "units": len(units),
-        "shortcut_splits": len(splits),
+    done = quantize_model(unet, list(calib.batches(cfg.batch_size, on_device=False)), cfg, progress)
+    return {
+        **{k: done[k] for k in ("method", "wbits", "abits", "attn_bits", "layers", "units", "shortcut_splits")},
         "calib_rows": calib.rows,
         "samples_per_step": calib.counts,
         "timesteps": calib.timesteps,
         "tdac_weights": [round(float(w), 4) for w in tdac],
-        "losses": losses,
+        "losses": done["losses"],
         "fp32_unet_bytes": fp32_bytes,
         "seconds": round(time.time() - start, 1),
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": cfg.to_dict(),
     }
-    logger.info("quantized %d layers (%d wrapped) in %.0f s", n, len(wrapped), report["seconds"])
-    return report
 
 
 def save_ptq_pipeline(pipe, out: str | Path, report: dict) -> Path:

@@ -1,4 +1,5 @@
-"""TDAC, Temporal Distribution Alignment Calibration (EDA-DM, arXiv 2401.04585, section 4.1; spec/eda-dm.md).
+"""TDAC, Temporal Distribution Alignment Calibration (EDA-DM, arXiv 2401.04585, section 4.1;
+docs/quantization.md).
 
 From a feature map F_s recorded at every denoising step s of the FP sampler (the input of the mid-block attention):
     d(s, s') = mean((F_s - F_s')^2)

@@ -1,8 +1,10 @@
 """The fake-quantized UNet that PTQ calibrates and reconstructs, its reconstruction units, and the export to the
-integer model (spec/eda-dm.md "Pipeline", steps 1, 2, 4 and 6).
+integer model (EDA-DM, arXiv 2401.04585, and Q-Diffusion, arXiv 2302.04304: the wrapped layers, the layers kept at
+higher precision, the shortcut split, the reconstruction units; docs/quantization.md).
 
 - Every nn.Linear / nn.Conv2d becomes a PTQLayer: the float layer, an AdaRound weight quantizer (per output
-  channel) and an LSQ activation quantizer (per tensor) on its input; `keep_8bit` layers get 8-bit weights,
+  channel) and an LSQ activation quantizer (per tensor) on its input, as PTQConfig.weight_for / act_for say
+  (the quantization core's WeightQuant / ActQuant, quant/config.py); `keep_8bit` layers get 8-bit weights,
   `act_fp` layers no input quantizer, `keep_fp` layers stay float. The shortcut conv of an up-block ResNet, whose
   input is concat(h, skip), gets a split input quantizer (one per part).
 - Every diffusers Attention gets a QuantAttnProcessor with LSQ quantizers on q, k, v and the softmax output.
@@ -27,6 +29,9 @@ from quantune.modules import set_module
 from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.adaround import AdaRoundQuantizer
 from quantune.ptq.config import PTQConfig
+from quantune.quant.attention import QuantAttnProcessor, attentions
+from quantune.quant.config import ActQuant, WeightQuant
+from quantune.quant.layers import from_codes
 from quantune.targets import listed
 
 logger = logging.getLogger(__name__)
@@ -34,11 +39,14 @@ FLOAT_LEAVES = (nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 
 class PTQLayer(nn.Module):
-    def __init__(self, layer: nn.Module, wbits: int, abits: int | None, cfg: PTQConfig, split: int = 0) -> None:
+    """A float nn.Linear / nn.Conv2d with an AdaRound weight quantizer (`weight`) and, unless `act` is None, an LSQ
+    quantizer on its input (`split` > 0: the shortcut split); float while `quant` is off."""
+
+    def __init__(self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0) -> None:
         super().__init__()
         self.layer = layer.requires_grad_(False)
-        self.wq = AdaRoundQuantizer(layer.weight, wbits, cfg.wsym(wbits), cfg.search)
-        self.aq = LSQActQuantizer(abits, split, cfg.search) if abits else None
+        self.wq = AdaRoundQuantizer(layer.weight, weight.bits, weight.symmetric, weight.search)
+        self.aq = LSQActQuantizer(act.bits, split, act.search) if act is not None else None
         self.quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +63,6 @@ class PTQLayer(nn.Module):
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
     def export(self) -> nn.Module:
-        from quantune.quant.layers import from_codes
-
         aq = self.aq.to_act_quantizer() if self.aq is not None else None
         return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
 
@@ -91,9 +97,8 @@ def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
             f"{name} is a {type(m).__name__}, which quantune's PTQ cannot quantize: add it to --keep-fp to leave it "
             "in float"
         )
-    if cfg.attn_bits is None:
+    if cfg.attn is None:
         return
-    from quantune.quant.attention import attentions
 
     for name, attn in attentions(unet).items():
         if getattr(attn, "add_q_proj", None) is not None or getattr(attn, "add_k_proj", None) is not None:
@@ -129,21 +134,17 @@ def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
 
 def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dict[str, PTQLayer]:
     """Replace the UNet's layers by PTQLayers and its attention processors by quantized ones (in place)."""
-    from quantune.quant.attention import QuantAttnProcessor, attentions
-
     check_supported(unet, cfg)
     wrapped = {}
     for name, m in list(unet.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
-        wbits = 8 if listed(cfg.keep_8bit, name) else cfg.wbits
-        abits = None if listed(cfg.act_fp, name) else cfg.abits
-        wrapped[name] = PTQLayer(m, wbits, abits, cfg, splits.get(name, 0))
+        wrapped[name] = PTQLayer(m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0))
         set_module(unet, name, wrapped[name])
-    if cfg.attn_bits is not None:
+    if cfg.attn is not None:
         for attn in attentions(unet).values():
-            slots = {s: LSQActQuantizer(cfg.attn_bits, search=cfg.search) for s in QuantAttnProcessor.SLOTS}
-            attn.set_processor(QuantAttnProcessor(cfg.attn_bits, slots))
+            slots = {s: LSQActQuantizer(cfg.attn.bits, search=cfg.attn.search) for s in QuantAttnProcessor.SLOTS}
+            attn.set_processor(QuantAttnProcessor(cfg.attn.bits, slots))
     logger.info("wrapped %d layers for PTQ (%s)", len(wrapped), cfg.method)
     return wrapped
 
@@ -175,8 +176,6 @@ def recon_units(unet: nn.Module, run) -> list[tuple[str, nn.Module]]:
 
 def export_integer(unet: nn.Module) -> int:
     """Replace every PTQLayer by its integer layer and every attention's LSQ quantizers by fixed ones (in place)."""
-    from quantune.quant.attention import QuantAttnProcessor, attentions
-
     names = [n for n, m in unet.named_modules() if isinstance(m, PTQLayer)]
     for name in names:
         set_module(unet, name, unet.get_submodule(name).export())

@@ -4,12 +4,14 @@ quantized Linear layers).
 
     Q_hat = AQ_q(Q), K_hat = AQ_k(K), V_hat = AQ_v(V),  P = softmax(Q_hat K_hat^T / sqrt(d)),  O = AQ_p(P) V_hat
 
-The quantizers are the processor's submodules, so their scales are saved with the UNet's state and the spec lists
-the attentions that carry them (quant/quantize.py). The products run in float on the fake-quantized values.
+The quantizers are the processor's submodules, so their scales are saved with the UNet's state and the saved spec
+(quantune_quant.json, quant/quantize.py) lists the attentions that carry them. EDA-DM: arXiv 2401.04585;
+Q-Diffusion: arXiv 2302.04304; docs/quantization.md. The products run in float on the fake-quantized values.
 
 Deployed (`fused`, set by quant/kernels.py: prepare_int_kernels), the products run as one fused
-F.scaled_dot_product_attention on Q_hat, K_hat, V_hat, in `sdpa_dtype` (bf16 on CUDA and on CPUs with AMX-BF16; fp32
-elsewhere): P is never formed, so AQ_p is not applied. That drops one rounding the
+F.scaled_dot_product_attention on Q_hat, K_hat, V_hat, in the dtype `sdpa_mode` names ("auto": bf16 where the
+input's device runs it natively, CUDA and CPUs with AMX-BF16, decided per call so it follows a move; "fp32"; "input":
+the input's dtype): P is never formed, so AQ_p is not applied. That drops one rounding the
 calibration saw (the output moves toward FP; tests/quant/test_kernels.py states the SQNR against the unfused
 model). No PyTorch CPU kernel multiplies batched int8 matrices, and forming the 8-bit P of a 4096-token attention
 costs more than the fused float product it would replace.
@@ -24,19 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantune.quant.act import ActQuantizer
+from quantune.quant.kernels import fast_bf16
+
+SDPA_MODES = ("auto", "fp32", "input")
+
 
 class QuantAttnProcessor(nn.Module):
     SLOTS = ("q", "k", "v", "p")
 
     def __init__(self, bits: int, quantizers: dict[str, nn.Module] | None = None) -> None:
-        from quantune.quant.layers import ActQuantizer
-
         super().__init__()
         self.bits = bits
         quantizers = quantizers or {s: ActQuantizer(bits) for s in self.SLOTS}
         self.quantizers = nn.ModuleDict({s: quantizers[s] for s in self.SLOTS})
         self.fused = False  # deployment: one fused SDPA, P unquantized (module docstring)
-        self.sdpa_dtype: torch.dtype | None = None  # None: the input's dtype
+        self.sdpa_mode = "auto"  # the fused product's dtype (module docstring)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         aq = self.quantizers
@@ -78,13 +83,19 @@ class QuantAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def sdpa_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The fused product's dtype on `device` (None: the input's)."""
+        if self.sdpa_mode == "fp32":
+            return torch.float32
+        return torch.bfloat16 if self.sdpa_mode == "auto" and fast_bf16(device) else None
+
     def _sdpa(self, attn, query, key, value, attention_mask) -> torch.Tensor:
-        dtype = query.dtype
+        dtype, sdpa_dtype = query.dtype, self.sdpa_dtype(query.device)
         batch, heads = query.shape[0], attn.heads
 
         def split(x):
             x = x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-            return x.to(self.sdpa_dtype) if self.sdpa_dtype is not None else x
+            return x.to(sdpa_dtype) if sdpa_dtype is not None else x
 
         mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1]) if attention_mask is not None else None
         out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, scale=attn.scale)

@@ -1,7 +1,7 @@
 """IntLoRA: integral low-rank adaptation of a quantized base (Guo et al. 2024, arXiv:2410.21759).
 
-Notation (../shared/spec/intlora.md): W [C_out, C_in] frozen (a conv kernel flattened to [C_out, C_in kh kw]),
-A [r, C_in] (Kaiming-uniform, a = sqrt(5)), B [C_out, r] (zero), b = base bits.
+Notation (the paper's, with its reference code's choices; docs/intlora.md): W [C_out, C_in] frozen (a conv kernel
+flattened to [C_out, C_in kh kw]), A [r, C_in] (Kaiming-uniform, a = sqrt(5)), B [C_out, r] (zero), b = base bits.
 
 AQS (adaptation-quantization separation): an auxiliary R ~ Laplace(0, 0.5), frozen, drawn from a CPU generator
 seeded by (seed, layer name): regenerated on load, never stored. VMC (variance matching control), per row, once:
@@ -11,7 +11,7 @@ The base quantizes W - R* per row, asymmetric, L2.4 search: W_int = q - z (signe
 
 Multiplicative form: W' = U (.) W_int,  U = s + (R* + s_lora B A) / W_int  (W_int = 0 replaced by 1 in the division)
 - MUL: (scale_u, zero_u) fitted per row to U at construction (B A = 0: what the reference does on its first
-  forward) by the spec's search exactly, the grid not forced to hold 0 (`include_zero=False`: an all-positive
+  forward) by the paper's L2.4 search exactly, the grid not forced to hold 0 (`include_zero=False`: an all-positive
   row of U gets zero_u <= 0, as in the reference);
   U_int = clamp(round_ste(U / scale_u) + zero_u, 0, 2^lb - 1) - zero_u;  W' = scale_u (.) (U_int (.) W_int).
   Merge: the integers U_int (.) W_int (about 2b bits) with the per-row scale_u: exactly the training weight.
@@ -23,12 +23,14 @@ Zero-drop: where W_int = 0, W' = 0 (R* and B A are lost there, no gradient). `ze
 `zero_fix="midrise"` (quantune's fix) quantizes the base on a mid-rise grid, W_int = 2 (q - z) + 1 with scale s/2:
 the same 2^b levels, none of them zero, so nothing is dropped (W_int needs b + 1 bits).
 Activations: optional per-tensor fake quantization of the input (ActQuantizer, calibrated explicitly).
+Settings: one IntLoraConfig per layer (rank, alpha, the base's WeightQuant, lora_bits, ActQuant, VMC, seed, fixes).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from quantune.errors import QuantuneError
+from quantune.quant.config import ActQuant, WeightQuant
 from quantune.quant.layers import ActQuantizer, _QuantWeight, from_int
 from quantune.quant.primitives import check_bits, pack_int4, quantize, round_ste, search_qparams, unpack_int4
 
@@ -53,42 +56,68 @@ def laplace(shape, scale: float, seed: int) -> torch.Tensor:
     return (-scale * torch.sign(u) * torch.log1p(-2 * u.abs()).clamp_min(-50)).float()
 
 
+@dataclass(frozen=True)
+class IntLoraConfig:
+    """One IntLoRA layer's settings: `mode` "mul" or "shift"; LoRA rank `r` and `alpha` (None: r, scaling
+    alpha / r); the base's `weight` quantization (bits and range search; IntLoRA quantizes per row, asymmetric);
+    `lora_bits` of MUL's U quantizer (None: the base's bits); `act`: an input quantizer, or None; VMC's `vmc_alpha`;
+    `seed` of R (with the layer name); `zero_fix` "none" (the reference's zero-drop) or "midrise"; SHIFT's
+    `shift_span`; `cache_aux`: keep R* in memory (fp16) instead of regenerating it every forward."""
+
+    mode: str = "mul"
+    r: int = 4
+    alpha: float | None = None
+    weight: WeightQuant = field(default_factory=WeightQuant)
+    lora_bits: int | None = None
+    act: ActQuant | None = None
+    vmc_alpha: float = 1.5
+    seed: int = 0
+    zero_fix: str = "none"
+    shift_span: int = 15
+    cache_aux: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mul", "shift"):
+            raise QuantuneError(f"IntLoRA mode {self.mode!r} is unknown: use 'mul' or 'shift'")
+        if self.zero_fix not in ("none", "midrise"):
+            raise QuantuneError(f"zero_fix = {self.zero_fix!r} is unknown: use 'none' (faithful) or 'midrise'")
+        if not isinstance(self.weight, WeightQuant) or self.weight.symmetric or not self.weight.per_channel:
+            raise QuantuneError("IntLoRA's base is quantized per row and asymmetric: give WeightQuant(bits, search)")
+        if self.act is not None and not isinstance(self.act, ActQuant):
+            raise QuantuneError(f"IntLoraConfig.act must be an ActQuant or None, not {type(self.act).__name__}")
+        if self.lora_bits is not None:
+            check_bits(self.lora_bits, "lora_bits")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise QuantuneError(f"IntLoRA rank r = {self.r!r} must be a positive integer")
+        if not self.vmc_alpha > 0:
+            raise QuantuneError(f"vmc_alpha = {self.vmc_alpha!r} must be positive")
+        if int(self.shift_span) < 1:
+            raise QuantuneError(f"shift_span = {self.shift_span!r} must be at least 1")
+
+    @property
+    def u_bits(self) -> int:
+        return self.lora_bits if self.lora_bits is not None else self.weight.bits
+
+
 class IntLoraLayer(nn.Module):
+    """An IntLoRA layer (module docstring) on a float nn.Linear / nn.Conv2d `base` named `name`; A is drawn from
+    `generator`."""
+
     def __init__(
-        self,
-        base: nn.Module,
-        name: str,
-        *,
-        mode: str = "mul",
-        r: int = 4,
-        alpha: float | None = None,
-        bits: int = 8,
-        lora_bits: int | None = None,
-        vmc_alpha: float = 1.5,
-        seed: int = 0,
-        zero_fix: str = "none",
-        shift_span: int = 15,
-        act_bits: int | None = None,
-        search: str = "l2.4",
-        cache_aux: bool = True,
-        generator: torch.Generator | None = None,
+        self, base: nn.Module, name: str, config: IntLoraConfig | None = None, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
-            raise QuantuneError(f"IntLoRA adapts nn.Linear and nn.Conv2d only, not {type(base).__name__} ({name})")
-        if mode not in ("mul", "shift"):
-            raise QuantuneError(f"IntLoRA mode {mode!r} is unknown: use 'mul' or 'shift'")
-        if zero_fix not in ("none", "midrise"):
-            raise QuantuneError(f"zero_fix = {zero_fix!r} is unknown: use 'none' (faithful) or 'midrise'")
-        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
-            raise QuantuneError(
-                f"IntLoRA supports convs with groups=1 and zero padding only ({name}): exclude it from the targets"
-            )
-        self.mode, self.r, self.bits = mode, r, check_bits(bits)
-        self.lora_bits = check_bits(lora_bits if lora_bits is not None else bits, "lora_bits")
-        self.zero_fix, self.shift_span, self.vmc_alpha = zero_fix, int(shift_span), float(vmc_alpha)
-        self.scaling = (alpha if alpha is not None else r) / r
-        self.aux_seed = layer_seed(seed, name)
+        config = config if config is not None else IntLoraConfig()
+        _check_base(base, name)
+        self.config = config
+        self.mode, self.r, self.bits, self.lora_bits = config.mode, config.r, config.weight.bits, config.u_bits
+        self.zero_fix, self.shift_span, self.vmc_alpha = (
+            config.zero_fix,
+            int(config.shift_span),
+            float(config.vmc_alpha),
+        )
+        self.scaling = (config.alpha if config.alpha is not None else config.r) / config.r
+        self.aux_seed = layer_seed(config.seed, name)
         self.weight_shape = tuple(base.weight.shape)
         self.conv = (
             {}
@@ -98,36 +127,47 @@ class IntLoraLayer(nn.Module):
         self._like = [_meta_copy(base)]  # shape source for merges (not a submodule)
         W = base.weight.detach().float().reshape(self.weight_shape[0], -1)
         rows, cols = W.shape
-        self.lora_A = nn.Parameter(torch.empty(r, cols))
-        self.lora_B = nn.Parameter(torch.zeros(rows, r))
+        self.lora_A = nn.Parameter(torch.empty(config.r, cols))
+        self.lora_B = nn.Parameter(torch.zeros(rows, config.r))
         bound = 1.0 / math.sqrt(cols)  # kaiming_uniform(a=sqrt(5)) as nn.Linear and peft
         with torch.no_grad():
             self.lora_A.uniform_(-bound, bound, generator=generator)
         self.register_buffer("bias", base.bias.detach().float().clone() if base.bias is not None else None)
+        r_star = self._init_aux(W)
+        self._init_base(W, r_star)
+        act = config.act
+        self.act_quant = ActQuantizer(act.bits, act.search) if act is not None else None
+        if self.mode == "mul":
+            self._init_u_quantizer(W)
 
-        # VMC: the per-row ratio is all that is kept of W's statistics; R itself is regenerated from the seed.
+    def _init_aux(self, W: torch.Tensor) -> torch.Tensor:
+        """VMC: the per-row ratio is all that is kept of W's statistics; R itself is regenerated from the seed."""
         R = laplace(W.shape, 0.5, self.aux_seed)
         a_W = torch.maximum(W.amax(1).abs(), W.amin(1).abs())
         a_R = torch.minimum(R.amax(1).abs(), R.amin(1).abs())
         self.register_buffer("vmc_ratio", (a_W**self.vmc_alpha / (a_R + 1e-8) ** self.vmc_alpha).reshape(-1, 1))
         r_star = self._r_star(R)
-        self.register_buffer("aux", r_star.to(AUX_DTYPE) if cache_aux else None, persistent=False)  # 2 B/weight
+        aux = r_star.to(AUX_DTYPE) if self.config.cache_aux else None
+        self.register_buffer("aux", aux, persistent=False)  # 2 B/weight
+        return r_star
 
-        # the base: W - R*, per row, asymmetric, L2.4 search (mid-rise with the zero fix)
-        qp = search_qparams(W - r_star, bits, search=search, offset=0.5 if zero_fix == "midrise" else 0.0)
-        self.packed = bits <= 4
+    def _init_base(self, W: torch.Tensor, r_star: torch.Tensor) -> None:
+        """The base: W - R*, per row, asymmetric, L2.4 search (mid-rise with the zero fix)."""
+        wq = self.config.weight
+        qp = search_qparams(W - r_star, wq.bits, search=wq.search, offset=0.5 if self.zero_fix == "midrise" else 0.0)
+        self.packed = wq.pack and wq.bits <= 4
         codes = quantize(W - r_star, qp).to(torch.uint8)
         self.register_buffer("codes", pack_int4(codes) if self.packed else codes)
         self.register_buffer("zero_point", qp.zero_point.to(torch.int32))
-        self.register_buffer("scale", qp.scale / 2 if zero_fix == "midrise" else qp.scale.clone())
+        self.register_buffer("scale", qp.scale / 2 if self.zero_fix == "midrise" else qp.scale.clone())
 
-        self.act_quant = ActQuantizer(act_bits, search) if act_bits else None
-        if mode == "mul":  # fit U's quantizer at B A = 0 (the reference's first forward), then freeze it
-            U0 = self._adaptation(self.int_base(), torch.zeros_like(W))
-            # the spec's search as is: no forced 0 in the grid (an all-positive row of U gets z <= 0)
-            uq = search_qparams(U0, self.lora_bits, search=search, include_zero=False)
-            self.register_buffer("u_scale", uq.scale)
-            self.register_buffer("u_zero", uq.zero_point.to(torch.int32))
+    def _init_u_quantizer(self, W: torch.Tensor) -> None:
+        """MUL: fit U's quantizer at B A = 0 (the reference's first forward), then freeze it; the paper's search as
+        is: no forced 0 in the grid (an all-positive row of U gets z <= 0)."""
+        U0 = self._adaptation(self.int_base(), torch.zeros_like(W))
+        uq = search_qparams(U0, self.lora_bits, search=self.config.weight.search, include_zero=False)
+        self.register_buffer("u_scale", uq.scale)
+        self.register_buffer("u_zero", uq.zero_point.to(torch.int32))
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _r_star(self, R: torch.Tensor) -> torch.Tensor:
@@ -235,6 +275,15 @@ class IntLoraLayer(nn.Module):
         return (
             f"mode={self.mode}, shape={list(self.weight_shape)}, r={self.r}, bits={self.bits}, "
             f"lora_bits={self.lora_bits}, zero_fix={self.zero_fix}"
+        )
+
+
+def _check_base(base: nn.Module, name: str) -> None:
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        raise QuantuneError(f"IntLoRA adapts nn.Linear and nn.Conv2d only, not {type(base).__name__} ({name})")
+    if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+        raise QuantuneError(
+            f"IntLoRA supports convs with groups=1 and zero padding only ({name}): exclude it from the targets"
         )
 
 

@@ -7,17 +7,23 @@ in int8 (symmetric 8-bit codes, or 4-bit codes minus their zero point):
 which equals the fake-quantized layer (ActQuantizer + dequantized weight) up to float summation order
 (tests/quant/test_kernels.py states the SQNR).
 
-Backends (picked once per layer by `prepare_int_kernels`, never inside a forward):
+Kernels, tried in the order of KERNELS (a list of KernelChoice: `supports(layer)` gives the reason it cannot run
+the layer, or None; `build(layer)` makes the kernel); the first that supports a layer is chosen, the others'
+reasons are logged at debug level, and a layer none supports keeps the dequantize-on-the-fly forward with the last
+reason ("dequantized (weight-only)"):
 - "onednn" (CPU builds of PyTorch with oneDNN, i.e. x86): torch.ops.onednn.qconv2d_pointwise / qlinear_pointwise,
   the kernels torch.compile's x86 int8 path uses. They take uint8 activations with their zero point and int8
   weights prepacked once (qconv_prepack / qlinear_prepack), fold the zero-point correction, scales and bias, and
-  write fp32. Measured in the spec: 3x3 convs ~20x faster than im2col + GEMM on this CPU.
+  write fp32. Measured: 3x3 convs ~20x faster than im2col + GEMM on this project's CPU (docs/quantization.md).
 - "int_mm" (CUDA, or CPUs without oneDNN): torch._int_mm (int8 x int8 -> int32); x_q - 128 makes the
   activations int8 and the correction uses z_a - 128; convs through im2col (F.unfold), 1x1 convs as a reshape.
-Layers these kernels do not cover keep the dequantize-on-the-fly forward, and `prepare_int_kernels` says how many
-and why: weight-only layers (W4A16 / W8A16), activation bits other than 8, weights whose integers leave int8
-(asymmetric 8-bit), SHIFT merges, grouped convs. A split activation quantizer (the shortcut split: one (s_a, z_a)
-for h and one for the skip in concat(h, skip)) runs as two integer products summed (SplitKernel).
+Neither covers weight-only layers (W4A16 / W8A16), activation bits other than 8, weights whose integers leave int8
+(asymmetric 8-bit), SHIFT merges, grouped convs (`unsupported_reason`). A split activation quantizer (the shortcut
+split: one (s_a, z_a) for h and one for the skip in concat(h, skip)) runs as two integer products summed
+(SplitKernel). A new kernel is one KernelChoice added to KERNELS (`register_kernel`).
+
+`prepare_int_kernels(model)` selects a kernel per layer for the device its weights are on; a layer moved later
+(`.to()`) selects again on its next forward without gradients (quant/intlayer.py), so kernels follow the model.
 
 Written by hand: PyTorch has the kernels, but nothing connects diffusers' layers with static calibrated scales
 to them (torchao and optimum-quanto quantize activations dynamically and skip Conv2d).
@@ -25,8 +31,11 @@ to them (torchao and optimum-quanto quantize activations dynamically and skip Co
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +44,12 @@ from torch import nn
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("auto", "onednn", "int_mm")
+
+
+def _is_conv(layer) -> bool:
+    from quantune.quant.layers import QuantConv2d
+
+    return isinstance(layer, QuantConv2d)
 
 
 def onednn_available() -> bool:
@@ -43,9 +57,11 @@ def onednn_available() -> bool:
 
 
 def unsupported_reason(layer) -> str | None:
-    """Why `layer` (a QuantLinear / QuantConv2d) cannot run an integer kernel, or None when it can."""
-    from quantune.quant.layers import QuantConv2d
+    """Why `layer` (a QuantLinear / QuantConv2d) cannot run the int8 kernels, or None when it can."""
+    from quantune.quant.layers import QuantConv2d, QuantLinear
 
+    if not isinstance(layer, (QuantLinear, QuantConv2d)):
+        return f"no int8 kernel for {type(layer).__name__}"
     aq = layer.act_quant
     if aq is None:
         return "weight-only"
@@ -56,7 +72,7 @@ def unsupported_reason(layer) -> str | None:
     w = layer.int_weight()
     if int(w.min()) < -128 or int(w.max()) > 127:
         return "weight integers beyond int8"
-    if isinstance(layer, QuantConv2d) and (layer.groups != 1 or isinstance(layer.padding, str)):
+    if _is_conv(layer) and (layer.groups != 1 or isinstance(layer.padding, str)):
         return "grouped conv or string padding"
     return None
 
@@ -66,9 +82,7 @@ class IntKernel:
     quantizer); holds the int8 weight (and its prepacked form), scales and bias (the first part's)."""
 
     def __init__(self, layer, backend: str, part: int = 0) -> None:
-        from quantune.quant.layers import QuantConv2d
-
-        self.backend, self.is_conv = backend, isinstance(layer, QuantConv2d)
+        self.backend, self.is_conv = backend, _is_conv(layer)
         self.device = layer.qweight.device  # the layer runs its float path on inputs elsewhere (after .to())
         aq = layer.act_quant
         self.s_a, self.z_a = float(aq.scale.reshape(-1)[part]), int(aq.zero_point.reshape(-1)[part])
@@ -152,27 +166,31 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     benchmarks/results/ptq_cpu_parts.md)."""
     if torch.device(device).type == "cuda":
         return True
+    return _cpu_has_amx_bf16()
+
+
+@functools.cache
+def _cpu_has_amx_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
     except OSError:
         return False
-    return " amx_bf16" in flags
 
 
 def prepare_attention(model: nn.Module, attn_dtype: str = "auto") -> int:
     """Switch every quantized attention to its deployed form: one fused SDPA on the quantized q, k, v (attention.py),
-    in bf16 when the device runs it natively ("auto"), or in "fp32" / the input's dtype ("input")."""
-    from quantune.quant.attention import QuantAttnProcessor, attentions
+    in bf16 where the input's device runs it natively ("auto", decided per call: it follows moves), or in "fp32" /
+    the input's dtype ("input")."""
+    from quantune.quant.attention import SDPA_MODES, QuantAttnProcessor, attentions
 
+    if attn_dtype not in SDPA_MODES:
+        raise QuantuneError(f"unknown attention dtype {attn_dtype!r}: choose auto, fp32 or input")
     n = 0
     for attn in attentions(model).values():
         proc = attn.processor
         if isinstance(proc, QuantAttnProcessor):
-            device = attn.to_q.qweight.device if hasattr(attn.to_q, "qweight") else next(attn.parameters()).device
-            dtypes = {"auto": torch.bfloat16 if fast_bf16(device) else None, "fp32": torch.float32, "input": None}
-            if attn_dtype not in dtypes:
-                raise QuantuneError(f"unknown attention dtype {attn_dtype!r}: choose auto, fp32 or input")
-            proc.fused, proc.sdpa_dtype = True, dtypes[attn_dtype]
+            proc.fused, proc.sdpa_mode = True, attn_dtype
             n += 1
     return n
 
@@ -189,35 +207,90 @@ class SplitKernel:
         return self.parts[0](x[:, : self.split]) + self.parts[1](x[:, self.split :])
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """One integer kernel: `supports(layer)` is None when it can run `layer`, else the reason it cannot; `build(layer)`
+    makes the callable kernel (with a `device` attribute); layers it runs are counted as "{kind} ({name})"."""
+
+    name: str
+    supports: Callable[[nn.Module], str | None]
+    build: Callable[[nn.Module], object]
+    kind: str = "int8"
+
+
+def _onednn_supports(layer) -> str | None:
+    if (reason := unsupported_reason(layer)) is not None:
+        return reason
+    if layer.qweight.device.type != "cpu":
+        return "oneDNN runs on CPU only"
+    return None if onednn_available() else "no oneDNN kernels in this PyTorch build"
+
+
+def _int_mm_supports(layer) -> str | None:
+    if (reason := unsupported_reason(layer)) is not None:
+        return reason
+    if layer.qweight.device.type == "cpu":
+        return None
+    split = layer.act_quant.split
+    taps = layer.cols // layer.weight_shape[1]  # kh * kw (1 for Linear)
+    ks = [split * taps, layer.cols - split * taps] if split else [layer.cols]
+    if any(k % 8 for k in ks) or layer.weight_shape[0] % 8:
+        return "CUDA int_mm needs K and N multiples of 8"
+    return None
+
+
+def _builder(backend: str) -> Callable[[nn.Module], object]:
+    def build(layer):
+        return (SplitKernel if layer.act_quant.split else IntKernel)(layer, backend)
+
+    return build
+
+
+KERNELS: list[KernelChoice] = [
+    KernelChoice("onednn", _onednn_supports, _builder("onednn")),
+    KernelChoice("int_mm", _int_mm_supports, _builder("int_mm")),
+]
+
+
+def register_kernel(choice: KernelChoice, first: bool = False) -> None:
+    """Add a kernel to KERNELS: tried before the others (`first`) or after them."""
+    KERNELS.insert(0, choice) if first else KERNELS.append(choice)
+
+
+def backends() -> tuple[str, ...]:
+    return ("auto", *(k.name for k in KERNELS))
+
+
+def select_kernel(layer, backend: str = "auto") -> tuple[object | None, str]:
+    """(kernel or None, how the layer runs): the first of KERNELS (only `backend`'s unless "auto") that supports
+    `layer`; the reasons of those that do not are logged at debug level."""
+    reason = f"no kernel named {backend!r}"
+    for choice in KERNELS:
+        if backend != "auto" and choice.name != backend:
+            continue
+        reason = choice.supports(layer)
+        if reason is None:
+            return choice.build(layer), f"{choice.kind} ({choice.name})"
+        logger.debug("%s %s: no %s kernel (%s)", type(layer).__name__, list(layer.weight_shape), choice.name, reason)
+    return None, f"dequantized ({reason})"
+
+
 def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str = "auto") -> Counter:
     """Give every quantized layer of `model` that can run integer arithmetic its kernel and every quantized
     attention its fused form (in place, for inference); returns the count of layers per way of running
-    ("int8 (onednn)", "dequantized (weight-only)", "attention (fused sdpa)", ...), also logged."""
+    ("int8 (onednn)", "dequantized (weight-only)", "attention (fused sdpa)", ...), also logged. The layers keep
+    `backend` and select again for a new device after a move."""
     from quantune.quant.quantize import quant_layers
 
-    if backend not in BACKENDS:
-        raise QuantuneError(f"unknown integer backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in backends():
+        raise QuantuneError(f"unknown integer backend {backend!r}: choose one of {', '.join(backends())}")
     if backend == "onednn" and not onednn_available():
         raise QuantuneError("this PyTorch build has no oneDNN quantized kernels: use backend 'int_mm'")
     ways: Counter = Counter()
     for layer in quant_layers(model).values():
-        reason = unsupported_reason(layer)
-        if reason is None:
-            on_cpu = layer.qweight.device.type == "cpu"
-            chosen = backend if backend != "auto" else ("onednn" if on_cpu and onednn_available() else "int_mm")
-            if chosen == "onednn" and not on_cpu:
-                raise QuantuneError("the oneDNN integer kernels run on CPU only: use backend 'int_mm' on CUDA")
-            split = layer.act_quant.split
-            taps = layer.cols // layer.weight_shape[1]  # kh * kw (1 for Linear)
-            ks = [split * taps, layer.cols - split * taps] if split else [layer.cols]
-            if chosen == "int_mm" and not on_cpu and (any(k % 8 for k in ks) or layer.weight_shape[0] % 8):
-                reason = "CUDA int_mm needs K and N multiples of 8"
-            else:
-                layer.kernel = (SplitKernel if layer.act_quant.split else IntKernel)(layer, chosen)
-                ways[f"int8 ({chosen})"] += 1
-                continue
-        layer.kernel = None
-        ways[f"dequantized ({reason})"] += 1
+        if backend == "onednn" and layer.qweight.device.type != "cpu":
+            raise QuantuneError("the oneDNN integer kernels run on CPU only: use backend 'int_mm' on CUDA")
+        ways[layer.prepare_kernel(backend)] += 1
     attns = prepare_attention(model, attn_dtype)
     if attns:
         ways["attention (fused sdpa)"] += attns
@@ -230,7 +303,7 @@ def drop_int_kernels(model: nn.Module) -> None:
     from quantune.quant.quantize import quant_layers
 
     for layer in quant_layers(model).values():
-        layer.kernel = None
+        layer.drop_kernel()
     for attn in attentions(model).values():
         if isinstance(attn.processor, QuantAttnProcessor):
             attn.processor.fused = False

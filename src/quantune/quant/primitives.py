@@ -8,7 +8,8 @@ Range search (`search="l2.4"`, IntLoRA's and q-diffusion's "L2.4 search"): for i
 with the smallest mean |x_hat - x|^2.4. `search="minmax"` takes i = 0 only.
 `offset=0.5` gives a mid-rise grid x_hat = s (q - z + 1/2) (no level at zero; used by IntLoRA's zero-drop fix).
 Asymmetric candidates widen [lo, hi] to hold 0 (zero point in [0, 2^b - 1]: weights, activations) unless
-`include_zero=False`: then z = round(-lo / s) may leave [0, 2^b - 1] (IntLoRA-MUL's U, ../shared/spec/intlora.md s. 4).
+`include_zero=False`: then z = round(-lo / s) may leave [0, 2^b - 1] (IntLoRA-MUL's U; IntLoRA, Guo et al. 2024,
+arXiv 2410.21759, and docs/intlora.md).
 
 Fake quantization uses the straight-through estimator: round_ste(v) = v + (round(v) - v).detach(); the clamp
 passes gradients inside the range and zero outside (the LSQ / q-diffusion convention).
@@ -101,8 +102,8 @@ def search_qparams(
 
     include_zero (asymmetric only): True widens each candidate range to hold 0, so 0 is a grid level and the zero
     point lies in [0, 2^b - 1] (weights and activations). False searches [min (1 - 0.01 i), max (1 - 0.01 i)] as is,
-    z = round(-lo / s) unclamped: the L2.4 search of ../shared/spec/intlora.md s. 1, as IntLoRA-MUL's U quantizer
-    (s. 4) and the reference code do (a row of U that is all positive then gets a zero point <= 0)."""
+    z = round(-lo / s) unclamped: the L2.4 search of the IntLoRA paper (arXiv 2410.21759) as IntLoRA-MUL's U quantizer
+    and the reference code use it (a row of U that is all positive then gets a zero point <= 0)."""
     check_bits(bits, high=16)
     if search not in ("l2.4", "minmax"):
         raise QuantuneError(f"search = {search!r} is not supported: use 'l2.4' or 'minmax'")

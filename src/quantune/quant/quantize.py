@@ -3,7 +3,9 @@
 A quantized UNet is saved as a diffusers model folder whose safetensors hold the integer buffers (qweight, scale,
 zero_point, shift, activation scales) and a `quantune_quant.json` listing every integer layer's `spec()`; any
 safetensors reader sees the integers. `load_quantized_model(folder, cls)` rebuilds the model from its config,
-puts empty integer layers where the spec says and loads the tensors strictly.
+puts empty integer layers where the layer specs say (each registered class's `from_spec`, quant/intlayer.py) and
+loads the tensors strictly. `calibrate` runs the activation quantizers' observation protocol (quant/act.py).
+See docs/intlora.md and docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.modules import set_module
+from quantune.quant.act import ActQuantizer, observe_activations
 from quantune.quant.config import QuantConfig
-from quantune.quant.layers import QUANT_CLASSES, ActQuantizer, QuantLinear, Storage, _QuantWeight, from_float
+from quantune.quant.layers import _QuantWeight, layer_from_spec, quantizable, quantizable_names, quantize_layer
 
 logger = logging.getLogger(__name__)
 SPEC_FILE = "quantune_quant.json"
@@ -34,29 +37,16 @@ def quantize_(model: nn.Module, config: QuantConfig) -> list[str]:
     for name, module in list(model.named_modules()):
         if not name or ".lora_" in name or isinstance(module, _QuantWeight) or not config.is_target(name):
             continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if quantizable(module):
             names.append(name)
         elif config.targets is not None and not any(True for _ in module.children()):
             raise QuantuneError(
-                f"quantization target {name!r} is a {type(module).__name__}: only nn.Linear and nn.Conv2d can be "
+                f"quantization target {name!r} is a {type(module).__name__}: only {quantizable_names()} can be "
                 "quantized; change the targets or add it to exclude"
             )
     for name in names:
-        layer = model.get_submodule(name)
-        set_module(
-            model,
-            name,
-            from_float(
-                layer,
-                config.bits,
-                per_channel=config.per_channel,
-                symmetric=config.symmetric,
-                search=config.search,
-                pack=config.pack,
-                act_bits=config.act_bits,
-            ),
-        )
-    logger.info("quantized %d layers to %d bits", len(names), config.bits)
+        set_module(model, name, quantize_layer(model.get_submodule(name), config.weight, config.act))
+    logger.info("quantized %d layers to %d bits", len(names), config.weight.bits)
     return names
 
 
@@ -69,19 +59,9 @@ def calibrate(model: nn.Module, run: Callable[[], object], only_missing: bool = 
     quantizers = {n: q for n, q in act_quantizers(model).items() if not (only_missing and bool(q.calibrated))}
     if not quantizers:
         return 0
-    for q in quantizers.values():
-        q.observing, q._seen = True, []
-    try:
-        with torch.no_grad():
-            run()
-        unseen = [n for n, q in quantizers.items() if not q._seen]
-        if unseen:
-            raise QuantuneError(f"calibration never reached {len(unseen)} quantized layers (e.g. {unseen[0]})")
-        for q in quantizers.values():
-            q.finish_calibration()
-    finally:
-        for q in quantizers.values():
-            q.observing, q._seen = False, []
+    unseen = observe_activations(quantizers, run)
+    if unseen:
+        raise QuantuneError(f"calibration never reached {len(unseen)} quantized layers (e.g. {unseen[0]})")
     logger.info("calibrated %d activation quantizers", len(quantizers))
     return len(quantizers)
 
@@ -125,33 +105,10 @@ def is_quantized_folder(folder: str | Path) -> bool:
 
 
 def _from_spec(spec: dict) -> nn.Module:
-    cls = QUANT_CLASSES.get(spec.get("class"))
-    if cls is None:
+    layer = layer_from_spec(spec)
+    if layer is None:
         raise QuantuneError(f"unknown integer layer class {spec.get('class')!r} in {SPEC_FILE}: upgrade quantune")
-    storage = Storage(
-        bits=spec["bits"],
-        packed=spec["packed"],
-        code_offset=spec["code_offset"],
-        qdtype=getattr(torch, spec["qdtype"]),
-        zero_point=spec["zero_point"],
-        shift=spec["shift"],
-        act_bits=spec["act_bits"],
-        act_split=spec.get("act_split", 0),
-    )
-    shape = spec["weight_shape"]
-    if cls is QuantLinear:
-        return cls(shape[1], shape[0], spec["bias"], storage)
-    return cls(
-        shape[1] * spec["groups"],
-        shape[0],
-        tuple(shape[2:]),
-        spec["stride"],
-        spec["padding"],
-        spec["dilation"],
-        spec["groups"],
-        spec["bias"],
-        storage=storage,
-    )
+    return layer
 
 
 def load_quantized_model(folder: str | Path, cls):

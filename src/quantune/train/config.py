@@ -107,31 +107,51 @@ class LoraSection:
 
 @dataclass
 class QuantSection:
-    """The quantized base of qlora / intlora-mul / intlora-shift (../shared/spec/intlora.md)."""
+    """The quantized base of qlora / intlora-mul / intlora-shift (QLoRA, Dettmers et al. 2023; IntLoRA, Guo et al.
+    2024, arXiv 2410.21759; docs/intlora.md). The TOML keys stay flat; `weight` and `act` give them in the
+    quantization core's vocabulary (quant/config.py: WeightQuant, ActQuant). `act_bits = 0` and `lora_bits = 0`,
+    the spellings of older configs (TOML has no null), are read as None in __post_init__: weight-only, and U's
+    bits equal to the base's."""
 
     bits: int = 8  # base weight bits, 2..8
-    act_bits: int = 0  # 0: weights only; e.g. 8: W?A8 (per-tensor input fake-quant, calibrated on the first batch)
-    lora_bits: int = 0  # IntLoRA-MUL: bits of U's quantizer (0: the same as bits)
+    act_bits: int | None = None  # None (or 0): weights only; e.g. 8: W?A8 (per-tensor input fake-quant, calibrated)
+    lora_bits: int | None = None  # IntLoRA-MUL: bits of U's quantizer (None or 0: the same as bits)
     vmc_alpha: float = 1.5  # IntLoRA's variance-matching exponent (not LoRA's alpha)
     zero_fix: str = "none"  # IntLoRA: "none" = the reference's zero-drop; "midrise" = quantune's fix
     shift_span: int = 15  # IntLoRA-SHIFT: exponents clamped to [k_max - shift_span, k_max] per row
     quantize_rest: bool = False  # also quantize every other UNet Linear / Conv2d at `bits` (as the reference)
-    search: str = "l2.4"  # range search: l2.4 or minmax
+    search: str = "l2.4"  # range search of weights and activations: l2.4 or minmax
     cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
 
     def __post_init__(self) -> None:
         from quantune.quant.primitives import check_bits
 
+        self.act_bits = self.act_bits or None  # 0: the older spelling of weight-only
+        self.lora_bits = self.lora_bits or None
         check_bits(self.bits, "quant.bits")
-        if self.act_bits:
+        if self.act_bits is not None:
             check_bits(self.act_bits, "quant.act_bits", high=16)
-        if self.lora_bits:
+        if self.lora_bits is not None:
             check_bits(self.lora_bits, "quant.lora_bits")
         _choice("quant.zero_fix", self.zero_fix, ("none", "midrise"))
         _choice("quant.search", self.search, ("l2.4", "minmax"))
         _positive("quant.vmc_alpha", self.vmc_alpha)
         if not isinstance(self.shift_span, int) or not 1 <= self.shift_span <= 22:
             raise QuantuneError(f"quant.shift_span = {self.shift_span!r} must be an integer from 1 to 22")
+
+    @property
+    def weight(self):
+        """The base weights' WeightQuant (per output row, asymmetric, `search`)."""
+        from quantune.quant.config import WeightQuant
+
+        return WeightQuant(self.bits, search=self.search)
+
+    @property
+    def act(self):
+        """The layer inputs' ActQuant, or None (weight-only)."""
+        from quantune.quant.config import ActQuant
+
+        return ActQuant(self.act_bits, self.search) if self.act_bits is not None else None
 
 
 @dataclass

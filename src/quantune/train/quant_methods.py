@@ -1,4 +1,5 @@
-"""Training methods on a quantized base: qlora, intlora-mul, intlora-shift (../shared/spec/intlora.md).
+"""Training methods on a quantized base: qlora, intlora-mul, intlora-shift (QLoRA, Dettmers et al. 2023, arXiv
+2305.14314; IntLoRA, Guo et al. 2024, arXiv 2410.21759; docs/intlora.md).
 
 - qlora: the targeted layers' frozen bases become integer layers (QuantLinear / QuantConv2d, real int8 or packed
   int4 storage, optional input fake-quant), a float LoRA on top. Merge = dequantize + add + re-quantize (the
@@ -7,12 +8,15 @@
   product / shift, exactly the training weight, no PTQ.
 With quant.quantize_rest every other UNet Linear / Conv2d is an integer layer at quant.bits too (as the reference).
 Activation quantizers are calibrated once, explicitly, on the first batch (`calibrate`), and checkpointed.
+Bits and range search come from the `[quant]` section as the quantization core's WeightQuant / ActQuant
+(`cfg.quant.weight`, `cfg.quant.act`): the same search for the weights and the activations of every layer.
 The run's `adapter_state.safetensors` holds every trainable and calibrated tensor: `quantune intlora merge` and
 `quantune qlora merge` rebuild the model from the base and it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -26,7 +30,7 @@ from quantune.lora.inject import find_targets, lora_layers
 from quantune.lora.weights import components_of
 from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
-from quantune.quant.intlora import IntLoraLayer
+from quantune.quant.intlora import IntLoraConfig, IntLoraLayer
 from quantune.quant.quantize import calibrate, quantize_
 from quantune.train.methods import LoraMethod, TrainingMethod, merge_text_encoder_loras, text_encoder_lora
 
@@ -34,9 +38,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "adapter_state.safetensors"
 
 
-def _rest_config(cfg) -> QuantConfig:
-    q = cfg.quant
-    return QuantConfig(bits=q.bits, act_bits=q.act_bits or None, search=q.search)
+def _rest_config(cfg, targets: str | None = None) -> QuantConfig:
+    return QuantConfig(cfg.quant.weight, cfg.quant.act, targets=targets)
 
 
 class _QuantBase(TrainingMethod):
@@ -73,11 +76,7 @@ class QLoraMethod(_QuantBase, LoraMethod):
     def prepare(self, pipe, cfg) -> list[dict]:
         groups = LoraMethod.prepare(self, pipe, cfg)  # LoRA on the float layers (text encoder stays float)
         q = cfg.quant
-        qc = (
-            _rest_config(cfg)
-            if q.quantize_rest
-            else QuantConfig(bits=q.bits, act_bits=q.act_bits or None, search=q.search, targets=r".*\.base_layer")
-        )
+        qc = _rest_config(cfg) if q.quantize_rest else _rest_config(cfg, targets=r".*\.base_layer")
         n = len(quantize_(family_of(pipe).denoiser_of(pipe), qc))
         logger.info("qlora: %d denoiser layers in %d-bit integers under float LoRA", n, q.bits)
         return groups
@@ -116,26 +115,13 @@ class IntLoraMethod(_QuantBase):
         if lc.conv_mode == "soft":
             raise QuantuneError("IntLoRA merges into the base: lora.conv_mode = 'soft' cannot be used, set 'hard'")
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        names = find_targets(denoiser, lc)
-        for name in names:
+        shared = IntLoraConfig(mode=self.mode, weight=q.weight, lora_bits=q.lora_bits, act=q.act,
+                               vmc_alpha=q.vmc_alpha, seed=cfg.train.seed, zero_fix=q.zero_fix,
+                               shift_span=q.shift_span, cache_aux=q.cache_aux)  # fmt: skip
+        for name in find_targets(denoiser, lc):
             base = denoiser.get_submodule(name)
-            layer = IntLoraLayer(
-                base,
-                name,
-                mode=self.mode,
-                r=lc.rank_for(name),
-                alpha=lc.alpha_for(name),
-                bits=q.bits,
-                lora_bits=q.lora_bits or None,
-                vmc_alpha=q.vmc_alpha,
-                seed=cfg.train.seed,
-                zero_fix=q.zero_fix,
-                shift_span=q.shift_span,
-                act_bits=q.act_bits or None,
-                search=q.search,
-                cache_aux=q.cache_aux,
-                generator=generator,
-            )
+            config = dataclasses.replace(shared, r=lc.rank_for(name), alpha=lc.alpha_for(name))
+            layer = IntLoraLayer(base, name, config, generator)
             set_module(denoiser, name, layer.to(base.weight.device))
         if q.quantize_rest:
             quantize_(denoiser, _rest_config(cfg))

@@ -1,0 +1,242 @@
+"""The integer layer base (`IntLayer`), its storage description and the registry of integer layer classes.
+
+A quantized weight is W = scale (.) ((q - zero_point) << shift), with
+- q: the integer codes, stored as uint8 / int8 / int16 / int32 (the narrowest that holds them) or, for 4 bits or
+  fewer, two codes per byte (`packed`, see primitives.pack_int4); `code_offset` maps a stored code back to q;
+- scale: fp32 per output row [C_out, 1]; zero_point: int32 per row (None for symmetric and merged weights);
+- shift: uint8 per element (None except for IntLoRA-SHIFT merges: left shifts of the integer, common 2^k factored
+  into scale; IntLoRA, Guo et al. 2024, arXiv 2410.21759).
+The weight's memory is the integer storage plus the scales: about b/32 of fp32 (tests/quant/test_layers.py).
+
+The forward dequantizes one layer at a time and, while gradients flow, recomputes that in the backward
+(torch.utils.checkpoint) so no float copy of a frozen weight is kept for autograd. Without gradients, a layer
+prepared for integer kernels (quant/kernels.py: prepare_int_kernels) runs its kernel; after a move (`.to()`, which
+goes through `_apply`) or a state-dict load the kernel is dropped and selected again, for the new device, on the
+next forward without gradients.
+
+Registry: an integer layer class owns its saved spec (`spec()` / `from_spec(spec)`, written to quantune_quant.json by
+quant/quantize.py) and says which float modules it replaces (`float_types`, `args_of(layer)`); `@register_int_layer`
+adds it to INT_LAYERS, which `quantize_`, `from_codes` / `from_int` and the loader look classes up in. A new integer
+layer is one IntLayer subclass with `_run`, `args_of`, `_args_from_spec` (and `_layer_spec` for shape arguments
+beyond the weight's shape and the bias), decorated with `@register_int_layer` (quant/layers.py has the two
+built-in ones). See docs/intlora.md and docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from quantune.quant import kernels
+from quantune.quant.act import ActQuantizer
+from quantune.quant.primitives import pack_int4, unpack_int4
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an integer weight is stored (see the module docstring) and the input quantizer it carries."""
+
+    bits: int = 8
+    packed: bool = False
+    code_offset: int = 0
+    qdtype: torch.dtype = torch.uint8
+    zero_point: bool = True
+    shift: bool = False
+    act_bits: int | None = None
+    act_split: int = 0
+
+    def to_spec(self) -> dict:
+        return {
+            "bits": self.bits,
+            "packed": self.packed,
+            "code_offset": self.code_offset,
+            "qdtype": str(self.qdtype).removeprefix("torch."),
+            "zero_point": self.zero_point,
+            "shift": self.shift,
+            "act_bits": self.act_bits,
+            "act_split": self.act_split,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Storage:
+        return cls(spec["bits"], spec["packed"], spec["code_offset"], getattr(torch, spec["qdtype"]),
+                   spec["zero_point"], spec["shift"], spec["act_bits"], spec.get("act_split", 0))  # fmt: skip
+
+
+class _QuantWeight(nn.Module):
+    """The integer weight storage, spec and forward shared by every integer layer class (public name: IntLayer)."""
+
+    float_types: ClassVar[tuple[type, ...]] = ()  # the float modules this class replaces
+
+    def _init_storage(self, weight_shape, st: Storage) -> None:
+        self.weight_shape = tuple(weight_shape)
+        self.bits, self.packed, self.code_offset = st.bits, st.packed, st.code_offset
+        rows, cols = weight_shape[0], int(torch.Size(weight_shape[1:]).numel())
+        self.register_buffer("qweight", torch.zeros(rows, (cols + 1) // 2 if st.packed else cols, dtype=st.qdtype))
+        self.register_buffer("scale", torch.ones(rows, 1))
+        self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if st.zero_point else None)
+        self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if st.shift else None)
+        self.act_quant: ActQuantizer | None = ActQuantizer(st.act_bits, split=st.act_split) if st.act_bits else None
+        self.kernel = None  # the integer kernel selected for the weight's device (quant/kernels.py), never saved
+        self.kernel_backend: str | None = None  # None: no kernel wanted (set by kernels.prepare_int_kernels)
+        self._kernel_device: torch.device | None = None  # where `kernel` was selected; None: select again
+
+    # -- the weight ----------------------------------------------------------------------------------------------
+    @property
+    def cols(self) -> int:
+        return int(torch.Size(self.weight_shape[1:]).numel())
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weight (q - zero_point) << shift as int32 (int64 if the shifts need it), [C_out, cols]."""
+        q = unpack_int4(self.qweight, self.cols) if self.packed else self.qweight
+        w = q.to(torch.int32) + self.code_offset
+        if self.zero_point is not None:
+            w = w - self.zero_point
+        if self.shift is not None:
+            w = w.to(torch.int64) << self.shift.to(torch.int64)
+        return w
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.scale * self.int_weight().float()).view(self.weight_shape)
+
+    def with_weight(self, weight: torch.Tensor, search: str = "l2.4") -> _QuantWeight:
+        """A layer of this shape, bits and activation quantizer holding `weight` quantized again (the adapter
+        seam's merge into an integer base: QLoRA + PTQ)."""
+        from quantune.quant.layers import from_float
+
+        merged = from_float(self, self.bits, search=search, weight=weight)
+        merged.act_quant = self.act_quant
+        return merged
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight: integers, scales, zero points, shifts."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.qweight, self.scale, self.zero_point, self.shift)
+            if t is not None
+        )
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        """codes: integers (any dtype), [C_out, cols]; stored packed or in self.qweight's dtype."""
+        u = codes.to(torch.int32) - self.code_offset
+        self.qweight.copy_(pack_int4(u) if self.packed else u.to(self.qweight.dtype))
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # keep only x for the backward: no float weight, no x_q
+            return checkpoint(self._quant_run, x, use_reentrant=False)
+        return self._quant_run(x)
+
+    def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_backend is not None and not torch.is_grad_enabled():
+            kernel = self.current_kernel()
+            if kernel is not None and x.device == kernel.device:
+                return kernel(x)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- integer kernels (quant/kernels.py) ----------------------------------------------------------------------
+    def prepare_kernel(self, backend: str = "auto") -> str:
+        """Select this layer's kernel now, for the device its weight is on, and keep selecting it for `backend`
+        after moves; returns how the layer runs ("int8 (onednn)", "dequantized (weight-only)", ...)."""
+        self.kernel_backend = backend
+        self.kernel, way = kernels.select_kernel(self, backend)
+        self._kernel_device = self.qweight.device
+        return way
+
+    def current_kernel(self):
+        """The kernel for the weight's current device, selected again when the layer moved since."""
+        if self._kernel_device != self.qweight.device:
+            self.prepare_kernel(self.kernel_backend)
+        return self.kernel
+
+    def drop_kernel(self) -> None:
+        self.kernel, self.kernel_backend, self._kernel_device = None, None, None
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self.kernel, self._kernel_device = None, None  # stale after .to() / .half(): selected again when run
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.kernel, self._kernel_device = None, None  # new integers or scales: the kernel is rebuilt when run
+
+    # -- spec and construction (the registry) --------------------------------------------------------------------
+    def storage(self) -> Storage:
+        aq = self.act_quant
+        act_bits, act_split = (aq.bits, aq.split) if aq is not None else (None, 0)
+        return Storage(self.bits, self.packed, self.code_offset, self.qweight.dtype, self.zero_point is not None,
+                       self.shift is not None, act_bits, act_split)  # fmt: skip
+
+    def spec(self) -> dict:
+        """What `from_spec` needs to rebuild an empty layer of this shape (saved beside a quantized model)."""
+        return {"class": type(self).__name__, "weight_shape": list(self.weight_shape), **self.storage().to_spec(),
+                "bias": self.bias is not None, **self._layer_spec()}  # fmt: skip
+
+    def _layer_spec(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> _QuantWeight:
+        """An empty layer (zeros) of the class, shape and storage a `spec()` describes."""
+        return cls(**cls._args_from_spec(spec), storage=Storage.from_spec(spec))
+
+    @classmethod
+    def _args_from_spec(cls, spec: dict) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def args_of(cls, layer: nn.Module) -> dict:
+        """Constructor arguments (all but storage) of an integer layer shaped like `layer` (float or integer)."""
+        raise NotImplementedError
+
+    @classmethod
+    def like(cls, layer: nn.Module, storage: Storage) -> _QuantWeight:
+        return cls(**cls.args_of(layer), storage=storage)
+
+
+IntLayer = _QuantWeight
+INT_LAYERS: dict[str, type[_QuantWeight]] = {}
+QUANT_CLASSES = INT_LAYERS  # the spec loader's name for it
+
+
+def register_int_layer(cls: type[_QuantWeight]) -> type[_QuantWeight]:
+    """Class decorator: `cls` is saved and loaded under its name and replaces its `float_types`."""
+    INT_LAYERS[cls.__name__] = cls
+    return cls
+
+
+def int_layer_class(layer: nn.Module) -> type[_QuantWeight] | None:
+    """The registered integer class for float or integer `layer`, or None; the most specific one (the class whose
+    own or replaced type comes first in type(layer)'s MRO), so a class for a subclass of nn.Linear wins."""
+    for klass in type(layer).__mro__:
+        for cls in INT_LAYERS.values():
+            if klass is cls or klass in cls.float_types:
+                return cls
+    return None
+
+
+def quantizable(module: nn.Module) -> bool:
+    """Is `module` a float layer some registered integer class replaces?"""
+    return any(isinstance(module, cls.float_types) for cls in INT_LAYERS.values())
+
+
+def quantizable_names() -> str:
+    """'nn.Linear and nn.Conv2d': the float layers the registered classes replace, for error messages."""
+    names = [f"nn.{t.__name__}" for cls in INT_LAYERS.values() for t in cls.float_types]
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+
+
+def layer_from_spec(spec: dict) -> _QuantWeight | None:
+    """An empty integer layer from its spec, or None when no registered class has the spec's name."""
+    cls = INT_LAYERS.get(spec.get("class"))
+    return cls.from_spec(spec) if cls is not None else None
