@@ -96,7 +96,7 @@ def _add_lora(sub) -> None:
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="post-training quantization of the denoiser into an integer model")
     q.add_argument("--model", required=True, help="zoo:emoji, a diffusers folder, or a hub id")
-    q.add_argument("--method", default="eda-dm", choices=["eda-dm", "qdiffusion", "minmax"])
+    q.add_argument("--method", default="eda-dm", help="eda-dm, qdiffusion, minmax (ptq/methods: any registered)")
     q.add_argument("--wbits", type=int, default=8, help="weight bits: 2..8 (8: symmetric int8)")
     q.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits, or none for weight-only")
     q.add_argument("--attn-bits", type=_bits_or_none, default=8, help="q/k/v/softmax bits, or none (float)")

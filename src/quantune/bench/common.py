@@ -49,9 +49,9 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout quantune runs from (with '+changes' when its src/ differs from it: the code that
-    ran, not the report files the run itself writes), or 'unknown'."""
-    root = Path(__file__).resolve().parents[3]
+    """The commit of the checkout the bench runs in (the working directory; with '+changes' when its src/ differs
+    from it: the code that ran, not the report files the run itself writes), or 'unknown'."""
+    root = Path.cwd()
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=10", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()  # fmt: skip

@@ -27,7 +27,7 @@ from quantune.bench.quality_ptq import Settings, fid_notes, prompts_and_referenc
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "emoji_dreambooth.toml"  # the repository's recipe
+CONFIG = Path("configs") / "emoji_dreambooth.toml"  # the repository's recipe, from the repository root (make bench)
 RUNS = [  # label, method, weight bits (0: float base), quant.zero_fix
     ("LoRA, float base", "lora", 0, "none"),
     ("QLoRA W8A8 + PTQ merge", "qlora", 8, "none"),
@@ -103,7 +103,7 @@ def run_one(method: str, bits: int, zero_fix: str, steps: int, s: Settings, n_su
     from quantune.train.trainer import train
 
     if not CONFIG.exists():
-        raise QuantuneError(f"{CONFIG} is missing: run the benchmark from a checkout of the quantune repository")
+        raise QuantuneError(f"{CONFIG} is missing: run the benchmark from the root of a quantune checkout")
     run_dir = work / "run"
     sets = [f"output_dir={run_dir}", f"method={method}", f"data.path={work / 'instance'}",
             f"data.class_dir={work.parents[1] / 'class_images'}", f"train.steps={steps}", "log.tensorboard=false",

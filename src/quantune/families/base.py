@@ -77,6 +77,10 @@ class Family:
         return model(noisy.to(_dtype_of(cond, noisy)), t, **cond).sample
 
     # -- PTQ -------------------------------------------------------------------------------------------------
+    def ptq_unit_types(self) -> tuple[type, ...]:
+        """The module classes PTQ reconstructs block by block (BRECQ's units) in this family's denoiser."""
+        raise QuantuneError(f"{self.name}: post-training quantization has no reconstruction units for this family")
+
     def tdac_feature_module(self, model: nn.Module) -> nn.Module:
         """The module whose input is TDAC's feature (spec/eda-dm.md)."""
         raise QuantuneError(f"{self.name}: TDAC has no feature module for this family; use --method qdiffusion")

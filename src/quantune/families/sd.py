@@ -34,6 +34,14 @@ class StableDiffusion(Family):
         states, _ = pipe.encode_prompt(captions, device, 1, False)
         return {"encoder_hidden_states": states}
 
+    def ptq_unit_types(self) -> tuple[type, ...]:
+        """ResNet blocks, transformer blocks and lone attentions (Q-Diffusion / EDA-DM's UNet units)."""
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
+
+        return ResnetBlock2D, BasicTransformerBlock, Attention
+
     def tdac_feature_module(self, model: nn.Module) -> nn.Module:
         """The mid block's first attention (its input, the bottleneck features), or the mid block itself."""
         mid = getattr(model, "mid_block", None)

@@ -90,9 +90,12 @@ def reconstruct_units(model, units, data: Batches, method: PTQMethod, cfg: PTQCo
     return losses
 
 
-def quantize_model(model: nn.Module, batches: list[dict], cfg: PTQConfig, progress: bool = True) -> dict:
+def quantize_model(
+    model: nn.Module, batches: list[dict], cfg: PTQConfig, progress: bool = True, unit_types: tuple | None = None
+) -> dict:
     """Quantize `model` (a diffusers UNet) in place into an integer model from `batches` (its forward keyword
-    arguments, e.g. {"sample", "timestep", "encoder_hidden_states"}) with `cfg`'s method; returns a report
+    arguments, e.g. {"sample", "timestep", "encoder_hidden_states"}) with `cfg`'s method; `unit_types`: the
+    reconstruction units' module classes (a model family's; default the UNet's blocks); returns a report
     (method, bits, layers, units, shortcut splits, losses per unit, seconds). On an error the model may be left
     partly wrapped: load it again before using it."""
     start = time.time()
@@ -107,7 +110,7 @@ def quantize_model(model: nn.Module, batches: list[dict], cfg: PTQConfig, progre
     splits = shortcut_splits(model, run_once)
     wrapped = method.wrap(model, splits)
     observe_ranges(model, data)
-    units = recon_units(model, run_once)
+    units = recon_units(model, run_once, unit_types)
     losses = reconstruct_units(model, units, data, method, cfg, progress) if method.learns(cfg) else {}
     set_quant(model, True)
     n = method.export(model)

@@ -38,7 +38,8 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     if getattr(pipe, "text_encoder", None) is not None:
         prompts = prompts or default_prompts()
     calib, tdac = collect_calibration(pipe, cfg, prompts)
-    done = quantize_model(unet, list(calib.batches(cfg.batch_size, on_device=False)), cfg, progress)
+    batches = list(calib.batches(cfg.batch_size, on_device=False))
+    done = quantize_model(unet, batches, cfg, progress, family.ptq_unit_types())
     return {
         **{k: done[k] for k in ("method", "wbits", "abits", "attn_bits", "layers", "units", "shortcut_splits")},
         "calib_rows": calib.rows,

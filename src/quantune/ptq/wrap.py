@@ -76,7 +76,8 @@ def set_quant(module: nn.Module, on: bool) -> None:
             m.enabled = on
 
 
-def _block_types() -> tuple[type, ...]:
+def unet_block_types() -> tuple[type, ...]:
+    """diffusers' UNet blocks that BRECQ-style reconstruction treats as units."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
@@ -149,9 +150,10 @@ def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dic
     return wrapped
 
 
-def recon_units(unet: nn.Module, run) -> list[tuple[str, nn.Module]]:
-    """Reconstruction units in the order one forward (`run()`) calls them: blocks, then lone PTQLayers."""
-    blocks = _block_types()
+def recon_units(unet: nn.Module, run, unit_types: tuple | None = None) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in the order one forward (`run()`) calls them: blocks (of `unit_types`, default the
+    UNet's ResNet, transformer and attention blocks), then lone PTQLayers."""
+    blocks = unit_types or unet_block_types()
     units: dict[str, nn.Module] = {}
     for name, m in unet.named_modules():
         inside = any(name.startswith(u + ".") for u in units)
