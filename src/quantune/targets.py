@@ -35,3 +35,12 @@ def listed(patterns: list[str], name: str) -> bool:
         except re.error:
             pass
     return False
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern / alpha_pattern rule: the value of the first key that ends `name` as a dotted suffix
+    (re.match(rf"(.*\\.)?({key})$", name)), else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

@@ -68,3 +68,27 @@ def test_full_finetune_trains_the_text_encoders(family_ref, tmp_path):
     for name in family_of(base).text_encoders_of(base):
         a, b = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_processes_train_sdxl_text_encoders(tmp_path):
+    """DDP over the text encoders: SDXL's first encoder has a last layer its conditioning never reads, so the
+    trainer asks DDP to look for parameters without gradients (else the second step fails)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.train.test_trainer import FAST, ROOT, _env
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed beside this python")
+    sets = [f"output_dir={tmp_path}", *FAST, "model.pretrained=zoo:tiny-xl", "train.steps=3", "log.checkpoint_every=0",
+            "log.validation_every=0", "lora.text_encoder=true"]  # fmt: skip
+    argv = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "quantune", "-v", "train",
+            str(ROOT / "configs" / "tiny_lora.toml"), *[f"--set={s}" for s in sets]]  # fmt: skip
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2: trainable state sha256 (\w+)", done.stderr + done.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]

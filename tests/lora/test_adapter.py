@@ -83,3 +83,14 @@ def test_registry_groups_by_suffix_and_names_unknown_layouts():
     assert torch.equal(back.delta(), mod.delta())
     with pytest.raises(QuantuneError, match="no adapter type"):
         module_from_kohya({"hada_w1_a": torch.zeros(2, 2)}, "m.y")
+
+
+def test_merge_keeps_the_integer_layers_grid_and_packing():
+    """A symmetric int8 layer (PTQ's W8) stays symmetric int8, a packed 4-bit one stays packed 4-bit."""
+    for bits, symmetric in ((8, True), (4, False)):
+        model = nn.Sequential(from_float(nn.Linear(16, 8), bits, symmetric=symmetric))
+        before = model[0]
+        merge_into(model, [({"unet.0": _lora(8, 16)}, 1.0)])
+        after = model[0]
+        assert (after.zero_point is None) == symmetric and after.packed == before.packed and after.bits == bits
+        assert after.qweight.dtype == before.qweight.dtype

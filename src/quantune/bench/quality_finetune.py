@@ -25,6 +25,7 @@ import torch
 from quantune.bench.common import Plot, Table, run_child, table_main
 from quantune.bench.quality_ptq import Settings, fid_notes, prompts_and_reference, samples
 from quantune.errors import QuantuneError
+from quantune.families import family_of
 
 logger = logging.getLogger(__name__)
 CONFIG = Path("configs") / "emoji_dreambooth.toml"  # the repository's recipe, from the repository root (make bench)
@@ -77,14 +78,14 @@ def merge_error(run_dir: Path, family: str) -> float:
     cfg, pipe, _ = load_run(run_dir, family)
     err = upd = 0.0
     if family == "qlora":
-        for layer in lora_layers(pipe.unet).values():
+        for layer in lora_layers(family_of(pipe).denoiser_of(pipe)).values():
             w_base = layer.base_layer.dequantize()
             w_train = w_base + layer.get_delta_weight()
             w_merged = requantize(layer, cfg.quant.search).dequantize()
             err += float((w_merged - w_train).pow(2).sum())
             upd += float((w_train - w_base).pow(2).sum())
     else:
-        for layer in intlora_layers(pipe.unet).values():
+        for layer in intlora_layers(family_of(pipe).denoiser_of(pipe)).values():
             w_train = layer.adapted_weight()
             w_merged = layer.merge().dequantize().reshape(w_train.shape)
             b = layer.lora_B.detach().clone()

@@ -62,10 +62,6 @@ class Family:
         """The default image side in pixels: the denoiser's sample size times the VAE's scale factor."""
         return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1))
 
-    def pipeline_kwargs(self, pipe) -> dict:
-        """Extra keyword arguments every sampling call of this family's pipelines needs (none by default)."""
-        return {}
-
     # -- conditioning and one training forward ----------------------------------------------------------------
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         """Captions -> the denoiser's text conditioning (and added conditions for images of `size` (h, w) px),
@@ -82,7 +78,7 @@ class Family:
         raise QuantuneError(f"{self.name}: post-training quantization has no reconstruction units for this family")
 
     def tdac_feature_module(self, model: nn.Module) -> nn.Module:
-        """The module whose input is TDAC's feature (spec/eda-dm.md)."""
+        """The module whose input is TDAC's feature (EDA-DM, arXiv:2401.04585; docs/quantization.md)."""
         raise QuantuneError(f"{self.name}: TDAC has no feature module for this family; use --method qdiffusion")
 
 

@@ -12,7 +12,12 @@ are bit-identical.
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from quantune.assets import EMOJI_DIR, MAX_TOKENS, load_tokenizer
 from quantune.errors import QuantuneError
@@ -36,9 +41,6 @@ class StableDiffusion(Family):
 
     def ptq_unit_types(self) -> tuple[type, ...]:
         """ResNet blocks, transformer blocks and lone attentions (Q-Diffusion / EDA-DM's UNet units)."""
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D
 
         return ResnetBlock2D, BasicTransformerBlock, Attention
 
@@ -53,7 +55,6 @@ class StableDiffusion(Family):
 
 def clip_text_encoder(tokenizer, hidden: int, layers: int, heads: int, max_tokens: int, projection: int = 0):
     """A CLIP text encoder (with a text projection of width `projection` when > 0) sized to the tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -71,7 +72,6 @@ def clip_text_encoder(tokenizer, hidden: int, layers: int, heads: int, max_token
 
 
 def ddim_scheduler():
-    from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         beta_start=0.00085,
@@ -84,7 +84,6 @@ def ddim_scheduler():
 
 
 def tiny_vae(sample_px: int):
-    from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         block_out_channels=(16, 32),
@@ -98,7 +97,6 @@ def tiny_vae(sample_px: int):
 
 
 def _pipeline(**components):
-    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -109,7 +107,6 @@ def _pipeline(**components):
 
 def tiny_components(sample_px: int = 64) -> dict:
     """The components of zoo:tiny, deterministic (seeded per component)."""
-    from diffusers import UNet2DConditionModel
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
@@ -142,7 +139,6 @@ def build_emoji_init():
     32 px images; an AutoencoderKL with 3 levels (8x8x4 latents, factor 4); a UNet2DConditionModel with
     cross-attention at 8x8 and 4x4 (block channels 64, 128, 128); a 4-layer CLIP text encoder of width 128.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = load_tokenizer(EMOJI_TOKENS)
     torch.manual_seed(10)
@@ -173,7 +169,6 @@ def build_emoji_init():
 
 def build_emoji():
     """zoo:emoji: the pretrained emoji pipeline shipped in models/assets/emoji (fp16 on disk, fp32 in memory)."""
-    from diffusers import StableDiffusionPipeline
 
     if not (EMOJI_DIR / "model_index.json").is_file():
         raise QuantuneError(

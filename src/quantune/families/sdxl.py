@@ -14,6 +14,7 @@ Euler scheduler, as SDXL ships. Deterministic (seeded per component), built in a
 from __future__ import annotations
 
 import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from quantune.assets import MAX_TOKENS, load_tokenizer
 from quantune.families.base import Conditioning
@@ -32,16 +33,12 @@ class StableDiffusionXL(StableDiffusion):
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         device = self.denoiser_of(pipe).device
         states, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
-        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
-        time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, dtype=states.dtype, text_encoder_projection_dim=projection
-        )
-        time_ids = time_ids.to(device).repeat(len(captions), 1)  # the images are resized and centre-cropped to `size`
+        # original size, crop top-left, target size: the images are resized and centre-cropped to `size`
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=states.dtype, device=device).repeat(len(captions), 1)
         return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def build_tiny_xl():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(20)
     unet = UNet2DConditionModel(

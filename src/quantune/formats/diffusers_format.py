@@ -18,6 +18,7 @@ import torch
 from quantune.errors import QuantuneError
 from quantune.lora.layers import LoraModule
 from quantune.lora.weights import LoraWeights
+from quantune.targets import pattern_value
 
 METADATA_KEY = "lora_adapter_metadata"
 _DOWN = re.compile(r"^(.+?)\.(?:lora_A|lora\.down|lora_linear_layer\.down|lora_down)\.weight$")
@@ -44,11 +45,7 @@ def peft_config_dict(paths: list[str], ranks: list[int], alphas: list[float]) ->
 
 def alpha_from_peft_config(cfg: dict, path: str, rank: int) -> float:
     """The canonical alpha (scale * r) of one module under a peft LoraConfig dict."""
-    alpha = float(cfg.get("lora_alpha", rank))
-    for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            alpha = float(value)
-            break
+    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", rank)))
     return alpha * rank**0.5 if cfg.get("use_rslora") else alpha
 
 

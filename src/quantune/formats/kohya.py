@@ -108,6 +108,9 @@ def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UN
     if unet is not None:
         return UNetLayout.of(unet) if getattr(unet.config, "addition_embed_type", None) == "text_time" else None
     if not any(k.startswith("text_encoder_2.") for k in weights):
+        if any(k.startswith("unet.") for k in weights):
+            logger.debug("kohya names: the UNet written with diffusers' names (the SD-1.x / 2.x convention); "
+                         "for an SDXL LoRA pass --model")  # fmt: skip
         return None
     logger.warning("kohya names: assuming the standard SDXL UNet (3 levels, 2 layers per block); pass --model else")
     return UNetLayout()
@@ -121,12 +124,12 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
     for key, mod in weights.items():
         common.setdefault(key.split(".")[0], Counter())[mod.alpha] += 1
     common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
-    has_te2 = any(k.startswith("text_encoder_2.") for k in weights)
+    sdxl = layout is not None or any(k.startswith("text_encoder_2.") for k in weights)  # kohya: lora_te1_, _te2_
     for key, mod in weights.items():
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
         component, _, path = key.partition(".")
-        prefix = "lora_te1_" if (component == "text_encoder" and has_te2) else PREFIXES[component]
+        prefix = "lora_te1_" if (component == "text_encoder" and sdxl) else PREFIXES[component]
         if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
         if component == "unet" and layout is not None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from quantune.errors import QuantuneError
-from quantune.targets import select
+from quantune.targets import pattern_value, select
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' DreamBooth LoRA, diffengine, IntLoRA
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
@@ -67,11 +67,11 @@ class LoraConfig:
         return select(name, self.targets, self.exclude)
 
     def rank_for(self, name: str) -> int:
-        return _pattern_value(self.rank_pattern, name, self.r)
+        return pattern_value(self.rank_pattern, name, self.r)
 
     def alpha_for(self, name: str) -> float:
         default = float(self.alpha) if self.alpha is not None else None
-        alpha = _pattern_value(self.alpha_pattern, name, default)
+        alpha = pattern_value(self.alpha_pattern, name, default)
         return float(alpha) if alpha is not None else float(self.rank_for(name))
 
     def scale_for(self, name: str) -> float:
@@ -91,10 +91,3 @@ def _compile(pattern: str, what: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as e:
         raise QuantuneError(f"LoraConfig.{what}: {pattern!r} is not a valid regex ({e})") from None
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default

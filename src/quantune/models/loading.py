@@ -7,12 +7,13 @@ import logging
 import os
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
 from quantune.errors import QuantuneError
+from quantune.families import zoo
 from quantune.models.integer import denoiser_names, load_integer_components
-from quantune.models.zoo import ZOO
 from quantune.quant.kernels import prepare_int_kernels
 from quantune.quant.quantize import quant_layers
 
@@ -49,9 +50,12 @@ def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> Diffusion
     """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix."""
     if ref.startswith("zoo:"):
         name = ref[4:]
-        if name not in ZOO:
-            raise QuantuneError(f"unknown built-in model {ref!r}: choose one of {', '.join('zoo:' + k for k in ZOO)}")
-        pipe = ZOO[name]()
+        builders = zoo()  # asked each time: a family registered later brings its models
+        if name not in builders:
+            raise QuantuneError(
+                f"unknown built-in model {ref!r}: choose one of {', '.join('zoo:' + k for k in builders)}"
+            )
+        pipe = builders[name]()
     elif Path(ref).exists():
         pipe = _load_folder(Path(ref), torch_dtype)
     elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
@@ -80,8 +84,6 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
 
 def _model_class(folder: Path) -> type:
     """The diffusers model class named in a saved model's config.json (UNet2DConditionModel, UNet2DModel, ...)."""
-    import diffusers  # deferred on purpose: the module is large and only this lookup needs its namespace
-
     try:
         name = str(json.loads((folder / "config.json").read_text())["_class_name"])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -57,7 +57,7 @@ class CalibData:
 
 
 def _is_text_pipeline(pipe) -> bool:
-    return getattr(pipe, "text_encoder", None) is not None
+    return bool(family_of(pipe).text_encoders_of(pipe))
 
 
 def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):

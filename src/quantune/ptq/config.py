@@ -55,7 +55,7 @@ class PTQConfig:
     options: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from quantune.ptq.methods import method_class
+        from quantune.ptq.methods import method_class  # deferred: the methods import PTQConfig
 
         method = method_class(self.method)
         self._check_bits()
@@ -109,7 +109,7 @@ class PTQConfig:
     @property
     def learns(self) -> bool:
         """Does the method reconstruct (learn rounding / step sizes), or only calibrate ranges?"""
-        from quantune.ptq.methods import method_class
+        from quantune.ptq.methods import method_class  # deferred: the methods import PTQConfig
 
         return method_class(self.method).learns(self)
 

@@ -160,7 +160,7 @@ def reconstruct_unit(unit, fp_in, q_in, cfg: PTQConfig, generator: torch.Generat
     """Reconstruct one unit in place (see the module docstring) as `recipe` says (None: the recipe of cfg's
     method); returns the last reconstruction loss (FBR or block output, without the rounding regulariser)."""
     if recipe is None:
-        from quantune.ptq.methods import method_for
+        from quantune.ptq.methods import method_for  # deferred: the methods import this module
 
         recipe = method_for(cfg).recipe()
     layers = [m for m in unit.modules() if isinstance(m, PTQLayer)] if not isinstance(unit, PTQLayer) else [unit]

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from quantune.data.prompts import default_prompts
-from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.models.integer import save_integer_pipeline
 from quantune.ptq.calib import collect_calibration
@@ -31,15 +30,14 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     On an error the UNet may be left partly wrapped: load the pipeline again before using it."""
     start = time.time()
     family = family_of(pipe)
-    if family.denoiser != "unet":
-        raise QuantuneError(f"{family.name}: quantune's PTQ quantizes diffusion UNets; transformers are not supported")
+    unit_types = family.ptq_unit_types()  # refuses a family PTQ cannot reconstruct yet, before any work
     unet = family.denoiser_of(pipe).eval().requires_grad_(False)
     fp32_bytes = sum(p.numel() * 4 for p in unet.parameters())
-    if getattr(pipe, "text_encoder", None) is not None:
+    if family.text_encoders_of(pipe):
         prompts = prompts or default_prompts()
     calib, tdac = collect_calibration(pipe, cfg, prompts)
     batches = list(calib.batches(cfg.batch_size, on_device=False))
-    done = quantize_model(unet, batches, cfg, progress, family.ptq_unit_types())
+    done = quantize_model(unet, batches, cfg, progress, unit_types)
     return {
         **{k: done[k] for k in ("method", "wbits", "abits", "attn_bits", "layers", "units", "shortcut_splits")},
         "calib_rows": calib.rows,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.families.sd import StableDiffusion
 from quantune.modules import set_module
 from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.adaround import AdaRoundQuantizer
@@ -74,15 +75,6 @@ def set_quant(module: nn.Module, on: bool) -> None:
             m.quant = on
         elif isinstance(m, LSQActQuantizer):
             m.enabled = on
-
-
-def unet_block_types() -> tuple[type, ...]:
-    """diffusers' UNet blocks that BRECQ-style reconstruction treats as units."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
-    return ResnetBlock2D, BasicTransformerBlock, Attention
 
 
 def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
@@ -152,8 +144,8 @@ def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dic
 
 def recon_units(unet: nn.Module, run, unit_types: tuple | None = None) -> list[tuple[str, nn.Module]]:
     """Reconstruction units in the order one forward (`run()`) calls them: blocks (of `unit_types`, default the
-    UNet's ResNet, transformer and attention blocks), then lone PTQLayers."""
-    blocks = unit_types or unet_block_types()
+    SD family's UNet blocks), then lone PTQLayers."""
+    blocks = unit_types or StableDiffusion().ptq_unit_types()
     units: dict[str, nn.Module] = {}
     for name, m in unet.named_modules():
         inside = any(name.startswith(u + ".") for u in units)

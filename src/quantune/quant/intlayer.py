@@ -104,11 +104,12 @@ class _QuantWeight(nn.Module):
         return (self.scale * self.int_weight().float()).view(self.weight_shape)
 
     def with_weight(self, weight: torch.Tensor, search: str = "l2.4") -> _QuantWeight:
-        """A layer of this shape, bits and activation quantizer holding `weight` quantized again (the adapter
-        seam's merge into an integer base: QLoRA + PTQ)."""
-        from quantune.quant.layers import from_float
+        """A layer of this shape, bits, grid (symmetric when it stores no zero point), packing and activation
+        quantizer holding `weight` quantized again (the adapter seam's merge into an integer base: QLoRA + PTQ)."""
+        from quantune.quant.layers import from_float  # layers.py subclasses this module's IntLayer
 
-        merged = from_float(self, self.bits, search=search, weight=weight)
+        symmetric = self.zero_point is None
+        merged = from_float(self, self.bits, symmetric=symmetric, pack=self.packed, search=search, weight=weight)
         merged.act_quant = self.act_quant
         return merged
 

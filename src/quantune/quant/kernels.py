@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 def _is_conv(layer) -> bool:
-    from quantune.quant.layers import QuantConv2d
+    from quantune.quant.layers import QuantConv2d  # deferred: layers / attention / quantize import this module
 
     return isinstance(layer, QuantConv2d)
 
@@ -58,6 +58,7 @@ def onednn_available() -> bool:
 
 def unsupported_reason(layer) -> str | None:
     """Why `layer` (a QuantLinear / QuantConv2d) cannot run the int8 kernels, or None when it can."""
+    # deferred: layers / attention / quantize import this module
     from quantune.quant.layers import QuantConv2d, QuantLinear
 
     if not isinstance(layer, (QuantLinear, QuantConv2d)):
@@ -182,6 +183,7 @@ def prepare_attention(model: nn.Module, attn_dtype: str = "auto") -> int:
     """Switch every quantized attention to its deployed form: one fused SDPA on the quantized q, k, v (attention.py),
     in bf16 where the input's device runs it natively ("auto", decided per call: it follows moves), or in "fp32" /
     the input's dtype ("input")."""
+    # deferred: layers / attention / quantize import this module
     from quantune.quant.attention import SDPA_MODES, QuantAttnProcessor, attentions
 
     if attn_dtype not in SDPA_MODES:
@@ -280,7 +282,7 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str
     attention its fused form (in place, for inference); returns the count of layers per way of running
     ("int8 (onednn)", "dequantized (weight-only)", "attention (fused sdpa)", ...), also logged. The layers keep
     `backend` and select again for a new device after a move."""
-    from quantune.quant.quantize import quant_layers
+    from quantune.quant.quantize import quant_layers  # deferred: layers / attention / quantize import this module
 
     if backend not in backends():
         raise QuantuneError(f"unknown integer backend {backend!r}: choose one of {', '.join(backends())}")
@@ -299,8 +301,9 @@ def prepare_int_kernels(model: nn.Module, backend: str = "auto", attn_dtype: str
 
 
 def drop_int_kernels(model: nn.Module) -> None:
+    # deferred: layers / attention / quantize import this module
     from quantune.quant.attention import QuantAttnProcessor, attentions
-    from quantune.quant.quantize import quant_layers
+    from quantune.quant.quantize import quant_layers  # deferred: layers / attention / quantize import this module
 
     for layer in quant_layers(model).values():
         layer.drop_kernel()

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.io import atomic_dir, load_safetensors
 from quantune.modules import set_module
 from quantune.quant.act import ActQuantizer, observe_activations
+from quantune.quant.attention import QuantAttnProcessor, quant_attentions
 from quantune.quant.config import QuantConfig
 from quantune.quant.layers import _QuantWeight, layer_from_spec, quantizable, quantizable_names, quantize_layer
 
@@ -83,7 +85,6 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
 
 def write_spec(model, folder: Path) -> None:
     """The integer layers' specs, beside a saved model's weights (what load_quantized_model rebuilds from)."""
-    from quantune.quant.attention import quant_attentions
 
     specs = {name: layer.spec() for name, layer in quant_layers(model).items()}
     meta = {"format": "quantune-int", "version": 1, "layers": specs, "attention": quant_attentions(model)}
@@ -92,7 +93,6 @@ def write_spec(model, folder: Path) -> None:
 
 def save_quantized_model(model, folder: str | Path) -> Path:
     """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it (atomically)."""
-    from quantune.io import atomic_dir
 
     with atomic_dir(folder, markers=(SPEC_FILE,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -113,7 +113,6 @@ def _from_spec(spec: dict) -> nn.Module:
 
 def load_quantized_model(folder: str | Path, cls):
     """Rebuild a model class `cls` (e.g. UNet2DConditionModel) saved by save_quantized_model."""
-    from quantune.io import load_safetensors
 
     folder = Path(folder)
     try:
@@ -127,8 +126,6 @@ def load_quantized_model(folder: str | Path, cls):
     for name, spec in layers.items():
         set_module(model, name, _from_spec(spec))
     if meta.get("attention"):
-        from quantune.quant.attention import QuantAttnProcessor
-
         for name, bits in meta["attention"].items():
             model.get_submodule(name).set_processor(QuantAttnProcessor(bits))
     files = sorted(folder.glob("*.safetensors"))

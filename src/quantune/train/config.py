@@ -15,6 +15,8 @@ import tomllib
 
 from quantune.errors import QuantuneError
 from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS, LoraConfig
+from quantune.quant.config import ActQuant, WeightQuant
+from quantune.quant.primitives import check_bits
 
 TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
 METHODS = ("lora", "full", "qlora", "intlora-mul", "intlora-shift")  # train/methods.py, train/quant_methods.py
@@ -124,7 +126,6 @@ class QuantSection:
     cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
 
     def __post_init__(self) -> None:
-        from quantune.quant.primitives import check_bits
 
         self.act_bits = self.act_bits or None  # 0: the older spelling of weight-only
         self.lora_bits = self.lora_bits or None
@@ -142,14 +143,12 @@ class QuantSection:
     @property
     def weight(self):
         """The base weights' WeightQuant (per output row, asymmetric, `search`)."""
-        from quantune.quant.config import WeightQuant
 
         return WeightQuant(self.bits, search=self.search)
 
     @property
     def act(self):
         """The layer inputs' ActQuant, or None (weight-only)."""
-        from quantune.quant.config import ActQuant
 
         return ActQuant(self.act_bits, self.search) if self.act_bits is not None else None
 

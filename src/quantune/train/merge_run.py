@@ -22,7 +22,7 @@ from quantune.train.quant_methods import STATE_FILE
 from quantune.train.registry import METHODS
 
 logger = logging.getLogger(__name__)
-FAMILIES = {"intlora": ("intlora-mul", "intlora-shift"), "qlora": ("qlora",)}
+RUN_KINDS = {"intlora": ("intlora-mul", "intlora-shift"), "qlora": ("qlora",)}
 
 
 def load_run(run_dir: str | Path, family: str):
@@ -39,8 +39,8 @@ def load_run(run_dir: str | Path, family: str):
         cfg = config_from_dict(json.loads(cfg_path.read_text()))
     except json.JSONDecodeError as e:
         raise QuantuneError(f"{cfg_path} is not valid JSON ({e}): the run folder is damaged") from None
-    if cfg.method not in FAMILIES[family]:
-        other = next((f for f, methods in FAMILIES.items() if cfg.method in methods), None)
+    if cfg.method not in RUN_KINDS[family]:
+        other = next((f for f, methods in RUN_KINDS.items() if cfg.method in methods), None)
         fix = f"`quantune {other} merge`" if other else "`quantune lora merge` (a float LoRA needs no integer merge)"
         raise QuantuneError(f"{run_dir} was trained with method = {cfg.method!r}, not {family}: use {fix}")
     if not state_path.is_file():

@@ -23,9 +23,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from quantune.errors import QuantuneError
 from quantune.families import family_of
+from quantune.io import atomic_path
 from quantune.lora.inject import find_targets, lora_layers
 from quantune.lora.weights import components_of
 from quantune.modules import set_module
@@ -55,9 +57,6 @@ class _QuantBase(TrainingMethod):
         calibrate(family_of(pipe).denoiser_of(pipe), run)
 
     def _save_state(self, pipe, out_dir: Path, cfg) -> Path:
-        from safetensors.torch import save_file
-
-        from quantune.io import atomic_path
 
         meta = {"format": "quantune-quant-run", "method": cfg.method, "config": json.dumps(cfg.to_dict())}
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state(pipe).items()}
@@ -141,9 +140,6 @@ class IntLoraMethod(_QuantBase):
         return [{"params": params, "lr": cfg.optim.lr}, *te_groups]
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
-        from safetensors.torch import save_file
-
-        from quantune.io import atomic_path
 
         state = self._save_state(pipe, out_dir, cfg)
         integer = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from PIL import Image
@@ -86,8 +86,8 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 
 def _cast_frozen(pipe, mixed: str) -> None:
-    """Mixed precision (GPU): frozen weights in fp16/bf16 to halve their memory, trainable ones kept in fp32."""
-
+    """Mixed precision (GPU): frozen weights in fp16/bf16 to halve their memory, trainable ones kept in fp32. A VAE
+    whose config says `force_upcast` (SDXL's overflows in fp16) stays fp32 under fp16."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
     if dtype is None:
         return
@@ -96,12 +96,12 @@ def _cast_frozen(pipe, mixed: str) -> None:
         if len(trainable) < sum(1 for _ in model.parameters()):  # frozen (or a frozen base under a LoRA)
             _cast_float_modules(model, dtype)
             cast_training_params(model, torch.float32)
-    pipe.vae.to(dtype)
+    if not (dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)):
+        pipe.vae.to(dtype)
 
 
 def _cast_float_modules(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """model.to(dtype), except integer layers and IntLoRA layers: their scales stay fp32 (they define the weights)."""
-
     keep = (_QuantWeight, IntLoraLayer, ActQuantizer)
     inside = {id(m) for k in model.modules() if isinstance(k, keep) for m in k.modules()}
     for module in model.modules():
@@ -119,12 +119,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 @dataclass
 class _Run:
     """Everything a training run holds between steps, built once by `_start` (explicit state, no set-up in the
-    loop): the pipeline and its family, the method, the data, the optimiser and the prepared (DDP) models."""
+    loop): the pipeline, the method, the data, the optimiser and the prepared (DDP) models."""
 
     cfg: TrainConfig
     accelerator: object
     pipe: object
-    family: object
     method: object
     train_set: object
     class_set: object
@@ -168,15 +167,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
 
 
 def _accelerator(cfg: TrainConfig):
-
     mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
     if mixed != cfg.train.mixed_precision:
         logger.warning(
             "train.mixed_precision = %s needs a GPU: training in fp32 on the CPU", cfg.train.mixed_precision
         )
+    # a trained text encoder may have layers the conditioning never reads (SDXL: the last CLIP layer of the first
+    # encoder, whose penultimate states it uses): DDP must then look for parameters without gradients
+    unused = cfg.lora.text_encoder or cfg.train.train_text_encoder
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, several processes (WORLD_SIZE > 1) run gloo (MULTI_CPU)
         mixed_precision=mixed,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / "logs"),
     )
@@ -184,7 +186,6 @@ def _accelerator(cfg: TrainConfig):
 
 def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     """Load, prepare and (on a fresh run) calibrate; restore the checkpoint on --resume."""
-
     accelerator = _accelerator(cfg)
     out = Path(cfg.output_dir)
     if cfg.train.deterministic:
@@ -220,7 +221,7 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     denoiser = accelerator.prepare(family.denoiser_of(pipe))
     text_encoders = {name: accelerator.prepare(m) for name, m in training_encoders.items()}
     optimizer = accelerator.prepare(optimizer)
-    run = _Run(cfg, accelerator, pipe, family, method, train_set, class_set, params, optimizer, lr_scheduler, ema,
+    run = _Run(cfg, accelerator, pipe, method, train_set, class_set, params, optimizer, lr_scheduler, ema,
                denoiser, text_encoders, noise_scheduler, Batcher(train_set, cfg.data.resolution, cfg.data.random_flip),
                Batcher(class_set, cfg.data.resolution) if class_set is not None else None)  # fmt: skip
     if resume:
@@ -245,8 +246,9 @@ def _train_step(run: _Run) -> float:
     total = 0.0
     for micro in range(accum):
         sync = accelerator.no_sync(run.denoiser) if (micro < accum - 1 and world > 1) else contextlib.nullcontext()
+        latents, captions = _next_batch(run, generator)  # the VAE encodes outside autocast, as before
         with sync, accelerator.autocast():
-            loss = _micro_batch_loss(run, generator)
+            loss = _micro_batch_loss(run, latents, captions, generator)
             accelerator.backward(loss / accum)
         total += loss.detach().float() / accum
     every = accelerator.gather(total.reshape(1))
@@ -266,8 +268,8 @@ def _train_step(run: _Run) -> float:
     return float(every.mean())
 
 
-def _micro_batch_loss(run: _Run, generator: torch.Generator) -> torch.Tensor:
-    """The next slice of the seeded data stream (+ the class images' stream for DreamBooth) -> the loss."""
+def _next_batch(run: _Run, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """The next slice of the seeded data stream (+ the class images' stream for DreamBooth): latents, captions."""
     cfg = run.cfg
     world, rank, per_rank = run.accelerator.num_processes, run.accelerator.process_index, cfg.train.batch_size
     batcher, class_batcher = run.batcher, run.class_batcher
@@ -284,6 +286,12 @@ def _micro_batch_loss(run: _Run, generator: torch.Generator) -> torch.Tensor:
         cidx = cidx[rank * per_rank :][:per_rank]
         latents = torch.cat([latents, _latents(run.pipe, class_batcher, cidx, generator, cfg.data.cache_latents)])
         captions = captions + class_batcher.captions(cidx)
+    return latents, captions
+
+
+def _micro_batch_loss(run: _Run, latents: torch.Tensor, captions: list[str], generator) -> torch.Tensor:
+    """The denoising loss of one micro-batch (+ the prior-preservation term for DreamBooth)."""
+    cfg, per_rank = run.cfg, run.cfg.train.batch_size
     losses = denoising_loss(run.pipe, latents, captions, generator, run.denoiser, run.text_encoders,
                             cfg.train.min_snr_gamma, cfg.train.noise_offset, run.noise_scheduler)  # fmt: skip
     if run.class_set is not None:
