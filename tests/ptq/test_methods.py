@@ -23,7 +23,10 @@ SMALL = dict(calib_samples=8, steps=4, iters=20, batch_size=8, resolution=16)
 
 def test_registry_and_the_configs_vocabulary():
     assert list(METHODS) == ["minmax", "qdiffusion", "eda-dm"] and quantune.ptq.METHODS is METHODS
-    cfg = PTQConfig(method="qdiffusion", wbits=4, abits=8, attn_bits=6)
+    from quantune.families.sd import StableDiffusion
+
+    cfg = PTQConfig(method="qdiffusion", wbits=4, abits=8, attn_bits=6).for_family(StableDiffusion())
+    assert PTQConfig().keep_8bit is None  # unset: the model family's, resolved by quantize_pipeline / quantize_model
     assert cfg.weight == WeightQuant(4, per_channel=True, symmetric=False, search="l2.4")
     assert cfg.act == ActQuant(8) and cfg.attn == ActQuant(6)
     assert cfg.weight_for("time_embedding.linear_1") == WeightQuant(8, symmetric=True)  # keep_8bit

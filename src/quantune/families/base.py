@@ -34,6 +34,8 @@ class Family:
     denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
     text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
     zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
+    ptq_keep_8bit: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose weights stay 8-bit (names, suffixes, regexes)
+    ptq_act_fp: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose inputs stay float
 
     # -- recognition and components ---------------------------------------------------------------------------
     def matches(self, pipe) -> bool:

@@ -30,6 +30,8 @@ class StableDiffusion(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DDIMPipeline")
     denoiser_classes = ("UNet2DConditionModel", "UNet2DModel")
+    ptq_keep_8bit = ("time_embedding.linear_1", "conv_out")  # EDA-DM: the time embedding's first and the last layer
+    ptq_act_fp = ("conv_out",)  # EDA-DM: the last conv's input stays float
 
     def extra_match(self, pipe) -> bool:
         return getattr(self.denoiser_of(pipe).config, "addition_embed_type", None) is None

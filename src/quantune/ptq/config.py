@@ -41,8 +41,9 @@ class PTQConfig:
     tdac_lambda: float = 5.0  # TDAC variety weight (paper: 1.2 CIFAR/ImageNet, 1.0 LSUN, 5.0 COCO; eda-dm's option)
     attn_bits: int | None = 8  # q, k, v and softmax output of every attention; None: attention stays float
     # layers kept at 8-bit weights (EDA-DM: the first layer, the time embedding's linear_1, and the last conv)
-    keep_8bit: list[str] = field(default_factory=lambda: ["time_embedding.linear_1", "conv_out"])
-    act_fp: list[str] = field(default_factory=lambda: ["conv_out"])  # inputs left unquantized (EDA-DM: conv_out)
+    # None: the model family's (families/: SD's are time_embedding.linear_1 and conv_out, as EDA-DM keeps them)
+    keep_8bit: list[str] | None = None
+    act_fp: list[str] | None = None  # inputs left unquantized; None: the family's (SD: conv_out, as EDA-DM)
     keep_fp: list[str] = field(default_factory=list)  # layers not quantized (names, dotted suffixes or regexes)
     guidance_scale: float = 7.5
     resolution: int | None = None  # calibration image size in pixels; None: the pipeline's default
@@ -98,13 +99,19 @@ class PTQConfig:
 
     def weight_for(self, name: str) -> WeightQuant:
         """The weight quantization of layer `name`: 8-bit symmetric for the `keep_8bit` layers, else `weight`."""
-        if listed(self.keep_8bit, name):
+        if listed(self.keep_8bit or [], name):
             return dataclasses.replace(self.weight, bits=8, symmetric=True)
         return self.weight
 
     def act_for(self, name: str) -> ActQuant | None:
         """The input quantization of layer `name`: None (float) for the `act_fp` layers, else `act`."""
-        return None if listed(self.act_fp, name) else self.act
+        return None if listed(self.act_fp or [], name) else self.act
+
+    def for_family(self, family) -> PTQConfig:
+        """This config with the lists left unset (None) taken from a model family (families/base.py)."""
+        changes = {"keep_8bit": list(family.ptq_keep_8bit)} if self.keep_8bit is None else {}
+        changes |= {"act_fp": list(family.ptq_act_fp)} if self.act_fp is None else {}
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
     def learns(self) -> bool:

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from quantune.errors import QuantuneError
+from quantune.families.sd import StableDiffusion
 from quantune.ptq.config import PTQConfig
 from quantune.ptq.methods import PTQMethod, method_for
 from quantune.ptq.reconstruct import capture_inputs
@@ -99,6 +100,7 @@ def quantize_model(
     (method, bits, layers, units, shortcut splits, losses per unit, seconds). On an error the model may be left
     partly wrapped: load it again before using it."""
     start = time.time()
+    cfg = cfg.for_family(StableDiffusion())  # lists left unset: the UNet family's (quantize_pipeline set its own)
     method = method_for(cfg)
     model.eval().requires_grad_(False)
     data = Batches(batches, _device(model))

@@ -30,6 +30,7 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     On an error the UNet may be left partly wrapped: load the pipeline again before using it."""
     start = time.time()
     family = family_of(pipe)
+    cfg = cfg.for_family(family)
     unit_types = family.ptq_unit_types()  # refuses a family PTQ cannot reconstruct yet, before any work
     unet = family.denoiser_of(pipe).eval().requires_grad_(False)
     fp32_bytes = sum(p.numel() * 4 for p in unet.parameters())
