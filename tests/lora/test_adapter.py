@@ -94,3 +94,13 @@ def test_merge_keeps_the_integer_layers_grid_and_packing():
         after = model[0]
         assert (after.zero_point is None) == symmetric and after.packed == before.packed and after.bits == bits
         assert after.qweight.dtype == before.qweight.dtype
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fmt", WRITABLE)
+def test_every_reader_refuses_an_alpha_that_is_not_a_number(fmt, alpha, tiny, tmp_path):
+    bad = LoraModule(down=torch.zeros(4, 32), up=torch.zeros(32, 4), alpha=alpha)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    path = write_lora({key: bad}, tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors"), fmt)
+    with pytest.raises(QuantuneError, match="alpha"):
+        read_lora(path, tiny)
