@@ -52,3 +52,10 @@ def test_toml_file_errors(tmp_path):
 def test_every_example_config_validates(path):
     cfg = resolve_config(path)
     assert cfg.train.steps > 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", ["optim.lr", "optim.weight_decay", "train.noise_offset", "data.prior_loss_weight"])
+def test_numbers_that_are_not_numbers_are_refused_before_loading(key, value):
+    with pytest.raises(QuantuneError, match="finite"):
+        resolve_config(None, [f"{key}={value}"])

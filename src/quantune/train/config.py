@@ -7,6 +7,7 @@ loads. `resolve_config(path, overrides)` is the one entry point; `TrainConfig.to
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,13 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _positive(name: str, value, zero_ok: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero_ok)
+    ):
         raise QuantuneError(f"{name} = {value!r} must be a {'non-negative' if zero_ok else 'positive'} number")
 
 
@@ -272,6 +279,8 @@ def _check_type(name: str, value, hint) -> None:
         if t is type(None) and value is None:
             return
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise QuantuneError(f"config key {name!r} = {value!r} must be a finite number")
             return
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return
