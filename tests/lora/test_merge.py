@@ -113,3 +113,11 @@ def test_extract_clamps_and_errors(lora_pipe):
         assert mod.rank <= 2
     with pytest.raises(QuantuneError, match="nothing to extract"):
         extract(build_tiny(), build_tiny(), rank=2)
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat", "svd"])
+def test_mix_refuses_loras_of_different_models(mode):
+    a = {"unet.x": _lora(0, r=4, out_f=8, in_f=16)}
+    b = {"unet.x": _lora(1, r=4, out_f=8, in_f=24)}  # the same module name, another model's width
+    with pytest.raises(QuantuneError, match="different models"):
+        mix([(a, 1.0), (b, 1.0)], mode, rank=2)

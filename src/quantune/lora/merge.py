@@ -99,6 +99,12 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
         parts = [(w[key], s) for w, s in loras if key in w]
         if any(getattr(m, "soft", False) for m, _ in parts):
             raise QuantuneError(f"{key} is a soft conv LoRA: it cannot be mixed")
+        shapes = {_update_shape(m) for m, _ in parts}
+        if len(shapes) > 1:
+            raise QuantuneError(
+                f"{key}: the LoRAs disagree on its weight shape ({', '.join(map(str, sorted(shapes)))}): they were "
+                "made for different models; mix LoRAs of one model"
+            )
         if mode != "svd" and not all(isinstance(m, LoraModule) for m, _ in parts):
             kinds = sorted({m.kind for m, _ in parts})
             raise QuantuneError(
@@ -121,6 +127,13 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
             delta = sum(m.delta() * s for m, s in parts)
             out[key], report.rel_errors[key] = factorize(delta, rank)
     return out, report
+
+
+def _update_shape(mod) -> tuple[int, ...]:
+    """The shape of the weight a module's update has (LoRA: from its factors, without forming the product)."""
+    if isinstance(mod, LoraModule):
+        return (mod.up.shape[0], *mod.down.shape[1:])
+    return tuple(mod.delta().shape)
 
 
 def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = 1.0) -> tuple[LoraModule, float]:
