@@ -59,3 +59,11 @@ def test_every_example_config_validates(path):
 def test_numbers_that_are_not_numbers_are_refused_before_loading(key, value):
     with pytest.raises(QuantuneError, match="finite"):
         resolve_config(None, [f"{key}={value}"])
+
+
+def test_a_folder_or_binary_file_is_not_a_config(tmp_path):
+    with pytest.raises(QuantuneError, match="is a folder"):
+        resolve_config(tmp_path)
+    (tmp_path / "x.toml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(QuantuneError, match="not UTF-8"):
+        resolve_config(tmp_path / "x.toml")

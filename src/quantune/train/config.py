@@ -322,10 +322,14 @@ def resolve_config(path: str | Path | None, overrides: list[str] | None = None) 
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise QuantuneError(f"{path} is a folder: give a TOML config file (configs/ has examples)")
         if not path.is_file():
             raise QuantuneError(f"no such config file: {path}")
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise QuantuneError(f"{path} is not UTF-8 text ({e.reason}): give a TOML config file") from None
         except tomllib.TOMLDecodeError as e:
             raise QuantuneError(f"{path} is not valid TOML: {e}") from None
     return _build(TrainConfig, apply_overrides(values, overrides or []))
