@@ -44,7 +44,6 @@ def _say(text: str) -> None:
 
 
 def _cli(command: str) -> None:
-
     _say(f"$ quantune {command}")
     if cli.main(shlex.split(command)) != 0:
         raise SystemExit(f"demo step failed: quantune {command}")
@@ -66,7 +65,6 @@ def instance_images(folder: Path) -> list[Path]:
 
 
 def with_lora(lora: Path):
-
     tuned = load_pipeline("zoo:emoji")
     apply_lora(tuned, read_lora(lora, tuned)[0])
     return tuned
@@ -178,7 +176,6 @@ def post_training_quantization(out: Path, prompts: list[str]) -> None:
 
 
 def summary(out: Path, run: Path, lora: Path, start: float) -> None:
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     _say(f"\n== summary: {time.time() - start:.0f} s, peak memory {peak:.0f} MB ==")
     _say(f"  training: {(run / 'result.json').read_text().strip()}")

@@ -90,7 +90,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_feature_net(epochs: int = 40, batch: int = 128, seed: int = 0, out: Path = WEIGHTS) -> dict:
-
     data = openmoji_dataset(size=32)
     x = torch.stack([(to_tensor(data[i]["image"], 32) + 1) / 2 for i in range(len(data))])  # [N, 3, 32, 32] in [0, 1]
     y = torch.arange(len(data))

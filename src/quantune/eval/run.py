@@ -89,7 +89,6 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[str], list | None]:
 
 
 def read_images(folder: str | Path) -> list:
-
     files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     images = []
     for f in files:

@@ -74,7 +74,6 @@ def clip_text_encoder(tokenizer, hidden: int, layers: int, heads: int, max_token
 
 
 def ddim_scheduler():
-
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -86,7 +85,6 @@ def ddim_scheduler():
 
 
 def tiny_vae(sample_px: int):
-
     return AutoencoderKL(
         block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -99,7 +97,6 @@ def tiny_vae(sample_px: int):
 
 
 def _pipeline(**components):
-
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )

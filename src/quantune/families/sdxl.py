@@ -39,7 +39,6 @@ class StableDiffusionXL(StableDiffusion):
 
 
 def build_tiny_xl():
-
     torch.manual_seed(20)
     unet = UNet2DConditionModel(
         sample_size=32,

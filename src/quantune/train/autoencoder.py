@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 
 def train_autoencoder(cfg):
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfg.to_dict(), out / "config.json")

@@ -133,7 +133,6 @@ class QuantSection:
     cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
 
     def __post_init__(self) -> None:
-
         self.act_bits = self.act_bits or None  # 0: the older spelling of weight-only
         self.lora_bits = self.lora_bits or None
         check_bits(self.bits, "quant.bits")

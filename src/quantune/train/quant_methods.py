@@ -57,7 +57,6 @@ class _QuantBase(TrainingMethod):
         calibrate(family_of(pipe).denoiser_of(pipe), run)
 
     def _save_state(self, pipe, out_dir: Path, cfg) -> Path:
-
         meta = {"format": "quantune-quant-run", "method": cfg.method, "config": json.dumps(cfg.to_dict())}
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state(pipe).items()}
         path = out_dir / STATE_FILE
@@ -140,7 +139,6 @@ class IntLoraMethod(_QuantBase):
         return [{"params": params, "lr": cfg.optim.lr}, *te_groups]
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
-
         state = self._save_state(pipe, out_dir, cfg)
         integer = {}
         layers = intlora_layers(family_of(pipe).denoiser_of(pipe))
