@@ -18,7 +18,7 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m quantune.demo --out outputs/demo
+	$(BIN)/python -m quantune.demo --out outputs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,10 +30,10 @@ peers: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -r benchmarks/requirements.txt
 
 bench: peers
-	$(BIN)/quantune bench --out docs/bench --readme README.md
+	$(BIN)/quantune bench --out docs/bench --readme README.md --overwrite
 
 bench-quick: peers
-	$(BIN)/quantune bench --quick --out outputs/bench_quick
+	$(BIN)/quantune bench --quick --out outputs/bench_quick --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

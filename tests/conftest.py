@@ -48,6 +48,15 @@ def lora_pipe(tiny):
     return tiny
 
 
+@pytest.fixture
+def lora_file(lora_pipe, tmp_path):
+    """lora_pipe's LoRA as a quantune file in tmp_path."""
+    from quantune.formats import write_lora
+    from quantune.lora import get_lora_weights
+
+    return write_lora(get_lora_weights(lora_pipe), tmp_path / "lora.safetensors", "quantune")
+
+
 def unet_inputs(pipe, prompt: str = "red apple"):
     """A fixed latent, timestep and token ids for comparing UNet / text-encoder outputs."""
     g = torch.Generator().manual_seed(123)

@@ -12,13 +12,6 @@ import pytest
 from PIL import Image
 
 from quantune.cli import main
-from quantune.formats import write_lora
-from quantune.lora import get_lora_weights
-
-
-@pytest.fixture
-def lora_file(lora_pipe, tmp_path) -> Path:
-    return write_lora(get_lora_weights(lora_pipe), tmp_path / "lora.safetensors", "quantune")
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -77,16 +70,18 @@ def test_merge_writes_a_loadable_diffusers_folder(lora_file, tmp_path, capsys):
 
     assert isinstance(load_pipeline(str(tmp_path / "merged")), StableDiffusionPipeline)
     StableDiffusionPipeline.from_pretrained(tmp_path / "merged")  # diffusers loads it too
-    rc, _, err = _run(
-        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", f"{lora_file}:0.8", "--out", tmp_path / "merged"
-    )
-    assert rc == 0, err  # a previous merge output may be replaced
+    again = ["lora", "merge", "--model", "zoo:tiny", "--lora", f"{lora_file}:0.8", "--out", tmp_path / "merged"]
+    rc, _, err = _run(capsys, *again)
+    assert rc == 2 and "--overwrite" in err  # never replaced silently
+    rc, _, err = _run(capsys, *again, "--overwrite")
+    assert rc == 0, err  # a previous merge output is replaced when the user says so
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     rc, _, err = _run(
-        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", str(lora_file), "--out", tmp_path / "mine"
-    )
-    assert rc == 2 and "other files" in err and (tmp_path / "mine" / "notes.txt").exists()
+        capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", str(lora_file), "--out", tmp_path / "mine",
+        "--overwrite",
+    )  # fmt: skip
+    assert rc == 2 and "other files" in err and (tmp_path / "mine" / "notes.txt").exists()  # not even then
 
 
 def test_mix_and_extract(lora_file, tmp_path, capsys):

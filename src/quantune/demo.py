@@ -29,14 +29,16 @@ from PIL import Image
 from quantune import cli
 from quantune.api import load_lora
 from quantune.data import openmoji_dataset
+from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import read_lora
 from quantune.formats.inspect import disk_size
-from quantune.io import human_size, make_grid, save_png
+from quantune.io import check_output, human_size, make_grid, save_png
 from quantune.lora.weights import apply_lora
 from quantune.models import load_pipeline
 
 SUBJECT = "unicorn face"
+DEMO_MARKERS = ("instance", "dreambooth")  # the folders every demo run writes first
 
 
 def _say(text: str) -> None:
@@ -90,13 +92,19 @@ def main() -> None:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--config", default="configs/emoji_dreambooth.toml", help="the DreamBooth recipe (TOML)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's --out folder")
     a = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = Path(a.config)
     if not config.is_file():
         raise SystemExit(f"error: no recipe at {config}: run the demo from the repository root or pass --config FILE")
     out = Path(a.out)
+    try:
+        check_output(out, a.overwrite, DEMO_MARKERS)
+    except QuantuneError as e:
+        raise SystemExit(f"error: {e}") from None
     if out.exists():
+        _say(f"replacing the previous demo output in {out} (--overwrite)")
         shutil.rmtree(out)
     start = time.time()
     extra = f" --set train.steps={a.steps}" if a.steps else ""

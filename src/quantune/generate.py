@@ -13,7 +13,7 @@ import torch
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import read_lora
-from quantune.io import make_grid, save_png
+from quantune.io import atomic_dir, check_output, make_grid
 from quantune.lora.inject import set_lora_multiplier
 from quantune.lora.merge import mix
 from quantune.lora.weights import apply_lora, components_of
@@ -58,6 +58,9 @@ def attach_loras(pipe, specs: list[LoraSpec]) -> list[float]:
     return [1.0]
 
 
+MARKERS = ("grid.png",)  # an output folder `generate` wrote
+
+
 def generate(
     pipe,
     prompt: str,
@@ -68,14 +71,15 @@ def generate(
     size: int | None = None,
     num_images: int = 1,
     guidance_scale: float = 7.5,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Generate num_images per strength (fixed seeds seed..seed+K-1), save PNGs and grid.png; returns the paths."""
+    """Generate num_images per strength (fixed seeds seed..seed+K-1), save PNGs and grid.png; returns the paths.
+    The folder is written whole, atomically; an existing one is replaced only with `overwrite`."""
     if steps < 1 or num_images < 1:
         raise QuantuneError("--steps and --num-images must be at least 1")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output(out_dir, overwrite, MARKERS)
     size = size or family_of(pipe).default_size(pipe)
-    written, rows = [], []
+    names, rows = [], []
     for i, scale in enumerate(scales):
         for model in components_of(pipe).values():
             set_lora_multiplier(model, scale)
@@ -89,13 +93,11 @@ def generate(
             guidance_scale=guidance_scale,
         ).images
         rows.append(images)
-        for k, img in enumerate(images):
-            path = (
-                out_dir / f"scale{scale:g}_seed{seed + k}.png" if len(scales) > 1 else out_dir / f"seed{seed + k}.png"
-            )
-            save_png(img, path)
-            written.append(path)
+        names += [f"scale{scale:g}_seed{seed + k}.png" if len(scales) > 1 else f"seed{seed + k}.png"
+                  for k in range(num_images)]  # fmt: skip
         logger.info("row %d: LoRA strength %g, %d image(s)", i, scale, num_images)
-    grid = out_dir / "grid.png"
-    save_png(make_grid(rows), grid)
-    return written + [grid]
+    with atomic_dir(out_dir, MARKERS, overwrite) as tmp:
+        for name, image in zip(names, (img for row in rows for img in row)):
+            image.save(tmp / name, format="PNG")
+        make_grid(rows).save(tmp / "grid.png", format="PNG")
+    return [out_dir / name for name in names] + [out_dir / "grid.png"]

@@ -46,19 +46,50 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed last).
+DIFFUSERS_FOLDER = ("model_index.json",)  # the marker of a pipeline folder quantune (or diffusers) wrote
 
-    An existing non-empty folder is replaced only if it holds one of `markers` (a previous output of the same
-    kind, e.g. "model_index.json"), so a mistyped --out never deletes unrelated files.
+
+def check_output(
+    path: str | os.PathLike, overwrite: bool = False, markers: tuple[str, ...] = (), folder: bool = True
+) -> Path:
+    """Refuse an output that would replace something the user did not say may be replaced; returns the path.
+
+    A missing output, or an empty folder, is always fine. An existing one needs `overwrite` (the CLI's
+    --overwrite), and even then a folder is replaced only when it holds one of `markers` (a previous output of the
+    same kind, e.g. "model_index.json"), so a mistyped --out never deletes unrelated files. A file where a folder
+    is written (or the reverse), or a parent that is a file, is refused outright. Called before any model loads,
+    so a bad --out fails in a second, and again by the writers themselves.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.is_dir():
-        raise QuantuneError(f"{path} exists and is not a folder: choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not any(list(path.glob(m)) for m in markers):
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QuantuneError(
+                    f"{parent} is a file, not a folder, so {path} cannot be written: choose another --out"
+                )
+            break
+    if not path.exists() and not path.is_symlink():
+        return path
+    if folder != path.is_dir():
+        what, wanted = ("a file", "a folder") if folder else ("a folder", "a file")
+        raise QuantuneError(f"{path} is {what}, where {wanted} is written: choose another --out")
+    if folder and not any(path.iterdir()):
+        return path
+    if folder and not any(list(path.glob(m)) for m in markers):
         raise QuantuneError(f"{path} exists and holds other files: choose a new or empty --out folder")
+    if not overwrite:
+        raise QuantuneError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = (), overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed last).
+
+    An existing output is replaced only as `check_output(path, overwrite, markers)` allows.
+    """
+    path = check_output(path, overwrite, markers)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -73,6 +104,18 @@ def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = ()) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden `.NAME.*.tmp` / `.NAME.old-PID` entries an interrupted atomic write left in `folder`
+    (never anything else); returns what was removed. Only for folders one process writes (a training run)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and re.search(r"(\.tmp|\.old-\d+)$", p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from quantune.bench.common import Table, machine, machine_line, write_table
 from quantune.errors import QuantuneError
+from quantune.io import check_output
 
 logger = logging.getLogger(__name__)
 TABLES = {  # module -> what it measures
@@ -47,13 +48,21 @@ def finish_table(table: Table | list[Table], out: str | Path, quick: bool) -> No
     path.write_text(json.dumps(costs, indent=1))
 
 
-def run_bench(out: str | Path, quick: bool = False, only: list[str] | None = None) -> Path:
-    """Run the tables (each `python -m quantune.bench.NAME`, one process), then write the report."""
+def run_bench(out: str | Path, quick: bool = False, only: list[str] | None = None, overwrite: bool = False) -> Path:
+    """Run the tables (each `python -m quantune.bench.NAME`, one process), then write the report. OUT is a new or
+    empty folder, or a report folder of an earlier run whose tables are re-measured only with `overwrite`."""
     names = only or list(TABLES)
     unknown = [n for n in names if n not in TABLES]
     if unknown:
         raise QuantuneError(f"unknown table(s) {', '.join(unknown)}: choose from {', '.join(TABLES)}")
-    out = Path(out)
+    markers = ("costs.json", "report.md", *(f"{n}*.json" for n in TABLES))
+    out = check_output(out, True, markers)  # a report folder is updated table by table
+    again = [n for n in names if list(out.glob(f"{n}*.json"))]
+    if again and not overwrite:
+        raise QuantuneError(
+            f"{out} already holds the {', '.join(again)} table(s): pass --overwrite to measure them again, or "
+            "choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     run_tables(names, out, quick)
     return write_report(out)

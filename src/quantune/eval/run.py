@@ -28,7 +28,7 @@ from quantune.eval.recognition import check_captions, glyph_ranks, top_k
 from quantune.eval.similarity import similarity_per_image
 from quantune.families import family_of
 from quantune.generate import LoraSpec, attach_loras
-from quantune.io import atomic_dir, make_grid
+from quantune.io import atomic_dir, check_output, make_grid
 from quantune.lora.inject import set_lora_multiplier
 from quantune.lora.weights import components_of
 from quantune.models.loading import load_pipeline, to_device
@@ -36,6 +36,7 @@ from quantune.models.loading import load_pipeline, to_device
 logger = logging.getLogger(__name__)
 METRICS = ("fid", "glyph", "clip-t", "clip-i", "dino", "lpips", "psnr", "ssim")
 PAIRED = ("psnr", "ssim", "lpips")
+MARKERS = ("metrics.json",)  # an output folder `evaluate` wrote
 
 
 @dataclass
@@ -142,7 +143,7 @@ def score(images, prompts: list[str], cfg: EvalConfig, reference=None, pairs=Non
     return figures, rows
 
 
-def check_inputs(cfg: EvalConfig, out: str | Path) -> None:
+def check_inputs(cfg: EvalConfig, out: str | Path, overwrite: bool = False) -> None:
     """Every folder the metrics read, and the output folder, checked before anything is generated."""
     for name, flag in (("reference", "--reference"), ("instance", "--instance")):
         folder = getattr(cfg, name)
@@ -154,19 +155,22 @@ def check_inputs(cfg: EvalConfig, out: str | Path) -> None:
             raise QuantuneError(f"{flag} {folder} holds no model (no config.json): pass a local model folder")
     if cfg.feature != "openmoji" and not Path(cfg.feature).exists():
         raise QuantuneError(f"--feature {cfg.feature} not found: use openmoji or a local CLIP folder")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
-        raise QuantuneError(f"{out} exists and holds other files: choose a new or empty --out folder")
+    check_output(out, overwrite, MARKERS)
 
 
 def evaluate(
-    model: str, cfg: EvalConfig, out: str | Path, loras: list[str] | None = None, device: str = "cpu"
+    model: str,
+    cfg: EvalConfig,
+    out: str | Path,
+    loras: list[str] | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
 ) -> dict:
     """Generate with `model` (+ `loras`, FILE[:SCALE]) on `device`, score, write the outputs into `out`; returns the
     figures. Inputs are checked first (check_inputs), so a bad folder fails before any image is generated."""
 
     start = time.time()
-    check_inputs(cfg, out)
+    check_inputs(cfg, out, overwrite)
     prompts, reference = load_prompts(cfg)
     if "glyph" in cfg.metrics:
         check_captions(prompts)
@@ -186,7 +190,7 @@ def evaluate(
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
               "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip
-    with atomic_dir(out, markers=("metrics.json",)) as tmp:
+    with atomic_dir(out, MARKERS, overwrite) as tmp:
         (tmp / "images").mkdir()
         for row, image in zip(rows, images):
             row["image"] = f"images/{row['index']:04d}.png"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantune.errors import QuantuneError
 from quantune.formats import diffusers_format, kohya, legacy, peft_format, quantune_format
-from quantune.io import load_pickle, load_safetensors, save_safetensors
+from quantune.io import check_output, load_pickle, load_safetensors, save_safetensors
 from quantune.lora.weights import LoraWeights, canonicalize, components_of
 
 WRITABLE = ("quantune", "diffusers", "peft", "kohya")
@@ -115,19 +115,32 @@ def read_lora(path, pipe=None, component: str = "unet") -> tuple[LoraWeights, st
     return weights, fmt, meta
 
 
-def write_lora(weights: LoraWeights, path, fmt: str, config_json: str | None = None, pipe=None) -> Path:
-    """Write canonical weights in `fmt`; returns the file or folder written (atomically). `pipe` (optional) tells
-    the kohya writer the UNet's layout (an SDXL UNet is named as Stability's)."""
-    path = Path(path)
+def lora_output(path, fmt: str, overwrite: bool = False) -> Path:
+    """The file (or, for peft, the folder) `write_lora(..., path, fmt)` writes, checked before anything is read:
+    a `path` not ending in .safetensors is a folder that gets the format's usual file name inside it (a file the
+    user has there is replaced only with `overwrite`)."""
     if fmt not in WRITABLE:
         raise QuantuneError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITABLE)}")
+    path = Path(path)
+    if fmt == "peft":
+        return check_output(path, overwrite, peft_format.PEFT_MARKERS)
+    if path.suffix != ".safetensors":
+        path = path / ("pytorch_lora_weights.safetensors" if fmt == "diffusers" else "lora.safetensors")
+    return check_output(path, overwrite, folder=False)
+
+
+def write_lora(
+    weights: LoraWeights, path, fmt: str, config_json: str | None = None, pipe=None, overwrite: bool = False
+) -> Path:
+    """Write canonical weights in `fmt`; returns the file or folder written (atomically; see `lora_output` for
+    where, and for what `overwrite` allows). `pipe` (optional) tells the kohya writer the UNet's layout (an SDXL
+    UNet is named as Stability's)."""
+    path = lora_output(path, fmt, overwrite)
     if not weights:
         raise QuantuneError("there is no LoRA to write")
     if fmt == "peft":
-        peft_format.save_peft(weights, path)
+        peft_format.save_peft(weights, path, overwrite)
         return path
-    if path.suffix != ".safetensors":
-        path = path / ("pytorch_lora_weights.safetensors" if fmt == "diffusers" else "lora.safetensors")
     if fmt == "quantune":
         quantune_format.save_lora(weights, path, config_json)
         return path

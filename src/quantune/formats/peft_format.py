@@ -20,10 +20,11 @@ from quantune.lora.layers import LoraModule
 from quantune.lora.weights import COMPONENTS, LoraWeights
 
 PREFIX = "base_model.model."
+PEFT_MARKERS = ("*/adapter_config.json",)  # a folder save_peft wrote
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_A(?:\.[^.]+)?\.weight$")
 
 
-def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
+def save_peft(weights: LoraWeights, out_dir, overwrite: bool = False) -> list[Path]:
     """Write OUT/<component>/{adapter_config.json, adapter_model.safetensors} atomically; returns the folders."""
     groups: dict[str, dict[str, LoraModule]] = {}
     for key, mod in weights.items():
@@ -32,7 +33,7 @@ def save_peft(weights: LoraWeights, out_dir) -> list[Path]:
         component, _, path = key.partition(".")
         groups.setdefault(component, {})[path] = mod
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, markers=("*/adapter_config.json",)) as tmp:
+    with atomic_dir(out_dir, PEFT_MARKERS, overwrite) as tmp:
         for component, mods in groups.items():
             paths = list(mods)
             cfg = peft_config_dict(paths, [m.rank for m in mods.values()], [m.alpha for m in mods.values()])

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from quantune.families import FAMILIES
-from quantune.io import atomic_dir
+from quantune.io import DIFFUSERS_FOLDER, atomic_dir
 from quantune.quant.kernels import prepare_int_kernels
 from quantune.quant.quantize import is_quantized_folder, load_quantized_model, quant_layers, write_spec
 
@@ -18,9 +18,12 @@ def denoiser_names() -> list[str]:
     return sorted({family.denoiser for family in FAMILIES.values()})
 
 
-def save_integer_pipeline(pipe, out: str | Path, extra: dict[str, dict] | None = None) -> Path:
-    """Write the pipeline (its denoiser holding integers) and its spec atomically; `extra`: JSON files to add."""
-    with atomic_dir(out, markers=("model_index.json",)) as tmp:
+def save_integer_pipeline(
+    pipe, out: str | Path, extra: dict[str, dict] | None = None, overwrite: bool = False
+) -> Path:
+    """Write the pipeline (its denoiser holding integers) and its spec atomically; `extra`: JSON files to add.
+    An existing `out` is replaced only with `overwrite` (and only if it is a pipeline folder)."""
+    with atomic_dir(out, DIFFUSERS_FOLDER, overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in denoiser_names():
             model = getattr(pipe, name, None)

@@ -13,7 +13,7 @@ import torch
 
 from quantune.assets import EMOJI_DIR
 from quantune.errors import QuantuneError
-from quantune.io import atomic_dir
+from quantune.io import DIFFUSERS_FOLDER, atomic_dir
 
 LIMIT_MB = 30
 
@@ -23,7 +23,7 @@ def package(src: Path, dst: Path = EMOJI_DIR, training: dict | None = None) -> i
 
     pipe = StableDiffusionPipeline.from_pretrained(str(src), local_files_only=True)
     pipe.to(torch.float16)
-    with atomic_dir(dst, markers=("model_index.json",)) as tmp:
+    with atomic_dir(dst, DIFFUSERS_FOLDER, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if training:
             (tmp / "TRAINING.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")

@@ -52,5 +52,5 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     }
 
 
-def save_ptq_pipeline(pipe, out: str | Path, report: dict) -> Path:
-    return save_integer_pipeline(pipe, out, extra={REPORT_FILE: report})
+def save_ptq_pipeline(pipe, out: str | Path, report: dict, overwrite: bool = False) -> Path:
+    return save_integer_pipeline(pipe, out, extra={REPORT_FILE: report}, overwrite=overwrite)

@@ -91,10 +91,10 @@ def write_spec(model, folder: Path) -> None:
     (folder / SPEC_FILE).write_text(json.dumps(meta, indent=1))
 
 
-def save_quantized_model(model, folder: str | Path) -> Path:
-    """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it (atomically)."""
-
-    with atomic_dir(folder, markers=(SPEC_FILE,)) as tmp:
+def save_quantized_model(model, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write a diffusers model (config + safetensors) holding integer layers, and the spec beside it (atomically);
+    an earlier such folder is replaced only with `overwrite`."""
+    with atomic_dir(folder, (SPEC_FILE,), overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_spec(model, tmp)
     return Path(folder)

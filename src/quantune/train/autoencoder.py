@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from quantune.io import atomic_dir, write_json
+from quantune.io import DIFFUSERS_FOLDER, atomic_dir, write_json
 from quantune.models import load_pipeline
 from quantune.train.data import Batcher, build_datasets, stream_indices
 from quantune.train.trainer import TrainResult, _peak_memory_mb, _step_seed
@@ -68,7 +68,7 @@ def train_autoencoder(cfg):
         )
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     logger.info("VAE latent std %.4f -> scaling_factor %.4f", float(latents.std()), vae.config.scaling_factor)
-    with atomic_dir(out / "pipeline", markers=("model_index.json",)) as tmp:
+    with atomic_dir(out / "pipeline", DIFFUSERS_FOLDER, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return TrainResult(
         out,

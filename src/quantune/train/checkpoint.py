@@ -65,7 +65,7 @@ def save_checkpoint(root: Path, ts: TrainState, trainable, optimizer, lr_schedul
         "lr_scheduler": lr_scheduler.state_dict(),
         "ema_step": ema.optimization_step if ema is not None else None,
     }
-    with atomic_dir(folder, markers=("state.json",)) as tmp:
+    with atomic_dir(folder, markers=("state.json",), overwrite=True) as tmp:
         save_safetensors(dict(trainable), tmp / "trainable.safetensors")
         save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:

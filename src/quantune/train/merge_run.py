@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from quantune.errors import QuantuneError
-from quantune.io import load_safetensors
+from quantune.io import DIFFUSERS_FOLDER, check_output, load_safetensors
 from quantune.models import load_pipeline
 from quantune.models.integer import save_integer_pipeline
 from quantune.train.config import config_from_dict
@@ -52,8 +52,10 @@ def load_run(run_dir: str | Path, family: str):
     return cfg, pipe, method
 
 
-def merge_run(run_dir: str | Path, out: str | Path, family: str) -> tuple[Path, int]:
-    """Merge the run into an integer model at `out`; returns (out, number of merged layers)."""
+def merge_run(run_dir: str | Path, out: str | Path, family: str, overwrite: bool = False) -> tuple[Path, int]:
+    """Merge the run into an integer model at `out`; returns (out, number of merged layers). An existing `out` is
+    refused (before the run loads) unless `overwrite`."""
+    check_output(out, overwrite, DIFFUSERS_FOLDER)
     cfg, pipe, method = load_run(run_dir, family)
     n = method.merge(pipe, cfg)
-    return save_integer_pipeline(pipe, out), n
+    return save_integer_pipeline(pipe, out, overwrite=overwrite), n

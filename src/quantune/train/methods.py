@@ -15,7 +15,7 @@ import torch
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import write_lora
-from quantune.io import atomic_dir
+from quantune.io import DIFFUSERS_FOLDER, atomic_dir
 from quantune.lora.inject import add_lora, lora_layers, lora_parameters, remove_lora
 from quantune.lora.weights import components_of, get_lora_weights
 
@@ -92,8 +92,8 @@ class LoraMethod(TrainingMethod):
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
         weights = get_lora_weights(pipe)
         config = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets)
-        q = write_lora(weights, out_dir / "lora.safetensors", "quantune", config.to_json())
-        d = write_lora(weights, out_dir / "pytorch_lora_weights.safetensors", "diffusers")
+        q = write_lora(weights, out_dir / "lora.safetensors", "quantune", config.to_json(), overwrite=True)
+        d = write_lora(weights, out_dir / "pytorch_lora_weights.safetensors", "diffusers", overwrite=True)
         return [q, d]
 
 
@@ -116,6 +116,6 @@ class FullMethod(TrainingMethod):
         return groups
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
-        with atomic_dir(out_dir / "pipeline", markers=("model_index.json",)) as tmp:
+        with atomic_dir(out_dir / "pipeline", DIFFUSERS_FOLDER, overwrite=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return [out_dir / "pipeline"]

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from quantune.train.config import TrainConfig
 from quantune.train.data import Batcher, build_datasets, stream_indices
 from quantune.train.objective import denoising_loss, latent_params, sample_latents, training_scheduler
 from quantune.train.registry import METHODS
+from quantune.train.run_dir import claimed_run_dir
 from quantune.train.validation import save_validation_grid
 
 logger = logging.getLogger(__name__)
@@ -148,21 +150,29 @@ class _Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Train as `cfg` says into `cfg.output_dir` (see train/run_dir.py for what an existing folder needs:
+    `resume` = "latest" or a checkpoint name continues it, `overwrite` replaces a previous run)."""
+    main = int(os.environ.get("RANK", "0")) == 0  # before the Accelerator exists (accelerate launch sets RANK)
     if cfg.task == "autoencoder":
         from quantune.train.autoencoder import train_autoencoder  # deferred: only the VAE task needs it
 
+        with claimed_run_dir(cfg.output_dir, resume, overwrite, main):
+            pass  # the checks; the autoencoder task writes as it goes
         return train_autoencoder(cfg)
-    run = _start(cfg, resume)
+    with claimed_run_dir(cfg.output_dir, resume, overwrite, main):
+        run = _start(cfg, resume)
     bar = tqdm(total=cfg.train.steps, initial=run.ts.step, disable=not run.main, desc="train", dynamic_ncols=True)
     start, loss_value = time.time(), float("nan")
     run.denoiser.train()
-    while run.ts.step < cfg.train.steps:
-        loss_value = _train_step(run)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
-        _after_step(run, loss_value)
-    bar.close()
+    try:
+        while run.ts.step < cfg.train.steps:
+            loss_value = _train_step(run)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
+            _after_step(run, loss_value)
+    finally:
+        bar.close()  # before any error is printed, so the error line is the last one
     return _finish(run, time.time() - start, loss_value)
 
 
@@ -190,14 +200,14 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     out = Path(cfg.output_dir)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(cfg.to_dict(), out / "config.json")
     pipe = load_pipeline(cfg.model.pretrained)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
     with accelerator.main_process_first():
         train_set, class_set = build_datasets(cfg, out, pipe)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.to_dict(), out / "config.json")
     method = METHODS[cfg.method]()
     groups = method.prepare(pipe, cfg)
     params = [p for g in groups for p in g["params"]]
