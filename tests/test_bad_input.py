@@ -66,7 +66,7 @@ def _refused(capsys, argv: list[str], *needles: str) -> str:
 def _previous_output(writer: Writer, out: Path) -> None:
     if writer.folder:
         (out / writer.marker).parent.mkdir(parents=True, exist_ok=True)
-        (out / writer.marker).write_text("{}")
+        (out / writer.marker).write_text('{"method": "lora", "train": {}}')  # train's marker names a method
     else:
         out.write_bytes(b"the user's earlier file")
 
@@ -96,7 +96,8 @@ def test_the_wrong_kind_of_output_is_refused(name, lora, tmp_path, capsys):
     out.mkdir() if not writer.folder else out.write_text("the user's file")
     (out / "notes.txt").write_text("keep") if not writer.folder else None
     before = _tree(tmp_path)
-    _refused(capsys, _argv(writer, out, lora, "--overwrite"), str(out))
+    said = "is a file, where a folder is written" if writer.folder else "is a folder, where a file is written"
+    _refused(capsys, _argv(writer, out, lora, "--overwrite"), str(out), said)
     assert _tree(tmp_path) == before
 
 
@@ -117,6 +118,35 @@ def test_a_folder_of_other_files_is_never_replaced(name, lora, tmp_path, capsys)
     before = _tree(tmp_path)
     _refused(capsys, _argv(writer, tmp_path / "mine", lora, "--overwrite"), "other files")
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_the_current_folder_and_links_are_refused(name, lora, tmp_path, capsys, monkeypatch):
+    writer = WRITERS[name]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    if writer.folder:
+        _refused(capsys, _argv(writer, Path("."), lora, "--overwrite"), "current folder")
+    suffix = "" if writer.folder else ".safetensors"
+    real, link = tmp_path / f"real{suffix}", tmp_path / f"link{suffix}"
+    real.mkdir() if writer.folder else real.write_bytes(b"x")
+    link.symlink_to(real)
+    before = _tree(tmp_path)
+    _refused(capsys, _argv(writer, link, lora, "--overwrite"), "symbolic link")
+    assert _tree(tmp_path) == before
+
+
+def test_a_system_error_is_one_line(lora, tmp_path, capsys, monkeypatch):
+    import quantune.formats
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out.safetensors"))
+
+    monkeypatch.setattr(quantune.formats, "write_lora", refuse)
+    line = _refused(
+        capsys, ["lora", "convert", str(lora), "--to", "kohya", "--out", str(tmp_path / "out.safetensors")]
+    )
+    assert "Permission denied" in line and "out.safetensors" in line
 
 
 @pytest.mark.parametrize("to", ["quantune", "diffusers", "kohya"])
@@ -153,6 +183,15 @@ NUMERIC = _numeric_options()
 
 def test_every_numeric_option_is_found():
     assert len(NUMERIC) >= 25 and (("generate",), "--guidance") in NUMERIC and (("quantize",), "--qdrop") in NUMERIC
+
+    def plain(parser):  # argparse's int / float take nan, inf (float) and negative counts: none may use them
+        for action in parser._actions:
+            if action.choices and isinstance(action.choices, dict):
+                yield from (p for sub in action.choices.values() for p in plain(sub))
+            elif action.type in (int, float):
+                yield action.option_strings
+
+    assert not list(plain(_parser()))
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "abc"])

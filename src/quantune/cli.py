@@ -308,8 +308,10 @@ def cmd_eval(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    from quantune.bench import run_bench, update_readme, write_report
+    from quantune.bench import check_readme, run_bench, update_readme, write_report
 
+    if a.readme:
+        check_readme(a.readme)  # before the benchmark, not after it
     only = [t.strip() for t in a.only.split(",") if t.strip()] if a.only else None
     report = write_report(a.out) if a.report_only else run_bench(a.out, a.quick, only, a.overwrite)
     if a.readme:
@@ -439,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         for cause in cause_chain(e):  # -v: what lies behind the one line
             logger.debug("caused by", exc_info=(type(cause), cause, cause.__traceback__))
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused a read or write (permissions, a full disk, a busy mount point)
+        logger.debug("caused by", exc_info=(type(e), e, e.__traceback__))
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: check the path, its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was kept", file=sys.stderr)

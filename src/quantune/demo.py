@@ -38,7 +38,7 @@ from quantune.lora.weights import apply_lora
 from quantune.models import load_pipeline
 
 SUBJECT = "unicorn face"
-DEMO_MARKERS = ("instance", "dreambooth")  # the folders every demo run writes first
+DEMO_MARKER = ".quantune-demo"  # the file every demo run writes first into its --out
 
 
 def _say(text: str) -> None:
@@ -100,12 +100,14 @@ def main() -> None:
         raise SystemExit(f"error: no recipe at {config}: run the demo from the repository root or pass --config FILE")
     out = Path(a.out)
     try:
-        check_output(out, a.overwrite, DEMO_MARKERS)
+        check_output(out, a.overwrite, (DEMO_MARKER,))
     except QuantuneError as e:
         raise SystemExit(f"error: {e}") from None
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
         _say(f"replacing the previous demo output in {out} (--overwrite)")
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("written by `python -m quantune.demo`; --overwrite replaces this folder\n")
     start = time.time()
     extra = f" --set train.steps={a.steps}" if a.steps else ""
     prompts = ["a sks emoji", "an emoji", "cat face"]
@@ -188,7 +190,7 @@ def summary(out: Path, run: Path, lora: Path, start: float) -> None:
     _say(f"\n== summary: {time.time() - start:.0f} s, peak memory {peak:.0f} MB ==")
     _say(f"  training: {(run / 'result.json').read_text().strip()}")
     _say(f"  adapter: {lora} ({human_size(disk_size(lora))})")
-    for path in sorted(out.iterdir()):
+    for path in sorted(p for p in out.iterdir() if not p.name.startswith(".")):
         _say(f"  {path.name:28s} {human_size(disk_size(path)):>10s}")
 
 

@@ -91,6 +91,7 @@ def generate(
             width=size,
             generator=generators,
             guidance_scale=guidance_scale,
+            **family_of(pipe).call_kwargs(pipe),
         ).images
         rows.append(images)
         names += [f"scale{scale:g}_seed{seed + k}.png" if len(scales) > 1 else f"seed{seed + k}.png"

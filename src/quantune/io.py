@@ -60,15 +60,21 @@ def check_output(
     is written (or the reverse), or a parent that is a file, is refused outright. Called before any model loads,
     so a bad --out fails in a second, and again by the writers themselves.
     """
-    path = Path(path)
+    path = Path(path).absolute()
+    if path.is_symlink():
+        raise QuantuneError(f"{path} is a symbolic link: give the path it points to, or another --out")
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise QuantuneError(f"{path} is the current folder or holds it: choose a folder below it as --out")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise QuantuneError(
                     f"{parent} is a file, not a folder, so {path} cannot be written: choose another --out"
                 )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise QuantuneError(f"{parent} is not writable: choose another --out")
             break
-    if not path.exists() and not path.is_symlink():
+    if not path.exists():
         return path
     if folder != path.is_dir():
         what, wanted = ("a file", "a folder") if folder else ("a folder", "a file")
@@ -80,6 +86,13 @@ def check_output(
     if not overwrite:
         raise QuantuneError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
     return path
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the folder `path` to a new hidden name beside it (`.NAME.XXXX.old`, unique) and return that name."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, aside)  # a folder may replace the empty one mkdtemp made
+    return aside
 
 
 @contextlib.contextmanager
@@ -94,10 +107,7 @@ def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = (), overwrite
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+        old = set_aside(path) if path.exists() else None
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -107,12 +117,12 @@ def atomic_dir(path: str | os.PathLike, markers: tuple[str, ...] = (), overwrite
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the hidden `.NAME.*.tmp` / `.NAME.old-PID` entries an interrupted atomic write left in `folder`
+    """Delete the hidden `.NAME.*.tmp` / `.NAME.*.old` entries an interrupted atomic write left in `folder`
     (never anything else); returns what was removed. Only for folders one process writes (a training run)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and re.search(r"(\.tmp|\.old-\d+)$", p.name)]
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and re.search(r"\.(tmp|old)$", p.name)]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale

@@ -10,7 +10,14 @@ from quantune.lora import LoraConfig, add_lora
 from quantune.models import load_pipeline
 from tests.conftest import randomize_lora
 
-MODELS = {"sd": "zoo:tiny", "sdxl": "zoo:tiny-xl"}  # family name -> its tiny zoo model
+MODELS = {  # family name -> its tiny zoo model
+    "sd": "zoo:tiny",
+    "sdxl": "zoo:tiny-xl",
+    "pixart": "zoo:tiny-pixart",
+    "sd3": "zoo:tiny-sd3",
+    "flux": "zoo:tiny-flux",
+}
+UNETS = ("sd", "sdxl")  # the families post-training quantization supports so far
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -19,13 +26,14 @@ def family_ref(request) -> str:
 
 
 def add_random_lora(pipe) -> None:
-    """A LoRA with non-zero factors on the denoiser (attention + proj_in + 3x3 conv1) and on every text encoder."""
+    """A LoRA with non-zero factors on the denoiser (attention + proj_in + 3x3 conv1) and on every text encoder a
+    LoRA may adapt (CLIP's; T5 stays frozen)."""
     family = family_of(pipe)
     targets = r".*(to_q|to_k|to_v|to_out\.0|proj_in|conv1)"
     config = LoraConfig(r=4, alpha=2.0, targets=targets, alpha_pattern={"to_v": 5.0}, seed=0)
     add_lora(family.denoiser_of(pipe), config)
     randomize_lora(family.denoiser_of(pipe), 0)
-    for i, model in enumerate(family.text_encoders_of(pipe).values()):
+    for i, model in enumerate(family.lora_text_encoders_of(pipe).values()):
         add_lora(model, LoraConfig(r=2, alpha=3.0, targets=list(family.text_encoder_targets), seed=1 + i))
         randomize_lora(model, 1 + i)
 

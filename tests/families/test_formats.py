@@ -9,14 +9,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import WRITABLE, read_lora, write_lora
 from quantune.lora import get_lora_weights
 from quantune.models import load_pipeline
-from tests.families.conftest import family_outputs
+from tests.families.conftest import MODELS, family_outputs
 
 ATOL = 1e-5
 KOHYA_TEXT_PREFIXES = {"sd": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}}  # as kohya and A1111 write them
+NO_LOADER = {"pixart": "PixArtSigmaPipeline has no load_lora_weights in diffusers 0.42: peft is its loader"}
+
+
+def _family(ref: str) -> str:
+    return next(name for name, model in MODELS.items() if model == ref)
+
+
+def _formats(ref: str) -> list[str]:
+    """The formats a family's LoRA is written in (kohya: the families whose kohya names quantune writes)."""
+    return [f for f in WRITABLE if f != "kohya" or _family(ref) in KOHYA_TEXT_PREFIXES]
 
 
 def _assert_same(a, b):
@@ -26,6 +37,8 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt, tmp_path):
+    if _family(family_ref) in NO_LOADER or fmt not in _formats(family_ref):
+        pytest.skip(NO_LOADER.get(_family(family_ref), "kohya names of this family are not written yet"))
     reference = family_outputs(family_lora_pipe)
     assert (reference[1] - family_outputs(load_pipeline(family_ref))[1]).abs().max() > 1e-2  # the LoRA matters
     path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "lora.safetensors", fmt, pipe=family_lora_pipe)
@@ -35,6 +48,11 @@ def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt,
 
 
 def test_kohya_names_per_family(family_lora_pipe, tmp_path):
+    name = family_of(family_lora_pipe).name
+    if name not in KOHYA_TEXT_PREFIXES:  # refused by name, never written with names kohya's tools do not read
+        with pytest.raises(QuantuneError, match="kohya names of diffusion-transformer"):
+            write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)
+        return
     path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)
     with safe_open(str(path), "pt") as f:
         prefixes = {k.split("text_model")[0] for k in f.keys() if not k.startswith("lora_unet_")}
@@ -46,14 +64,14 @@ def test_peft_loads_quantune_export(family_lora_pipe, family_ref, tmp_path):
     write_lora(get_lora_weights(family_lora_pipe), tmp_path / "peft", "peft")
     fresh = load_pipeline(family_ref)
     family = family_of(fresh)
-    names = [family.denoiser, *family.text_encoders_of(fresh)]
+    names = [family.denoiser, *family.lora_text_encoders_of(fresh)]
     wrapped = {n: peft.PeftModel.from_pretrained(getattr(fresh, n), tmp_path / "peft" / n) for n in names}
     _assert_same(family_outputs(fresh, wrapped), reference)
 
 
 def test_every_format_round_trips(family_lora_pipe, family_ref, tmp_path):
     weights = get_lora_weights(family_lora_pipe)
-    for fmt in WRITABLE:
+    for fmt in _formats(family_ref):
         path = write_lora(
             weights, tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors"), fmt, pipe=family_lora_pipe
         )

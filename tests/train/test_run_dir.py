@@ -26,32 +26,57 @@ FAILED_STARTS = {
     "unknown model": (("model.pretrained=zoo:nothing",), ()),
     "missing data folder": (("data.source=folder", "data.path=/nonexistent/images"), ()),
     "nothing to resume": ((), ("--resume", "latest")),
+    "autoencoder, unknown model": (("task=autoencoder", "model.pretrained=zoo:nothing"), ()),
+    "after config.json and logs": ((), ()),  # _late_failure below makes the last step of the start fail
 }
+
+
+def _late_failure(monkeypatch):
+    """Make the start fail at its very end, after config.json is written and TensorBoard is opened."""
+    import quantune.train.trainer as trainer
+
+    def fail(cfg):
+        raise trainer.QuantuneError("a failure at the end of the start")
+
+    monkeypatch.setattr(trainer, "_flat_hparams", fail)
 
 
 @pytest.mark.parametrize("existed", [False, True], ids=["new folder", "empty folder"])
 @pytest.mark.parametrize("case", list(FAILED_STARTS))
-def test_a_failed_start_leaves_nothing_behind(case, existed, tmp_path, capsys):
+def test_a_failed_start_leaves_nothing_behind(case, existed, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     if existed:
         run.mkdir()
+    if case.startswith("after"):
+        _late_failure(monkeypatch)
     sets, extra = FAILED_STARTS[case]
     rc, err = _train(capsys, run, *sets, extra=extra)
     assert rc == 2 and err[-1].startswith("error:") and not any("Traceback" in line for line in err), err
     assert (run.is_dir() and not any(run.iterdir())) if existed else not run.exists()
 
 
-def test_a_previous_run_is_replaced_only_with_overwrite(tmp_path, capsys):
+def test_a_previous_run_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert _train(capsys, run, "log.checkpoint_every=1")[0] == 0
     first = (run / "lora.safetensors").read_bytes()
+    hf_model = tmp_path / "hf_model"  # a config.json that is not a run's: never replaced
+    hf_model.mkdir()
+    (hf_model / "config.json").write_text('{"hidden_size": 32}')
+    rc, err = _train(capsys, hf_model, extra=("--overwrite",))
+    assert rc == 2 and "other files" in err[-1] and (hf_model / "config.json").read_text() == '{"hidden_size": 32}'
     assert (run / "checkpoints" / "step-000001").is_dir()
     rc, err = _train(capsys, run)
     assert rc == 2 and "--resume latest" in err[-1] and "--overwrite" in err[-1]
     assert (run / "lora.safetensors").read_bytes() == first  # untouched
     rc, err = _train(capsys, run, "model.pretrained=zoo:nothing", extra=("--overwrite",))
     assert rc == 2 and (run / "lora.safetensors").read_bytes() == first  # a failed start puts the old run back
-    assert not list(tmp_path.glob(".run.*"))
+    with monkeypatch.context() as m:
+        _late_failure(m)
+        rc, err = _train(capsys, run, extra=("--overwrite",))
+    assert rc == 2 and "end of the start" in err[-1] and (run / "lora.safetensors").read_bytes() == first
+    assert (run / "checkpoints" / "step-000001").is_dir() and not list(tmp_path.glob(".run.*"))
+    rc, err = _train(capsys, run, extra=("--overwrite", "--resume", "latest"))
+    assert rc == 2 and "one of them" in err[-1]
     rc, err = _train(capsys, run, "train.seed=5", extra=("--overwrite",))
     assert rc == 0, err
     assert not (run / "checkpoints").exists()  # the old run is gone as a whole, not mixed into the new one

@@ -4,6 +4,6 @@ One module per table (training, files, inference, quality_ptq, quality_finetune)
 `python -m quantune.bench.NAME [--quick] --out DIR`; every variant inside a table runs in its own process.
 """
 
-from quantune.bench.report import TABLES, run_bench, update_readme, write_report
+from quantune.bench.report import TABLES, check_readme, run_bench, update_readme, write_report
 
-__all__ = ["TABLES", "run_bench", "update_readme", "write_report"]
+__all__ = ["TABLES", "check_readme", "run_bench", "update_readme", "write_report"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from quantune.bench.common import Table, machine, machine_line, write_table
 from quantune.errors import QuantuneError
-from quantune.io import check_output
+from quantune.io import atomic_path, check_output
 
 logger = logging.getLogger(__name__)
 TABLES = {  # module -> what it measures
@@ -133,10 +133,20 @@ def readme_section(out: str | Path, link: str) -> str:
     return report.replace("\n### ", "\n#### ")
 
 
-def update_readme(readme: str | Path, out: str | Path, link: str) -> None:
+def check_readme(readme: str | Path) -> str:
+    """The README's text, checked (before a benchmark runs) to hold the results markers."""
     path = Path(readme)
+    if not path.is_file():
+        raise QuantuneError(f"--readme {path}: no such file")
     text = path.read_text()
     if BEGIN not in text or END not in text:
         raise QuantuneError(f"{path} has no {BEGIN} ... {END} markers: add them where the results go")
+    return text
+
+
+def update_readme(readme: str | Path, out: str | Path, link: str) -> None:
+    """Replace the README's results section (between its markers), atomically."""
+    text = check_readme(readme)
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    path.write_text(text[:start] + "\n" + readme_section(out, link) + "\n" + text[end:])
+    with atomic_path(readme) as tmp:
+        tmp.write_text(text[:start] + "\n" + readme_section(out, link) + "\n" + text[end:])

@@ -111,7 +111,7 @@ def sample_images(pipe, prompts: list[str], cfg: EvalConfig, size: int | None = 
         chunk = prompts[i : i + cfg.batch]
         gens = [torch.Generator().manual_seed(cfg.seed + i + j) for j in range(len(chunk))]
         images += pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
-                       width=size, generator=gens).images  # fmt: skip
+                       width=size, generator=gens, **family_of(pipe).call_kwargs(pipe)).images  # fmt: skip
     return images
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from quantune.errors import QuantuneError
 from quantune.families.base import Conditioning, Family, using_modules
+from quantune.families.flux import Flux
+from quantune.families.pixart import PixArtSigma
 from quantune.families.sd import StableDiffusion
+from quantune.families.sd3 import StableDiffusion3
 from quantune.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, Family] = {}
@@ -21,6 +24,9 @@ def register(family: Family) -> Family:
 
 register(StableDiffusionXL())  # before SD: both have a UNet2DConditionModel, SDXL's has added conditions
 register(StableDiffusion())
+register(PixArtSigma())
+register(StableDiffusion3())
+register(Flux())
 
 
 def family_of(pipe) -> Family:

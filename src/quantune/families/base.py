@@ -31,6 +31,7 @@ class Family:
     denoiser_classes: ClassVar[tuple[str, ...]] = ()
     denoiser: ClassVar[str] = "unet"  # the pipeline attribute that holds the denoiser
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    lora_text_encoders: ClassVar[tuple[str, ...] | None] = None  # those a text-encoder LoRA adapts (None: all)
     denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
     text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
     zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
@@ -60,9 +61,19 @@ class Family:
         found = {name: getattr(pipe, name, None) for name in self.text_encoders}
         return {name: m for name, m in found.items() if isinstance(m, nn.Module)}
 
+    def lora_text_encoders_of(self, pipe) -> dict[str, nn.Module]:
+        """The text encoders a text-encoder LoRA (or full fine-tuning) may train: CLIP's, never T5."""
+        names = self.text_encoders if self.lora_text_encoders is None else self.lora_text_encoders
+        return {name: m for name, m in self.text_encoders_of(pipe).items() if name in names}
+
     def default_size(self, pipe) -> int:
         """The default image side in pixels: the denoiser's sample size times the VAE's scale factor."""
         return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1))
+
+    def call_kwargs(self, pipe) -> dict:
+        """Extra keyword arguments every quantune call of this family's pipeline passes (e.g. PixArt's
+        `use_resolution_binning=False`, whose bins only exist for the real sample sizes)."""
+        return {}
 
     # -- conditioning and one training forward ----------------------------------------------------------------
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
@@ -70,8 +81,11 @@ class Family:
         through the pipeline's own `encode_prompt`, with the gradient when a text encoder trains."""
         raise NotImplementedError
 
-    def predict(self, pipe, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning):
-        """The denoiser's prediction for noisy latents at timesteps t (model may be a wrapped denoiser)."""
+    def predict(
+        self, pipe, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance=None
+    ) -> torch.Tensor:
+        """The denoiser's prediction [B, C, h, w] for noisy latents [B, C, h, w] at timesteps t (the scheduler's
+        scale); `model` may be a wrapped denoiser; `guidance`: the distilled guidance of models that embed it."""
         return model(noisy.to(_dtype_of(cond, noisy)), t, **cond).sample
 
     # -- PTQ -------------------------------------------------------------------------------------------------

@@ -84,7 +84,10 @@ def ddim_scheduler():
     )
 
 
-def tiny_vae(sample_px: int):
+def tiny_vae(sample_px: int, shift_factor: float | None = None):
+    """zoo:tiny's VAE (2 levels: 4 latent channels at half the image side); SD3 / FLUX-style VAEs shift their
+    latents too (`shift_factor`; those have no quant convs)."""
+    shifted = {"shift_factor": shift_factor, "use_quant_conv": False, "use_post_quant_conv": False}
     return AutoencoderKL(
         block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -93,6 +96,7 @@ def tiny_vae(sample_px: int):
         norm_num_groups=8,
         layers_per_block=1,
         sample_size=sample_px,
+        **(shifted if shift_factor is not None else {}),
     )
 
 

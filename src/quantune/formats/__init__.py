@@ -141,6 +141,11 @@ def write_lora(
     if fmt == "peft":
         peft_format.save_peft(weights, path, overwrite)
         return path
+    if fmt == "kohya" and any(key.startswith("transformer.") for key in weights):
+        raise QuantuneError(
+            "kohya names of diffusion-transformer LoRAs (FLUX, SD3, PixArt) are not written yet: write diffusers, "
+            "peft or quantune (--to diffusers)"
+        )
     if fmt == "quantune":
         quantune_format.save_lora(weights, path, config_json)
         return path

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from quantune.errors import QuantuneError
@@ -121,7 +121,7 @@ def load_quantized_model(folder: str | Path, cls):
     except (OSError, ValueError, KeyError) as e:
         raise QuantuneError(f"{folder / SPEC_FILE} is unreadable ({e}): re-export the quantized model") from None
     config = cls.load_config(folder)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (PixArt's positions) computed
         model = cls.from_config(config)
     for name, spec in layers.items():
         set_module(model, name, _from_spec(spec))

@@ -26,12 +26,21 @@ from quantune.train.trainer import TrainResult, _peak_memory_mb, _step_seed
 logger = logging.getLogger(__name__)
 
 
-def train_autoencoder(cfg):
+def start_autoencoder(cfg) -> tuple:
+    """Load the pipeline and the data, then write config.json: (pipe, data). Run inside the trainer's claim of
+    output_dir, so a failed start leaves nothing."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.to_dict(), out / "config.json")
     pipe = load_pipeline(cfg.model.pretrained)
     data, _ = build_datasets(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.to_dict(), out / "config.json")
+    return pipe, data
+
+
+def train_autoencoder(cfg, started: tuple):
+    """Train the VAE of `started` = start_autoencoder(cfg) and write OUT/pipeline (no checkpoints: no resume)."""
+    out = Path(cfg.output_dir)
+    pipe, data = started
     vae = pipe.vae
     vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(
@@ -42,21 +51,9 @@ def train_autoencoder(cfg):
     )
     batcher = Batcher(data, cfg.data.resolution, cfg.data.random_flip)
     generator = torch.Generator()
-    start, loss = time.time(), torch.tensor(float("nan"))
-    bar = tqdm(range(cfg.train.steps), desc="autoencoder", dynamic_ncols=True)
-    for step in bar:
-        generator.manual_seed(_step_seed(cfg.train.seed, step, 0))
-        idx = stream_indices(len(data), cfg.train.seed, step * cfg.train.batch_size, cfg.train.batch_size)
-        x = batcher.pixels(idx, generator)  # [B, 3, H, W] in [-1, 1]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.train.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    start = time.time()
+    with tqdm(range(cfg.train.steps), desc="autoencoder", dynamic_ncols=True) as bar:  # closed before any error
+        loss = _steps(cfg, bar, vae, batcher, data, generator, optimizer, lr_scheduler)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         sample = stream_indices(len(data), cfg.train.seed + 1, 0, min(len(data), 512))
@@ -78,3 +75,22 @@ def train_autoencoder(cfg):
         _peak_memory_mb(torch.device("cpu")),
         [out / "pipeline"],
     )
+
+
+def _steps(cfg, bar, vae, batcher, data, generator, optimizer, lr_scheduler) -> torch.Tensor:
+    """The reconstruction steps (L1 + L2 + KL); returns the last loss."""
+    loss = torch.tensor(float("nan"))
+    for step in bar:
+        generator.manual_seed(_step_seed(cfg.train.seed, step, 0))
+        idx = stream_indices(len(data), cfg.train.seed, step * cfg.train.batch_size, cfg.train.batch_size)
+        x = batcher.pixels(idx, generator)  # [B, 3, H, W] in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.train.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return loss

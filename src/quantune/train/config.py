@@ -18,6 +18,7 @@ from quantune.errors import QuantuneError
 from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS, LoraConfig
 from quantune.quant.config import ActQuant, WeightQuant
 from quantune.quant.primitives import check_bits
+from quantune.train.flow_matching import WEIGHTING_SCHEMES
 
 TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
 METHODS = ("lora", "full", "qlora", "intlora-mul", "intlora-shift")  # train/methods.py, train/quant_methods.py
@@ -194,10 +195,18 @@ class TrainSection:
     train_text_encoder: bool = False  # full fine-tuning: also train the text encoder
     deterministic: bool = False  # torch.use_deterministic_algorithms (for bit-exact resume tests)
     kl_weight: float = 1e-6  # task = autoencoder: weight of the KL term
+    # flow matching (SD3, FLUX; train/flow_matching.py): timestep density and loss weighting, as diffusers' scripts
+    weighting_scheme: str = "none"  # none (uniform) | logit_normal | mode | sigma_sqrt | cosmap
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 3.5  # the distilled guidance a FLUX-dev-style transformer is given while training
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
             _positive(f"train.{name}", getattr(self, name))
+        _choice("train.weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        _positive("train.logit_std", self.logit_std)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         if self.min_snr_gamma is not None:
             _positive("train.min_snr_gamma", self.min_snr_gamma)

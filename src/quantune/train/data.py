@@ -15,6 +15,7 @@ import torch
 
 from quantune.data import ImageCaptionDataset, class_folder, dreambooth_folder, image_folder, openmoji_dataset
 from quantune.data import to_tensor as image_to_tensor
+from quantune.families import family_of
 from quantune.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, size: int, 
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(seed * 100_003 + i),
+            **family_of(pipe).call_kwargs(pipe),
         ).images[0]
         with atomic_path(folder / f"class_{i:05d}.png") as tmp:
             image.save(tmp, format="PNG")

@@ -56,11 +56,30 @@ class TrainingMethod:
         raise NotImplementedError
 
 
+def freeze_all(pipe) -> None:
+    """Every model of the pipeline frozen (the VAE, every text encoder including T5, the denoiser)."""
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)
+
+
+def trainable_text_encoders(pipe) -> dict:
+    """The text encoders the family lets train (CLIP's), or one error line when it has none (T5 stays frozen)."""
+    family = family_of(pipe)
+    found = family.lora_text_encoders_of(pipe)
+    if not found:
+        raise QuantuneError(
+            f"{family.name}'s text encoders ({', '.join(family.text_encoders)}) stay frozen: set lora.text_encoder "
+            "and train.train_text_encoder to false"
+        )
+    return found
+
+
 def text_encoder_lora(pipe, cfg) -> list[dict]:
-    """A LoRA on each of the family's text encoders (seeds train.seed + 1, + 2, ...): their param groups."""
+    """A LoRA on each of the family's trainable text encoders (seeds train.seed + 1, + 2, ...): their param groups."""
     groups = []
     family = family_of(pipe)
-    for i, model in enumerate(family.text_encoders_of(pipe).values()):
+    for i, model in enumerate(trainable_text_encoders(pipe).values()):
         add_lora(model, cfg.lora.text_encoder_config(family.text_encoder_targets, seed=cfg.train.seed + 1 + i))
         groups.append({"params": lora_parameters(model), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
     return groups
@@ -80,8 +99,7 @@ class LoraMethod(TrainingMethod):
 
     def prepare(self, pipe, cfg) -> list[dict]:
         family = family_of(pipe)
-        for model in components_of(pipe).values():
-            model.requires_grad_(False)
+        freeze_all(pipe)
         denoiser = family.denoiser_of(pipe)
         add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
         groups = [{"params": lora_parameters(denoiser), "lr": cfg.optim.lr}]
@@ -105,12 +123,11 @@ class FullMethod(TrainingMethod):
 
     def prepare(self, pipe, cfg) -> list[dict]:
         family = family_of(pipe)
-        for model in components_of(pipe).values():
-            model.requires_grad_(False)
+        freeze_all(pipe)
         denoiser = family.denoiser_of(pipe).requires_grad_(True)
         groups = [{"params": list(denoiser.parameters()), "lr": cfg.optim.lr}]
         if cfg.train.train_text_encoder:
-            for model in family.text_encoders_of(pipe).values():
+            for model in trainable_text_encoders(pipe).values():
                 model.requires_grad_(True)
                 groups.append({"params": list(model.parameters()), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
         return groups

@@ -1,13 +1,15 @@
 """The latent-diffusion training objective (Ho et al. 2020, DDPM; Rombach et al. 2022, LDM), with the options
 users of the peers expect.
 
-    z0 = s_vae * E(x),  t ~ U{0..T-1},  eps ~ N(0, I) (+ noise_offset * N(0, 1) per channel, Guttenberg 2023),
+    z0 = s_vae * (E(x) - shift_vae),  t ~ U{0..T-1},
+    eps ~ N(0, I) (+ noise_offset * N(0, 1) per channel, Guttenberg 2023),
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
     L_i = w_i * || eps_theta(z_t, t, c) - target ||^2,  target = eps (epsilon prediction) or
           v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 (v prediction), as the scheduler's prediction_type says;
     min-SNR weighting (Hang et al. 2023, arXiv:2303.09556): w_i = min(SNR_t, gamma) / SNR_t for epsilon,
     min(SNR_t, gamma) / (SNR_t + 1) for v; otherwise w_i = 1.
-The conditioning c (text states, SDXL's added conditions) is the model family's (quantune.families).
+The conditioning c (text states, SDXL's added conditions) is the model family's (quantune.families). Pipelines
+whose scheduler is a flow-matching one (SD3, FLUX) train with train/flow_matching.py's objective instead.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from quantune.families import family_of, using_modules
+from quantune.train.flow_matching import flow_matching, is_flow_matching
 
 
 def training_scheduler(pipe):
-    """The DDPM noise schedule of the pipeline's scheduler config (as diffusers' training scripts build it): the
-    same betas whatever sampler the pipeline ships (DDIM, Euler), and stateless, so sampling in between (validation
+    """The training noise schedule from the pipeline's scheduler config (as diffusers' training scripts build it):
+    DDPM's betas whatever sampler a UNet pipeline ships (DDIM, Euler); a flow-matching pipeline's own
+    FlowMatchEulerDiscreteScheduler (its shift in its sigmas). A fresh copy, so sampling in between (validation
     grids) cannot change it."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if is_flow_matching(pipe.scheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
@@ -46,7 +52,8 @@ def sample_latents(pipe, params: torch.Tensor, generator: torch.Generator) -> to
     mean, logvar = params.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * noise) * pipe.vae.config.scaling_factor
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs: z = (x - shift) * scale
+    return (mean + std * noise - shift) * pipe.vae.config.scaling_factor
 
 
 def denoising_loss(
@@ -56,30 +63,43 @@ def denoising_loss(
     generator: torch.Generator,
     denoiser=None,
     text_encoders: dict | None = None,
-    min_snr_gamma: float | None = None,
-    noise_offset: float = 0.0,
+    options=None,
     scheduler=None,
 ) -> torch.Tensor:
     """Per-sample losses [B] of the denoiser (or its wrapped `denoiser`; `text_encoders`: wrapped text encoders
-    by component name) on clean latents [B, C, h, w] with captions; `scheduler`: the training noise schedule."""
+    by component name) on clean latents [B, C, h, w] with captions; `options`: the config's [train] section (min-SNR,
+    noise offset, flow matching's timestep density and weighting, FLUX's guidance); `scheduler`: the training noise
+    schedule, whose kind picks the objective (DDPM's here, or train/flow_matching.py's)."""
+    from quantune.train.config import TrainSection  # deferred: config imports this module's users
+
+    options = options if options is not None else TrainSection()
     family = family_of(pipe)
     denoiser = denoiser or family.denoiser_of(pipe)
     scheduler = scheduler or training_scheduler(pipe)
-    b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
+    if options.noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(latents.device)
+        noise = noise + options.noise_offset * offset
+    objective = flow_matching if is_flow_matching(scheduler) else ddpm_objective
+    noisy, t, target, weight = objective(scheduler, latents, noise, generator, options)
     size = tuple(int(n) * pipe.vae_scale_factor for n in latents.shape[-2:])
     with using_modules(pipe, text_encoders):
         cond = family.condition(pipe, captions, size)
-    pred = family.predict(pipe, denoiser, noisy, t, cond)
+    pred = family.predict(pipe, denoiser, noisy, t, cond, guidance=options.guidance)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+    return per_sample * weight
+
+
+def ddpm_objective(scheduler, latents, noise, generator, options):
+    """DDPM / LDM: t ~ U{0..T-1}, z_t = scheduler.add_noise, target eps or v, min-SNR weights (module docstring)."""
+    b = latents.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
     epsilon = scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
-    if min_snr_gamma is not None:
+    weight = torch.ones(b, device=latents.device)
+    if options.min_snr_gamma is not None:
         snr = compute_snr(scheduler, t)
-        clipped = torch.clamp(snr, max=min_snr_gamma)
-        per_sample = per_sample * (clipped / snr if epsilon else clipped / (snr + 1))
-    return per_sample
+        clipped = torch.clamp(snr, max=options.min_snr_gamma)
+        weight = clipped / snr if epsilon else clipped / (snr + 1)
+    return noisy, t, target, weight

@@ -29,12 +29,17 @@ from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.io import atomic_path
 from quantune.lora.inject import find_targets, lora_layers
-from quantune.lora.weights import components_of
 from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.intlora import IntLoraConfig, IntLoraLayer
 from quantune.quant.quantize import calibrate, quantize_
-from quantune.train.methods import LoraMethod, TrainingMethod, merge_text_encoder_loras, text_encoder_lora
+from quantune.train.methods import (
+    LoraMethod,
+    TrainingMethod,
+    freeze_all,
+    merge_text_encoder_loras,
+    text_encoder_lora,
+)
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "adapter_state.safetensors"
@@ -105,8 +110,7 @@ class IntLoraMethod(_QuantBase):
     mode = "mul"
 
     def prepare(self, pipe, cfg) -> list[dict]:
-        for model in components_of(pipe).values():
-            model.requires_grad_(False)
+        freeze_all(pipe)
         denoiser = family_of(pipe).denoiser_of(pipe)
         lc = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets, seed=cfg.train.seed)
         q = cfg.quant

@@ -153,13 +153,15 @@ class _Run:
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:
     """Train as `cfg` says into `cfg.output_dir` (see train/run_dir.py for what an existing folder needs:
     `resume` = "latest" or a checkpoint name continues it, `overwrite` replaces a previous run)."""
-    main = int(os.environ.get("RANK", "0")) == 0  # before the Accelerator exists (accelerate launch sets RANK)
+    main = (os.environ.get("RANK") or "0") == "0"  # before the Accelerator exists (accelerate launch sets RANK)
     if cfg.task == "autoencoder":
-        from quantune.train.autoencoder import train_autoencoder  # deferred: only the VAE task needs it
+        from quantune.train import autoencoder  # deferred: only the VAE task needs it
 
+        if resume:
+            raise QuantuneError("task = autoencoder writes no checkpoints, so it cannot --resume: start a new run")
         with claimed_run_dir(cfg.output_dir, resume, overwrite, main):
-            pass  # the checks; the autoencoder task writes as it goes
-        return train_autoencoder(cfg)
+            started = autoencoder.start_autoencoder(cfg)
+        return autoencoder.train_autoencoder(cfg, started)
     with claimed_run_dir(cfg.output_dir, resume, overwrite, main):
         run = _start(cfg, resume)
     bar = tqdm(total=cfg.train.steps, initial=run.ts.step, disable=not run.main, desc="train", dynamic_ncols=True)
@@ -205,9 +207,6 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     family = family_of(pipe)
     with accelerator.main_process_first():
         train_set, class_set = build_datasets(cfg, out, pipe)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(cfg.to_dict(), out / "config.json")
     method = METHODS[cfg.method]()
     groups = method.prepare(pipe, cfg)
     params = [p for g in groups for p in g["params"]]
@@ -240,6 +239,9 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
         method.load_trainable_state(pipe, trainable)
         run.last_checkpoint = folder
         logger.info("resumed from %s at step %d", folder, run.ts.step)
+    if accelerator.is_main_process:  # last, so a failed (or failed resumed) start has not touched it
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.to_dict(), out / "config.json")
     if cfg.log.tensorboard:
         accelerator.init_trackers("quantune", config=_flat_hparams(cfg))
     return run
@@ -302,8 +304,8 @@ def _next_batch(run: _Run, generator: torch.Generator) -> tuple[torch.Tensor, li
 def _micro_batch_loss(run: _Run, latents: torch.Tensor, captions: list[str], generator) -> torch.Tensor:
     """The denoising loss of one micro-batch (+ the prior-preservation term for DreamBooth)."""
     cfg, per_rank = run.cfg, run.cfg.train.batch_size
-    losses = denoising_loss(run.pipe, latents, captions, generator, run.denoiser, run.text_encoders,
-                            cfg.train.min_snr_gamma, cfg.train.noise_offset, run.noise_scheduler)  # fmt: skip
+    losses = denoising_loss(run.pipe, latents, captions, generator, run.denoiser, run.text_encoders, cfg.train,
+                            run.noise_scheduler)  # fmt: skip
     if run.class_set is not None:
         return losses[:per_rank].mean() + cfg.data.prior_loss_weight * losses[per_rank:].mean()
     return losses.mean()
@@ -355,7 +357,7 @@ def _first_batch_forward(pipe, cfg: TrainConfig, train_set, noise_scheduler, acc
     idx = stream_indices(len(train_set), cfg.train.seed, 0, cfg.train.batch_size)[: cfg.train.batch_size]
     latents = _latents(pipe, batcher, idx, generator, cache=False)
     with accelerator.autocast():
-        denoising_loss(pipe, latents, batcher.captions(idx), generator, scheduler=noise_scheduler)
+        denoising_loss(pipe, latents, batcher.captions(idx), generator, options=cfg.train, scheduler=noise_scheduler)
 
 
 def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator, cache: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from quantune.families import family_of
 from quantune.io import make_grid, save_png
 
 
@@ -22,6 +23,7 @@ def save_validation_grid(pipe, cfg, path: Path) -> Path:
             height=cfg.data.resolution,
             width=cfg.data.resolution,
             generator=generators,
+            **family_of(pipe).call_kwargs(pipe),
         ).images
         rows.append(images)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,104 @@
+"""FLUX.1 (Black Forest Labs 2024; the rectified-flow MMDiT of arXiv:2403.03206 with parallel single-stream blocks):
+`FluxPipeline`, a `FluxTransformer2DModel` (double-stream blocks with joint attention, then single-stream blocks;
+rotary position embeddings over (text, row, column) ids), on latents packed into 2 x 2 patches
+([B, C, H, W] -> [B, H/2 * W/2, 4C]), conditioned on T5's states (`encoder_hidden_states`, their ids `txt_ids`)
+and CLIP's pooled output (`pooled_projections`). FLUX.1-dev embeds a distilled guidance scale
+(`guidance_embeds`), which training feeds as `train.guidance` (diffusers' FLUX scripts: 3.5); FLUX.1-schnell has
+none. The transformer takes the timestep as sigma (t / 1000). A flow-matching model (train/flow_matching.py).
+Packing and the ids are the pipeline's own static helpers (`_pack_latents`, `_unpack_latents`,
+`_prepare_latent_image_ids`), as diffusers' FLUX training scripts call them. Text-encoder LoRA adapts CLIP only.
+
+zoo:tiny-flux: the sizes of diffusers' FLUX pipeline tests (2 heads of 16, RoPE axes (4, 4, 8), joint width 32,
+pooled 32), one double- and one single-stream block, guidance embedding on (dev-style), zoo:tiny's VAE at 32 px
+(16 x 16 latents of 4 channels -> 64 tokens of 16), a 2-layer CLIP and a 2-layer T5 of width 32, the shipped
+tokenizer for both, FLUX.1-dev's scheduler settings (dynamic shifting).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from quantune.assets import MAX_TOKENS, load_tokenizer
+from quantune.families.base import Conditioning, Family
+from quantune.families.encoders import t5_encoder
+from quantune.families.sd import clip_text_encoder, tiny_vae
+
+MAX_T5_TOKENS = 512  # FLUX.1-dev's max_sequence_length (schnell: 256)
+
+
+class Flux(Family):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    denoiser_classes = ("FluxTransformer2DModel",)
+    denoiser = "transformer"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    lora_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen
+
+    def default_size(self, pipe) -> int:
+        """The VAE's sample size (FLUX.1: 1024 px): the transformer has no sample size of its own."""
+        return int(pipe.vae.config.sample_size)
+
+    def max_tokens(self, pipe) -> int:
+        return min(MAX_T5_TOKENS, int(pipe.tokenizer_2.model_max_length))
+
+    def call_kwargs(self, pipe) -> dict:
+        return {"max_sequence_length": self.max_tokens(pipe)}
+
+    def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
+        device = self.denoiser_of(pipe).device
+        states, pooled, text_ids = pipe.encode_prompt(
+            captions, None, device=device, max_sequence_length=self.max_tokens(pipe)
+        )
+        return {"encoder_hidden_states": states, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def predict(self, pipe, model, noisy, t, cond, guidance=None) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        states = cond["encoder_hidden_states"]
+        packed = FluxPipeline._pack_latents(noisy.to(states.dtype), b, c, h, w)  # [B, h/2 * w/2, 4C]
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, states.dtype)
+        embeds = self.denoiser_of(pipe).config.guidance_embeds
+        g = torch.full((b,), 3.5 if guidance is None else guidance, device=noisy.device) if embeds else None
+        out = model(
+            hidden_states=packed, timestep=t.to(states.dtype) / 1000, guidance=g,
+            pooled_projections=cond["pooled_projections"], encoder_hidden_states=states, txt_ids=cond["txt_ids"],
+            img_ids=img_ids,
+        ).sample  # fmt: skip
+        scale = pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
+
+
+def build_tiny_flux():
+    torch.manual_seed(50)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(51)
+    vae = tiny_vae(32, shift_factor=0.1159)  # the shift of the real model's VAE
+    tokenizer = load_tokenizer()
+    torch.manual_seed(52)
+    clip = clip_text_encoder(tokenizer, hidden=32, layers=2, heads=4, max_tokens=MAX_TOKENS)
+    torch.manual_seed(53)
+    t5 = t5_encoder(tokenizer, width=32, layers=2, heads=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+        tokenizer_2=load_tokenizer(), transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+Flux.zoo = {"tiny-flux": build_tiny_flux}
