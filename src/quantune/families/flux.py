@@ -34,6 +34,10 @@ class Flux(Family):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen
+    # diffusers' train_dreambooth_lora_flux.py: both streams' attention projections and feed-forwards
+    denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                        "ff_context.net.2")  # fmt: skip
 
     def default_size(self, pipe) -> int:
         """The VAE's sample size (FLUX.1: 1024 px): the transformer has no sample size of its own."""

@@ -32,6 +32,9 @@ class StableDiffusion3(Family):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # T5 stays frozen
+    # diffusers' train_dreambooth_lora_sd3.py: the joint attention's projections of both streams
+    denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
 
     def max_tokens(self, pipe) -> int:
         tokenizer = getattr(pipe, "tokenizer_3", None) or pipe.tokenizer

@@ -65,6 +65,7 @@ class DataConfig:
     caption_column: str = "text"
     random_flip: bool = False
     cache_latents: bool = False
+    cache_text_embeddings: bool = False  # every caption's conditioning once, before training (frozen encoders)
     caption_dropout: float = 0.0  # share of captions replaced by "" so classifier-free guidance has an unconditional
 
     def __post_init__(self) -> None:
@@ -252,6 +253,11 @@ class TrainConfig:
             raise QuantuneError("task = 'full' trains the whole UNet: set method = 'full' as well")
         if self.task == "dreambooth" and self.data.source != "dreambooth":
             raise QuantuneError("task = 'dreambooth' needs data.source = 'dreambooth' (an instance folder)")
+        if self.data.cache_text_embeddings and (self.lora.text_encoder or self.train.train_text_encoder):
+            raise QuantuneError(
+                "data.cache_text_embeddings needs frozen text encoders: set lora.text_encoder and "
+                "train.train_text_encoder to false, or do not cache"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -65,11 +65,13 @@ def denoising_loss(
     text_encoders: dict | None = None,
     options=None,
     scheduler=None,
+    conditioner=None,
 ) -> torch.Tensor:
     """Per-sample losses [B] of the denoiser (or its wrapped `denoiser`; `text_encoders`: wrapped text encoders
     by component name) on clean latents [B, C, h, w] with captions; `options`: the config's [train] section (min-SNR,
     noise offset, flow matching's timestep density and weighting, FLUX's guidance); `scheduler`: the training noise
-    schedule, whose kind picks the objective (DDPM's here, or train/flow_matching.py's)."""
+    schedule, whose kind picks the objective (DDPM's here, or train/flow_matching.py's); `conditioner`: captions ->
+    conditioning (a cache, train/text_cache.py) in place of the family's text encoders."""
     from quantune.train.config import TrainSection  # deferred: config imports this module's users
 
     options = options if options is not None else TrainSection()
@@ -83,8 +85,11 @@ def denoising_loss(
     objective = flow_matching if is_flow_matching(scheduler) else ddpm_objective
     noisy, t, target, weight = objective(scheduler, latents, noise, generator, options)
     size = tuple(int(n) * pipe.vae_scale_factor for n in latents.shape[-2:])
-    with using_modules(pipe, text_encoders):
-        cond = family.condition(pipe, captions, size)
+    if conditioner is not None:
+        cond = conditioner(captions)
+    else:
+        with using_modules(pipe, text_encoders):
+            cond = family.condition(pipe, captions, size)
     pred = family.predict(pipe, denoiser, noisy, t, cond, guidance=options.guidance)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
     return per_sample * weight

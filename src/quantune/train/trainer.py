@@ -39,8 +39,10 @@ from quantune.train.checkpoint import TrainState, find_checkpoint, load_checkpoi
 from quantune.train.config import TrainConfig
 from quantune.train.data import Batcher, build_datasets, stream_indices
 from quantune.train.objective import denoising_loss, latent_params, sample_latents, training_scheduler
+from quantune.train.optimizer import make_optimizer
 from quantune.train.registry import METHODS
 from quantune.train.run_dir import claimed_run_dir
+from quantune.train.text_cache import TextCache
 from quantune.train.validation import save_validation_grid
 
 logger = logging.getLogger(__name__)
@@ -69,22 +71,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + rank * 7) % (2**63)
-
-
-def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    o = cfg.optim
-    kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if o.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise QuantuneError(
-                "optim.use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)"
-            ) from None
-        if not torch.cuda.is_available():
-            raise QuantuneError("optim.use_8bit_adam needs CUDA: set it to false on CPU")
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _cast_frozen(pipe, mixed: str) -> None:
@@ -138,6 +124,7 @@ class _Run:
     noise_scheduler: object
     batcher: Batcher
     class_batcher: Batcher | None
+    text_cache: TextCache | None = None  # data.cache_text_embeddings
     ts: TrainState = field(default_factory=lambda: TrainState(step=0, position=0))
     last_checkpoint: Path | None = None
 
@@ -233,6 +220,8 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     run = _Run(cfg, accelerator, pipe, method, train_set, class_set, params, optimizer, lr_scheduler, ema,
                denoiser, text_encoders, noise_scheduler, Batcher(train_set, cfg.data.resolution, cfg.data.random_flip),
                Batcher(class_set, cfg.data.resolution) if class_set is not None else None)  # fmt: skip
+    if cfg.data.cache_text_embeddings:
+        run.text_cache = TextCache.for_run(pipe, cfg, train_set, class_set)
     if resume:
         folder = find_checkpoint(out / "checkpoints", resume)
         run.ts, trainable = load_checkpoint(folder, optimizer, lr_scheduler, ema)
@@ -304,8 +293,10 @@ def _next_batch(run: _Run, generator: torch.Generator) -> tuple[torch.Tensor, li
 def _micro_batch_loss(run: _Run, latents: torch.Tensor, captions: list[str], generator) -> torch.Tensor:
     """The denoising loss of one micro-batch (+ the prior-preservation term for DreamBooth)."""
     cfg, per_rank = run.cfg, run.cfg.train.batch_size
+    device = run.accelerator.device
+    conditioner = (lambda caps: run.text_cache.condition(caps, device)) if run.text_cache is not None else None
     losses = denoising_loss(run.pipe, latents, captions, generator, run.denoiser, run.text_encoders, cfg.train,
-                            run.noise_scheduler)  # fmt: skip
+                            run.noise_scheduler, conditioner)  # fmt: skip
     if run.class_set is not None:
         return losses[:per_rank].mean() + cfg.data.prior_loss_weight * losses[per_rank:].mean()
     return losses.mean()
