@@ -37,7 +37,8 @@ def test_lora_toolkit(family_lora_pipe, family_ref, tmp_path, capsys):
     lora = write_lora(weights, tmp_path / "lora.safetensors", "quantune")
     rc, out, err = _run(capsys, "lora", "inspect", lora, "--json")
     assert rc == 0 and json.loads(out)["modules"] == len(weights), err
-    other = "kohya" if family_ref in (MODELS["sd"], MODELS["sdxl"]) else "diffusers"  # DiT kohya names: not yet
+    kohya_names = (MODELS["sd"], MODELS["sdxl"], MODELS["flux"])
+    other = "kohya" if family_ref in kohya_names else "diffusers"  # SD3 / PixArt kohya names: not yet
     kohya = tmp_path / f"{other}.safetensors"
     rc, _, err = _run(capsys, "lora", "convert", lora, "--to", other, "--out", kohya, "--model", family_ref)
     assert rc == 0, err

@@ -13,11 +13,13 @@ from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import WRITABLE, read_lora, write_lora
 from quantune.lora import get_lora_weights
+from quantune.lora.weights import apply_lora
 from quantune.models import load_pipeline
 from tests.families.conftest import MODELS, family_outputs
 
 ATOL = 1e-5
-KOHYA_TEXT_PREFIXES = {"sd": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}}  # as kohya and A1111 write them
+# as kohya sd-scripts and A1111 write them (FLUX: CLIP-L is lora_te1_)
+KOHYA_TEXT_PREFIXES = {"sd": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}, "flux": {"lora_te1_"}}
 NO_LOADER = {"pixart": "PixArtSigmaPipeline has no load_lora_weights in diffusers 0.42: peft is its loader"}
 
 
@@ -39,9 +41,17 @@ def _assert_same(a, b):
 def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt, tmp_path):
     if _family(family_ref) in NO_LOADER or fmt not in _formats(family_ref):
         pytest.skip(NO_LOADER.get(_family(family_ref), "kohya names of this family are not written yet"))
+    weights = get_lora_weights(family_lora_pipe)
+    if fmt == "kohya" and _family(family_ref) == "flux":
+        # diffusers 0.42 splits a kohya single_blocks_N_linear1 by FLUX.1's real widths (3072 x 3 + 12288), which a
+        # tiny model does not have: diffusers reads the double blocks and CLIP here; quantune's own reader reads
+        # every module (test_every_format_round_trips)
+        weights = {k: m for k, m in weights.items() if ".single_transformer_blocks." not in k}
+        family_lora_pipe = load_pipeline(family_ref)
+        apply_lora(family_lora_pipe, weights)
     reference = family_outputs(family_lora_pipe)
     assert (reference[1] - family_outputs(load_pipeline(family_ref))[1]).abs().max() > 1e-2  # the LoRA matters
-    path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "lora.safetensors", fmt, pipe=family_lora_pipe)
+    path = write_lora(weights, tmp_path / "lora.safetensors", fmt, pipe=family_lora_pipe)
     fresh = load_pipeline(family_ref)
     fresh.load_lora_weights(str(path))
     _assert_same(family_outputs(fresh), reference)
@@ -50,7 +60,7 @@ def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt,
 def test_kohya_names_per_family(family_lora_pipe, tmp_path):
     name = family_of(family_lora_pipe).name
     if name not in KOHYA_TEXT_PREFIXES:  # refused by name, never written with names kohya's tools do not read
-        with pytest.raises(QuantuneError, match="kohya names of diffusion-transformer"):
+        with pytest.raises(QuantuneError, match="kohya names of this diffusion transformer"):
             write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)
         return
     path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)

@@ -141,17 +141,13 @@ def write_lora(
     if fmt == "peft":
         peft_format.save_peft(weights, path, overwrite)
         return path
-    if fmt == "kohya" and any(key.startswith("transformer.") for key in weights):
-        raise QuantuneError(
-            "kohya names of diffusion-transformer LoRAs (FLUX, SD3, PixArt) are not written yet: write diffusers, "
-            "peft or quantune (--to diffusers)"
-        )
     if fmt == "quantune":
         quantune_format.save_lora(weights, path, config_json)
         return path
     if fmt == "diffusers":
         sd, meta = diffusers_format.to_diffusers(weights)
     else:
-        sd, meta = kohya.to_kohya(weights, components_of(pipe).get("unet") if pipe is not None else None)
+        parts = components_of(pipe) if pipe is not None else {}
+        sd, meta = kohya.to_kohya(weights, parts.get("unet") or parts.get("transformer"))
     save_safetensors(sd, path, meta)
     return path

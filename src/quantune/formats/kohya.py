@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
+from quantune.formats import kohya_flux
 from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, ldm_to_diffusers_path
 from quantune.lora.adapter import group_by_module, module_from_kohya
 from quantune.lora.weights import LoraWeights
@@ -117,14 +118,26 @@ def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UN
 
 
 def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use."""
-    layout = kohya_unet_layout(weights, unet)
+    """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use, FLUX's
+    transformer under BFL's (formats/kohya_flux.py). `unet`: the pipeline's denoiser (a UNet or a transformer)."""
+    flux = unet is not None and kohya_flux.is_flux(unet)
     sd: dict[str, torch.Tensor] = {}
+    if any(k.startswith("transformer.") for k in weights):
+        if not flux:
+            raise QuantuneError(
+                "kohya names of this diffusion transformer (SD3, PixArt; or FLUX read without --model) are not "
+                "written yet: write diffusers, peft or quantune (--to diffusers)"
+            )
+        sd.update(kohya_flux.to_bfl({k[12:]: m for k, m in weights.items() if k.startswith("transformer.")}, unet))
+        weights = {k: m for k, m in weights.items() if not k.startswith("transformer.")}
+        unet = None
+    layout = kohya_unet_layout(weights, unet)
     common = {}  # per component, as diffusers builds one peft config per component
     for key, mod in weights.items():
         common.setdefault(key.split(".")[0], Counter())[mod.alpha] += 1
     common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
-    sdxl = layout is not None or any(k.startswith("text_encoder_2.") for k in weights)  # kohya: lora_te1_, _te2_
+    # kohya: lora_te1_, _te2_ for SDXL; FLUX's CLIP is lora_te1_ too (its T5 would be lora_te3_)
+    sdxl = layout is not None or flux or any(k.startswith("text_encoder_2.") for k in weights)
     for key, mod in weights.items():
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
@@ -137,17 +150,26 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
         name = prefix + path.replace(".", "_")
         for suffix, tensor in mod.with_alpha(common[component]).kohya_tensors().items():
             sd[f"{name}.{suffix}"] = tensor
-    ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0]
-    common_alpha = Counter(common.values()).most_common(1)[0][0]
+    ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0] if weights else 0
+    common_alpha = Counter(common.values()).most_common(1)[0][0] if common else 0
     conv = any(t.dim() == 4 for m in weights.values() for t in m.tensors())
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
         "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if layout else "stable-diffusion-v1/lora",
+        "modelspec.architecture": "flux-1-dev/lora"
+        if flux
+        else "stable-diffusion-xl-v1-base/lora"
+        if layout
+        else "stable-diffusion-v1/lora",
     }
     return sd, meta
+
+
+def _is_bfl(key: str) -> bool:
+    name = key[len(kohya_flux.PREFIX) :]
+    return name.startswith(("double_blocks_", "single_blocks_")) or name.split(".")[0] in kohya_flux.GLOBAL
 
 
 def _from_ldm(path: str, layers_per_block: int, known_layout: bool) -> str:
@@ -178,6 +200,14 @@ def unflatten(flat: str, names: list[str] | None = None) -> str:
 
 
 def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
+    weights: LoraWeights = {}
+    bfl = {k: v for k, v in sd.items() if k.startswith(kohya_flux.PREFIX) and _is_bfl(k)}
+    if bfl:  # a FLUX file: BFL's names, read against the transformer
+        model = (components or {}).get("transformer")
+        if model is None or not kohya_flux.is_flux(model):
+            raise QuantuneError("this kohya file is a FLUX LoRA (BFL names): read it with --model of a FLUX pipeline")
+        weights.update({f"transformer.{p}": m for p, m in kohya_flux.from_bfl(bfl, model).items()})
+        sd = {k: v for k, v in sd.items() if k not in bfl}
     names = {c: [n for n, _ in m.named_modules()] for c, m in (components or {}).items()}
     unet = (components or {}).get("unet")
     lpb = UNetLayout.of(unet).layers_per_block if unet is not None and hasattr(unet.config, "up_block_types") else 2
@@ -185,7 +215,6 @@ def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | N
     unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
     if unknown:
         raise QuantuneError(f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (LoHa/LoKr/DoRA are not read)")
-    weights: LoraWeights = {}
     for flat_full, tensors in grouped.items():
         match = next(((p, c) for p, c in _READ_PREFIXES if flat_full.startswith(p)), None)
         if match is None:

@@ -1,0 +1,36 @@
+"""kohya FLUX (BFL) names: a fused module written from parts of different ranks and scales is exact, and a file
+whose fused parts share one down factor (the dense layout) is read as each part's own LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from quantune.formats.kohya_flux import _fuse, _split, from_bfl
+from quantune.lora.layers import LoraModule
+from quantune.models import load_pipeline
+
+
+def test_fusing_parts_of_different_ranks_and_scales_is_exact():
+    g = torch.Generator().manual_seed(0)
+    q = LoraModule(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 1.0)
+    v = LoraModule(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 10.0)
+    down, up, alpha = _fuse([q, None, v], [6, 6, 6])
+    assert down.shape == (12, 8) and up.shape == (18, 12)  # padded to rank 4 per part, block-diagonal
+    parts = _split(("q", "k", "v"), [6, 6, 6], down, up, alpha)
+    assert set(parts) == {"q", "v"}  # k had no LoRA: its zero block is no LoRA when read back
+    for name, mod in (("q", q), ("v", v)):
+        torch.testing.assert_close(parts[name].delta(), mod.delta(), atol=1e-5, rtol=0)
+
+
+def test_a_dense_fused_file_gives_every_part_the_shared_down_factor():
+    pipe = load_pipeline("zoo:tiny-flux")
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    g = torch.Generator().manual_seed(1)
+    down, up = torch.randn(4, width, generator=g), torch.randn(3 * width, 4, generator=g)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)}
+    parts = from_bfl(sd, pipe.transformer)
+    assert set(parts) == {f"transformer_blocks.0.attn.to_{x}" for x in "qkv"}
+    for j, x in enumerate("qkv"):
+        expect = 0.5 * up[j * width : (j + 1) * width] @ down
+        torch.testing.assert_close(parts[f"transformer_blocks.0.attn.to_{x}"].delta(), expect, atol=1e-5, rtol=0)
