@@ -79,8 +79,10 @@ def test_full_finetune_trains_the_text_encoders(family_ref, tmp_path):
         assert any(not torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_two_processes_train_sdxl_text_encoders(tmp_path):
-    """DDP over the text encoders: SDXL's first encoder has a last layer its conditioning never reads, so the
+@pytest.mark.parametrize("model", ["zoo:tiny-xl", "zoo:tiny-flux"])
+def test_two_processes_train_the_text_encoders(model, tmp_path):
+    """DDP over the text encoders (SDXL; FLUX: CLIP beside a flow-matching transformer): SDXL's first encoder has
+    a last layer its conditioning never reads, so the
     trainer asks DDP to look for parameters without gradients (else the second step fails)."""
     import re
     import subprocess
@@ -92,7 +94,7 @@ def test_two_processes_train_sdxl_text_encoders(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed beside this python")
-    sets = [f"output_dir={tmp_path}", *FAST, "model.pretrained=zoo:tiny-xl", "train.steps=3", "log.checkpoint_every=0",
+    sets = [f"output_dir={tmp_path}", *FAST, f"model.pretrained={model}", "train.steps=3", "log.checkpoint_every=0",
             "log.validation_every=0", "lora.text_encoder=true"]  # fmt: skip
     argv = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "quantune", "-v", "train",
