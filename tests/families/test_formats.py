@@ -12,9 +12,10 @@ from safetensors import safe_open
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import WRITABLE, read_lora, write_lora
-from quantune.lora import get_lora_weights
+from quantune.lora import LoraConfig, add_lora, get_lora_weights
 from quantune.lora.weights import apply_lora
 from quantune.models import load_pipeline
+from tests.conftest import randomize_lora
 from tests.families.conftest import MODELS, family_outputs
 
 ATOL = 1e-5
@@ -46,7 +47,14 @@ def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt,
         # diffusers 0.42 splits a kohya single_blocks_N_linear1 by FLUX.1's real widths (3072 x 3 + 12288), which a
         # tiny model does not have: diffusers reads the double blocks and CLIP here; quantune's own reader reads
         # every module (test_every_format_round_trips)
-        weights = {k: m for k, m in weights.items() if ".single_transformer_blocks." not in k}
+        family_lora_pipe = load_pipeline(family_ref)
+        family = family_of(family_lora_pipe)
+        targets = [*family.denoiser_targets, "norm1.linear", "norm1_context.linear"]  # every double-block name
+        add_lora(family.denoiser_of(family_lora_pipe), LoraConfig(r=4, alpha=2.0, targets=targets, seed=0))
+        randomize_lora(family.denoiser_of(family_lora_pipe), 0)
+        add_lora(family_lora_pipe.text_encoder, LoraConfig(r=2, alpha=3.0, targets=list(family.text_encoder_targets)))
+        randomize_lora(family_lora_pipe.text_encoder, 1)
+        weights = {k: m for k, m in get_lora_weights(family_lora_pipe).items() if ".single_transformer_" not in k}
         family_lora_pipe = load_pipeline(family_ref)
         apply_lora(family_lora_pipe, weights)
     reference = family_outputs(family_lora_pipe)

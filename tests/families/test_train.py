@@ -74,7 +74,10 @@ def test_full_finetune_trains_the_text_encoders(family_ref, tmp_path):
     sets = [f"model.pretrained={family_ref}", "method=full", "task=full", text]
     train(_cfg(tmp_path, *STEPS, *sets))
     tuned, base = load_pipeline(str(tmp_path / "pipeline")), load_pipeline(family_ref)
-    for name in family_of(base).lora_text_encoders_of(base):
+    family = family_of(base)
+    a, b = family.denoiser_of(tuned).state_dict(), family.denoiser_of(base).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the denoiser trained
+    for name in family.lora_text_encoders_of(base):
         a, b = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), name
 

@@ -34,3 +34,40 @@ def test_a_dense_fused_file_gives_every_part_the_shared_down_factor():
     for j, x in enumerate("qkv"):
         expect = 0.5 * up[j * width : (j + 1) * width] @ down
         torch.testing.assert_close(parts[f"transformer_blocks.0.attn.to_{x}"].delta(), expect, atol=1e-5, rtol=0)
+
+
+def test_modules_outside_the_blocks_round_trip_with_alpha_equal_to_rank(tmp_path):
+    from safetensors import safe_open
+
+    from quantune.formats import read_lora, write_lora
+
+    pipe = load_pipeline("zoo:tiny-flux")
+    g = torch.Generator().manual_seed(2)
+    model = pipe.transformer
+    weights = {}
+    for path in ("x_embedder", "proj_out", "transformer_blocks.0.norm1_context.linear"):
+        layer = model.get_submodule(path)
+        weights[f"transformer.{path}"] = LoraModule(
+            torch.randn(2, layer.in_features, generator=g), torch.randn(layer.out_features, 2, generator=g), 6.0
+        )
+    path = write_lora(weights, tmp_path / "k.safetensors", "kohya", pipe=pipe)
+    with safe_open(str(path), "pt") as f:
+        assert float(f.get_tensor("lora_unet_img_in.alpha")) == 2.0  # the scale folded into the down factor
+        assert "lora_unet_double_blocks_0_txt_mod_lin.lora_up.weight" in set(f.keys())
+    back, fmt, _ = read_lora(path, pipe)
+    assert fmt == "kohya" and set(back) == set(weights)
+    for key, mod in weights.items():
+        torch.testing.assert_close(back[key].delta(), mod.delta(), atol=1e-5, rtol=0)
+
+
+def test_other_adapter_tensors_are_refused():
+    import pytest
+
+    from quantune.errors import QuantuneError
+
+    pipe = load_pipeline("zoo:tiny-flux")
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    sd = {f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2),
+          f"{key}.dora_scale": torch.ones(1, 32)}  # fmt: skip
+    with pytest.raises(QuantuneError, match="only plain LoRA"):
+        from_bfl(sd, pipe.transformer)

@@ -34,6 +34,28 @@ def test_noisy_latents_target_and_weights_follow_the_formulas(scheme):
     assert all(bool((shifted - v).abs().min() < 1e-6) for v in sigma)
 
 
+def test_a_dynamically_shifted_scheduler_trains_on_the_unshifted_table():
+    """FLUX's scheduler shifts at sampling time only (use_dynamic_shifting): training draws the plain grid."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    x = torch.zeros(64, 1, 1, 1)
+    _, t, _, _ = flow_matching(scheduler, x, x, torch.Generator().manual_seed(0), TrainSection())
+    grid = torch.linspace(1, 1 / 1000, 1000)
+    assert all(bool((grid - v / 1000).abs().min() < 1e-6) for v in t)
+
+
+def test_a_scheduler_that_contradicts_the_family_is_refused():
+    from diffusers import DDIMScheduler
+
+    from quantune.errors import QuantuneError
+    from quantune.models import load_pipeline
+    from quantune.train.objective import training_scheduler
+
+    pipe = load_pipeline("zoo:tiny-flux")
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(QuantuneError, match="flux trains with the flow objective.*DDIMScheduler"):
+        training_scheduler(pipe)
+
+
 def test_the_timestep_density_is_seeded_and_logit_normal_centres_it():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
     x = torch.zeros(4000, 1, 1, 1)

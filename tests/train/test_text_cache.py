@@ -40,8 +40,13 @@ def test_trainable_text_encoders_cannot_be_cached(tmp_path):
         _cfg(tmp_path, "data.cache_text_embeddings=true", "lora.text_encoder=true")
 
 
-def test_a_cached_run_trains(tmp_path):
-    sets = ["model.pretrained=zoo:tiny-flux", "data.cache_text_embeddings=true", "lora.text_encoder=false",
-            "train.steps=2", "data.caption_dropout=0.5"]  # fmt: skip
-    result = train(_cfg(tmp_path, *sets))
-    assert result.final_loss == result.final_loss and (tmp_path / "lora.safetensors").is_file()
+def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
+    from safetensors.torch import load_file
+
+    sets = ["model.pretrained=zoo:tiny-flux", "lora.text_encoder=false", "train.steps=2", "data.caption_dropout=0.5"]
+    train(_cfg(tmp_path / "plain", *sets))
+    train(_cfg(tmp_path / "cached", *sets, "data.cache_text_embeddings=true"))
+    a, b = (load_file(str(tmp_path / run / "lora.safetensors")) for run in ("plain", "cached"))
+    assert set(a) == set(b) and any(a[k].abs().max() > 0 for k in a)
+    for k in a:  # the same steps; the text states differ only by round-off (T5 runs without the gradient there)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)

@@ -34,6 +34,7 @@ class Family:
     lora_text_encoders: ClassVar[tuple[str, ...] | None] = None  # those a text-encoder LoRA adapts (None: all)
     denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
     text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
+    objective: ClassVar[str] = "ddpm"  # the training objective: "ddpm" (epsilon / v) or "flow" (rectified flow)
     zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
     ptq_keep_8bit: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose weights stay 8-bit (names, suffixes, regexes)
     ptq_act_fp: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose inputs stay float

@@ -32,6 +32,7 @@ class Flux(Family):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     denoiser_classes = ("FluxTransformer2DModel",)
     denoiser = "transformer"
+    objective = "flow"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen
     # diffusers' train_dreambooth_lora_flux.py: both streams' attention projections and feed-forwards

@@ -28,8 +28,8 @@ MAX_T5_TOKENS = 300  # PixArt-Sigma's caption length
 
 class PixArtSigma(Family):
     name = "pixart"
-    pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
-    denoiser_classes = ("PixArtTransformer2DModel",)
+    pipeline_classes = ("PixArtSigmaPipeline",)  # PixArt-alpha (resolution / aspect-ratio conditions): not yet
+    denoiser_classes = ()  # PixArtTransformer2DModel is PixArt-alpha's too: recognised by the pipeline class
     denoiser = "transformer"
     text_encoders = ("text_encoder",)
     lora_text_encoders = ()  # T5 stays frozen

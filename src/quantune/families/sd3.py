@@ -30,6 +30,7 @@ class StableDiffusion3(Family):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser_classes = ("SD3Transformer2DModel",)
     denoiser = "transformer"
+    objective = "flow"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # T5 stays frozen
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's projections of both streams

@@ -120,7 +120,8 @@ def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UN
 def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use, FLUX's
     transformer under BFL's (formats/kohya_flux.py). `unet`: the pipeline's denoiser (a UNet or a transformer)."""
-    flux = unet is not None and kohya_flux.is_flux(unet)
+    flux = unet if unet is not None and kohya_flux.is_flux(unet) else None
+    every = dict(weights)  # for the metadata: every module, the transformer's too
     sd: dict[str, torch.Tensor] = {}
     if any(k.startswith("transformer.") for k in weights):
         if not flux:
@@ -137,7 +138,7 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
         common.setdefault(key.split(".")[0], Counter())[mod.alpha] += 1
     common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
     # kohya: lora_te1_, _te2_ for SDXL; FLUX's CLIP is lora_te1_ too (its T5 would be lora_te3_)
-    sdxl = layout is not None or flux or any(k.startswith("text_encoder_2.") for k in weights)
+    sdxl = layout is not None or flux is not None or any(k.startswith("text_encoder_2.") for k in weights)
     for key, mod in weights.items():
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
@@ -150,21 +151,24 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
         name = prefix + path.replace(".", "_")
         for suffix, tensor in mod.with_alpha(common[component]).kohya_tensors().items():
             sd[f"{name}.{suffix}"] = tensor
-    ranks = Counter(m.rank for m in weights.values()).most_common(1)[0][0] if weights else 0
-    common_alpha = Counter(common.values()).most_common(1)[0][0] if common else 0
+    ranks = Counter(m.rank for m in every.values()).most_common(1)[0][0]
+    common_alpha = Counter(m.alpha for m in every.values()).most_common(1)[0][0]
     conv = any(t.dim() == 4 for m in weights.values() for t in m.tensors())
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
         "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
-        "modelspec.architecture": "flux-1-dev/lora"
-        if flux
-        else "stable-diffusion-xl-v1-base/lora"
-        if layout
-        else "stable-diffusion-v1/lora",
+        "modelspec.architecture": _architecture(flux, layout),
     }
     return sd, meta
+
+
+def _architecture(flux, layout) -> str:
+    """modelspec's architecture name (FLUX.1-dev embeds a distilled guidance, schnell does not)."""
+    if flux is not None:
+        return "flux-1-dev/lora" if flux.config.guidance_embeds else "flux-1-schnell/lora"
+    return "stable-diffusion-xl-v1-base/lora" if layout else "stable-diffusion-v1/lora"
 
 
 def _is_bfl(key: str) -> bool:

@@ -10,13 +10,17 @@ several diffusers ones. Written exactly: the parts' down factors stacked, their 
 part padded with zeros to the largest rank, a part without a LoRA all zeros), each part's own scale alpha_j / r_j
 folded into its down factor relative to the most common scale s, and alpha = s x the fused rank; so every part's
 update s_j B_j A_j is unchanged. This is the sparse layout diffusers' kohya FLUX reader splits back exactly.
-Read: a block-diagonal file is split into its parts (a part whose up block is all zero is no LoRA); a file whose
-parts share one down factor (dense up) gives every part that down factor, with its up rows.
+Read: a block-diagonal file is split into its parts (a part whose up block is all zero is no LoRA, so a part
+exported untrained is dropped; a read-back part keeps the padded rank, its update unchanged); a file whose parts
+share one down factor (dense up) gives every part that down factor, with its up rows. The 1:1 modules outside the
+blocks (img_in, txt_in, time_in, vector_in, guidance_in, final_layer_linear) are written with alpha = rank (the
+scale folded into down), since diffusers' reader drops their alpha; diffusers 0.42 ignores them altogether.
 Hand-written: no library converts these names both ways (diffusers reads them only).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import torch
@@ -25,6 +29,7 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.lora.layers import LoraModule
 
+logger = logging.getLogger(__name__)
 PREFIX = "lora_unet_"
 DOUBLE = {
     "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -86,11 +91,17 @@ def to_bfl(weights: dict[str, LoraModule], model: nn.Module) -> dict[str, torch.
         raise QuantuneError(
             f"FLUX module {stray[0]!r} has no kohya (BFL) name quantune writes: write diffusers or peft instead"
         )
+    dropped = sorted(n for n, paths in table.items() if n in GLOBAL and paths[0] in weights)
+    if dropped:
+        logger.warning("kohya FLUX: diffusers 0.42's loader ignores %s (kohya tools and ComfyUI read them)",
+                       ", ".join(dropped))  # fmt: skip
     sd: dict[str, torch.Tensor] = {}
     for name, paths in table.items():
         present = [p for p in paths if p in weights]
         if present:
             down, up, alpha = _fuse([weights.get(p) for p in paths], [_out_features(model, p) for p in paths])
+            if name in GLOBAL:  # readers that ignore these modules' alpha (diffusers) get the update right too
+                down, alpha = (down.float() * (alpha / down.shape[0])).to(down.dtype), float(down.shape[0])
             sd.update({f"{PREFIX}{name}.lora_down.weight": down, f"{PREFIX}{name}.lora_up.weight": up,
                        f"{PREFIX}{name}.alpha": torch.tensor(alpha)})  # fmt: skip
     return sd
@@ -107,7 +118,7 @@ def _fuse(parts: list[LoraModule | None], dims: list[int]) -> tuple[torch.Tensor
         down = torch.zeros(rank, ref.shape[1], dtype=ref.dtype)
         up = torch.zeros(d, rank * len(parts), dtype=ref.dtype)
         if m is not None:
-            down[: m.rank] = m.down.flatten(1) * (m.scale / scale)
+            down[: m.rank] = (m.down.flatten(1).float() * (m.scale / scale)).to(ref.dtype)  # fp32 product
             j = len(ups)
             up[:, j * rank : j * rank + m.rank] = m.up.flatten(1).to(ref.dtype)
         downs.append(down)
@@ -131,6 +142,14 @@ def from_bfl(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, LoraMod
     table = groups(model)
     out: dict[str, LoraModule] = {}
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd})
+    known = {f"{n}.{suffix}" for n in names for suffix in ("lora_down.weight", "lora_up.weight", "alpha")}
+    unknown = sorted(set(sd) - known)
+    if unknown or any(f"{n}.lora_down.weight" not in sd or f"{n}.lora_up.weight" not in sd for n in names):
+        what = unknown[0] if unknown else next(n for n in names if f"{n}.lora_up.weight" not in sd)
+        raise QuantuneError(
+            f"unsupported kohya FLUX tensors, e.g. {what!r}: only plain LoRA (lora_down / lora_up / alpha) is read "
+            "(LoHa, LoKr, DoRA and Tucker are not)"
+        )
     for full in names:
         name = full[len(PREFIX) :]
         if name not in table:

@@ -3,8 +3,12 @@ Transformers for High-Resolution Image Synthesis", arXiv:2403.03206; Liu et al. 
 
     x_t = (1 - sigma) x_0 + sigma eps,   target v = eps - x_0,   L_i = w(sigma_i) || v_theta(x_t, t, c) - v ||^2,
     u ~ density (uniform, logit-normal(m, s) or mode(scale); section 3.1), t = timesteps[floor(u T)],
-    sigma = the scheduler's sigma at t (its `shift` applied: sigma = shift s / (1 + (shift - 1) s)),
+    sigma = the scheduler's sigma at t (a static shift applied, SD3's: sigma = shift s / (1 + (shift - 1) s);
+            with dynamic shifting, FLUX's, the training table is unshifted, as diffusers' FLUX script trains),
     w = 1, sigma^-2 (sigma_sqrt) or the cosmap weight, as `train.weighting_scheme` says.
+The loss is on the velocity itself (diffusers' SD3 script with --precondition_outputs 0; its default 1 compares
+x_0 estimates instead, a sigma^2 weighting). `train.noise_offset` still perturbs eps (diffusers' flow scripts have
+no offset); `train.min_snr_gamma` does not apply (a warning says so).
 
 The density and the weights are diffusers' own (`training_utils.compute_density_for_timestep_sampling`,
 `compute_loss_weighting_for_sd3`, the functions its SD3 / FLUX DreamBooth scripts call); only the indexing of

@@ -14,12 +14,18 @@ whose scheduler is a flow-matching one (SD3, FLUX) train with train/flow_matchin
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+from quantune.errors import QuantuneError
 from quantune.families import family_of, using_modules
 from quantune.train.flow_matching import flow_matching, is_flow_matching
+
+logger = logging.getLogger(__name__)
+_WARNED: list[bool] = []  # the min-SNR warning, once per process
 
 
 def training_scheduler(pipe):
@@ -29,7 +35,15 @@ def training_scheduler(pipe):
     grids) cannot change it."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if is_flow_matching(pipe.scheduler):
+    family = family_of(pipe)
+    flow = family.objective == "flow"
+    if flow != is_flow_matching(pipe.scheduler):
+        wanted = "a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)" if flow else "a DDPM-family scheduler"
+        raise QuantuneError(
+            f"{family.name} trains with the {family.objective} objective, but the pipeline's scheduler is "
+            f"{type(pipe.scheduler).__name__}: give the model {wanted}, as it ships"
+        )
+    if flow:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -82,7 +96,11 @@ def denoising_loss(
     if options.noise_offset:
         offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(latents.device)
         noise = noise + options.noise_offset * offset
-    objective = flow_matching if is_flow_matching(scheduler) else ddpm_objective
+    flow = family.objective == "flow"
+    if flow and options.min_snr_gamma is not None and not _WARNED:
+        _WARNED.append(True)
+        logger.warning("train.min_snr_gamma is DDPM's weighting: flow matching ignores it (train.weighting_scheme)")
+    objective = flow_matching if flow else ddpm_objective
     noisy, t, target, weight = objective(scheduler, latents, noise, generator, options)
     size = tuple(int(n) * pipe.vae_scale_factor for n in latents.shape[-2:])
     if conditioner is not None:
