@@ -34,6 +34,8 @@ class Family:
     lora_text_encoders: ClassVar[tuple[str, ...] | None] = None  # those a text-encoder LoRA adapts (None: all)
     denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
     text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
+    t5_tokens: ClassVar[int] = 0  # T5 families: the caption length the pipeline encodes (0: no T5)
+    t5_tokenizer: ClassVar[str] = "tokenizer"  # the pipeline attribute holding T5's tokenizer
     objective: ClassVar[str] = "ddpm"  # the training objective: "ddpm" (epsilon / v) or "flow" (rectified flow)
     zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
     ptq_keep_8bit: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose weights stay 8-bit (names, suffixes, regexes)
@@ -71,10 +73,15 @@ class Family:
         """The default image side in pixels: the denoiser's sample size times the VAE's scale factor."""
         return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1))
 
+    def max_tokens(self, pipe) -> int:
+        """T5's caption length: the family's, or the tokenizer's when that is shorter (the tiny zoo models')."""
+        tokenizer = getattr(pipe, self.t5_tokenizer, None)  # SD3 may ship without T5: the pipeline's default then
+        return min(self.t5_tokens, int(tokenizer.model_max_length)) if tokenizer is not None else self.t5_tokens
+
     def call_kwargs(self, pipe) -> dict:
-        """Extra keyword arguments every quantune call of this family's pipeline passes (e.g. PixArt's
-        `use_resolution_binning=False`, whose bins only exist for the real sample sizes)."""
-        return {}
+        """Extra keyword arguments every quantune call of this family's pipeline passes: T5's caption length, as
+        training encodes it (and e.g. PixArt's `use_resolution_binning=False`)."""
+        return {"max_sequence_length": self.max_tokens(pipe)} if self.t5_tokens else {}
 
     # -- conditioning and one training forward ----------------------------------------------------------------
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:

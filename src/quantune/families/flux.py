@@ -24,14 +24,14 @@ from quantune.families.base import Conditioning, Family
 from quantune.families.encoders import t5_encoder
 from quantune.families.sd import clip_text_encoder, tiny_vae
 
-MAX_T5_TOKENS = 512  # FLUX.1-dev's max_sequence_length (schnell: 256)
-
 
 class Flux(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     denoiser_classes = ("FluxTransformer2DModel",)
     denoiser = "transformer"
+    t5_tokens = 512  # FLUX.1-dev's max_sequence_length (schnell: 256)
+    t5_tokenizer = "tokenizer_2"
     objective = "flow"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen
@@ -43,12 +43,6 @@ class Flux(Family):
     def default_size(self, pipe) -> int:
         """The VAE's sample size (FLUX.1: 1024 px): the transformer has no sample size of its own."""
         return int(pipe.vae.config.sample_size)
-
-    def max_tokens(self, pipe) -> int:
-        return min(MAX_T5_TOKENS, int(pipe.tokenizer_2.model_max_length))
-
-    def call_kwargs(self, pipe) -> dict:
-        return {"max_sequence_length": self.max_tokens(pipe)}
 
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         device = self.denoiser_of(pipe).device

@@ -23,7 +23,6 @@ from quantune.families.encoders import t5_encoder
 from quantune.families.sd import tiny_vae
 
 BINNED_SIZES = (32, 64, 128, 256)  # the transformer sample sizes PixArt-Sigma has aspect-ratio bins for
-MAX_T5_TOKENS = 300  # PixArt-Sigma's caption length
 
 
 class PixArtSigma(Family):
@@ -31,15 +30,13 @@ class PixArtSigma(Family):
     pipeline_classes = ("PixArtSigmaPipeline",)  # PixArt-alpha (resolution / aspect-ratio conditions): not yet
     denoiser_classes = ()  # PixArtTransformer2DModel is PixArt-alpha's too: recognised by the pipeline class
     denoiser = "transformer"
+    t5_tokens = 300  # PixArt-Sigma's caption length
     text_encoders = ("text_encoder",)
     lora_text_encoders = ()  # T5 stays frozen
 
-    def max_tokens(self, pipe) -> int:
-        return min(MAX_T5_TOKENS, int(pipe.tokenizer.model_max_length))
-
     def call_kwargs(self, pipe) -> dict:
         binned = self.denoiser_of(pipe).config.sample_size in BINNED_SIZES
-        return {"use_resolution_binning": binned, "clean_caption": False, "max_sequence_length": self.max_tokens(pipe)}
+        return {**super().call_kwargs(pipe), "use_resolution_binning": binned, "clean_caption": False}
 
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         device = self.denoiser_of(pipe).device

@@ -22,27 +22,20 @@ from quantune.families.base import Conditioning, Family
 from quantune.families.encoders import t5_encoder
 from quantune.families.sd import clip_text_encoder, tiny_vae
 
-MAX_T5_TOKENS = 256  # the pipeline's default max_sequence_length
-
 
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser_classes = ("SD3Transformer2DModel",)
     denoiser = "transformer"
+    t5_tokens = 256  # the pipeline's default max_sequence_length
+    t5_tokenizer = "tokenizer_3"
     objective = "flow"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # T5 stays frozen
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's projections of both streams
     denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                         "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
-
-    def max_tokens(self, pipe) -> int:
-        tokenizer = getattr(pipe, "tokenizer_3", None) or pipe.tokenizer
-        return min(MAX_T5_TOKENS, int(tokenizer.model_max_length))
-
-    def call_kwargs(self, pipe) -> dict:
-        return {"max_sequence_length": self.max_tokens(pipe)}
 
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         device = self.denoiser_of(pipe).device

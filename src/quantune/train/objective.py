@@ -96,12 +96,10 @@ def denoising_loss(
     if options.noise_offset:
         offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(latents.device)
         noise = noise + options.noise_offset * offset
-    flow = family.objective == "flow"
-    if flow and options.min_snr_gamma is not None and not _WARNED:
+    if family.objective == "flow" and options.min_snr_gamma is not None and not _WARNED:
         _WARNED.append(True)
         logger.warning("train.min_snr_gamma is DDPM's weighting: flow matching ignores it (train.weighting_scheme)")
-    objective = flow_matching if flow else ddpm_objective
-    noisy, t, target, weight = objective(scheduler, latents, noise, generator, options)
+    noisy, t, target, weight = OBJECTIVES[family.objective](scheduler, latents, noise, generator, options)
     size = tuple(int(n) * pipe.vae_scale_factor for n in latents.shape[-2:])
     if conditioner is not None:
         cond = conditioner(captions)
@@ -126,3 +124,6 @@ def ddpm_objective(scheduler, latents, noise, generator, options):
         clipped = torch.clamp(snr, max=options.min_snr_gamma)
         weight = clipped / snr if epsilon else clipped / (snr + 1)
     return noisy, t, target, weight
+
+
+OBJECTIVES = {"ddpm": ddpm_objective, "flow": flow_matching}  # Family.objective -> (x_t, t, target, weight)
