@@ -16,6 +16,8 @@ import sys
 from quantune.errors import QuantuneError, cause_chain
 from quantune.logs import quiet_libraries
 
+LORA_FORMATS = ("quantune", "diffusers", "peft", "kohya", "comfyui")  # = formats.WRITABLE (kept light to import)
+
 logger = logging.getLogger("quantune")
 
 
@@ -65,11 +67,11 @@ def _add_lora(sub) -> None:
     i.add_argument("--model", help="needed for positional cloneofsimo and lora_wrapper files")
     i.add_argument("--json", action="store_true", help="print JSON")
 
-    c = lora.add_parser("convert", help="convert between quantune, diffusers, peft and kohya")
+    c = lora.add_parser("convert", help="convert between quantune, diffusers, peft, kohya and comfyui")
     c.add_argument("input")
-    c.add_argument("--to", required=True, choices=["quantune", "diffusers", "peft", "kohya"])
+    c.add_argument("--to", required=True, choices=LORA_FORMATS)
     _add_out(c)
-    c.add_argument("--model", help="needed to read cloneofsimo / lora_wrapper files, and to restore kohya names")
+    c.add_argument("--model", help="for cloneofsimo / lora_wrapper files, kohya names, any transformer's names")
     c.add_argument("--component", default="unet", help="part a bare peft folder or cloneofsimo .pt is for")
 
     m = lora.add_parser("merge", help="merge LoRAs into a base model and save a diffusers folder")
@@ -81,7 +83,7 @@ def _add_lora(sub) -> None:
     x.add_argument("loras", nargs="+", help="FILE:WEIGHT")
     x.add_argument("--mode", required=True, choices=["sum", "concat", "svd"])
     x.add_argument("--rank", type=_count(1))
-    x.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
+    x.add_argument("--to", default="quantune", choices=LORA_FORMATS)
     x.add_argument("--model", help="needed to read cloneofsimo / lora_wrapper inputs")
     _add_out(x)
 
@@ -91,7 +93,7 @@ def _add_lora(sub) -> None:
     e.add_argument("--rank", type=_count(1), required=True)
     e.add_argument("--clamp-quantile", type=_number, default=0.99)
     e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
-    e.add_argument("--to", default="quantune", choices=["quantune", "diffusers", "peft", "kohya"])
+    e.add_argument("--to", default="quantune", choices=LORA_FORMATS)
     _add_out(e)
 
 

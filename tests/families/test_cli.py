@@ -37,8 +37,7 @@ def test_lora_toolkit(family_lora_pipe, family_ref, tmp_path, capsys):
     lora = write_lora(weights, tmp_path / "lora.safetensors", "quantune")
     rc, out, err = _run(capsys, "lora", "inspect", lora, "--json")
     assert rc == 0 and json.loads(out)["modules"] == len(weights), err
-    kohya_names = (MODELS["sd"], MODELS["sdxl"], MODELS["flux"])
-    other = "kohya" if family_ref in kohya_names else "diffusers"  # SD3 / PixArt kohya names: not yet
+    other = "diffusers" if family_ref == MODELS["pixart"] else "kohya"  # kohya sd-scripts has no PixArt names
     kohya = tmp_path / f"{other}.safetensors"
     rc, _, err = _run(capsys, "lora", "convert", lora, "--to", other, "--out", kohya, "--model", family_ref)
     assert rc == 0, err
@@ -50,7 +49,12 @@ def test_lora_toolkit(family_lora_pipe, family_ref, tmp_path, capsys):
     rc, out, err = _run(capsys, "lora", "extract", "--base", family_ref, "--tuned", tmp_path / "merged", "--rank",
                         "4", "--clamp-quantile", "1", "--out", tmp_path / "ex.safetensors")  # fmt: skip
     assert rc == 0 and f"extracted {len(weights)} modules" in out, err
-    rc, _, err = _run(capsys, "lora", "mix", f"{lora}:0.5", f"{kohya}:0.5", "--mode", "concat", "--to", "diffusers",
+    comfy = tmp_path / "comfy.safetensors"
+    rc, _, err = _run(capsys, "lora", "convert", kohya, "--to", "comfyui", "--out", comfy, "--model", family_ref)
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "lora", "inspect", comfy, "--json", "--model", family_ref)
+    assert rc == 0 and json.loads(out)["format"] == "comfyui", err
+    rc, _, err = _run(capsys, "lora", "mix", f"{lora}:0.5", f"{comfy}:0.5", "--mode", "concat", "--to", "diffusers",
                       "--model", family_ref, "--out", tmp_path / "mix.safetensors")  # fmt: skip
     assert rc == 0, err
     fresh = _loaded(family_ref, tmp_path / "mix.safetensors")  # the mix of two halves is the LoRA again

@@ -19,9 +19,19 @@ from tests.conftest import randomize_lora
 from tests.families.conftest import MODELS, family_outputs
 
 ATOL = 1e-5
-# as kohya sd-scripts and A1111 write them (FLUX: CLIP-L is lora_te1_)
-KOHYA_TEXT_PREFIXES = {"sd": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}, "flux": {"lora_te1_"}}
-NO_LOADER = {"pixart": "PixArtSigmaPipeline has no load_lora_weights in diffusers 0.42: peft is its loader"}
+# as kohya sd-scripts and A1111 write them (FLUX: CLIP-L is lora_te1_; SD3: CLIP-L, CLIP-G are lora_te1_, lora_te2_)
+KOHYA_TEXT_PREFIXES = {"sd": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}, "flux": {"lora_te1_"},
+                       "sd3": {"lora_te1_", "lora_te2_"}}  # fmt: skip
+# the files diffusers' own load_lora_weights reads, per format (ComfyUI's keys: FLUX's reader converts them)
+DIFFUSERS_READS = {"diffusers": {"sd", "sdxl", "sd3", "flux"}, "kohya": {"sd", "sdxl", "flux"}, "comfyui": {"flux"}}
+_NO_COMFYUI_UNET = "diffusers reads no ComfyUI keys of a UNet"
+NO_LOADER = {
+    "pixart": "PixArtSigmaPipeline has no load_lora_weights in diffusers 0.42: peft is its loader",
+    "sd3": "diffusers 0.42's SD3 loader reads no kohya / ComfyUI keys (the names are checked against its single-file "
+    "converter in tests/formats/test_checkpoint_names.py)",
+    "sd": _NO_COMFYUI_UNET,
+    "sdxl": _NO_COMFYUI_UNET,
+}
 
 
 def _family(ref: str) -> str:
@@ -29,7 +39,7 @@ def _family(ref: str) -> str:
 
 
 def _formats(ref: str) -> list[str]:
-    """The formats a family's LoRA is written in (kohya: the families whose kohya names quantune writes)."""
+    """The formats a family's LoRA is written in (kohya: the families kohya sd-scripts trains)."""
     return [f for f in WRITABLE if f != "kohya" or _family(ref) in KOHYA_TEXT_PREFIXES]
 
 
@@ -38,25 +48,30 @@ def _assert_same(a, b):
         torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def _without_single_blocks(ref: str):
+    """A FLUX LoRA on every double-block name and CLIP, none on the single blocks: diffusers 0.42 splits a kohya /
+    ComfyUI single_blocks.N.linear1 by FLUX.1's real widths (3072 x 3 + 12288), which a tiny model does not have;
+    quantune's own reader reads every module (test_every_format_round_trips)."""
+    pipe = load_pipeline(ref)
+    family = family_of(pipe)
+    targets = [*family.denoiser_targets, "norm1.linear", "norm1_context.linear"]  # every double-block name
+    add_lora(family.denoiser_of(pipe), LoraConfig(r=4, alpha=2.0, targets=targets, seed=0))
+    randomize_lora(family.denoiser_of(pipe), 0)
+    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=3.0, targets=list(family.text_encoder_targets)))
+    randomize_lora(pipe.text_encoder, 1)
+    weights = {k: m for k, m in get_lora_weights(pipe).items() if ".single_transformer_" not in k}
+    pipe = load_pipeline(ref)
+    apply_lora(pipe, weights)
+    return pipe, weights
+
+
+@pytest.mark.parametrize("fmt", sorted(DIFFUSERS_READS))
 def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt, tmp_path):
-    if _family(family_ref) in NO_LOADER or fmt not in _formats(family_ref):
-        pytest.skip(NO_LOADER.get(_family(family_ref), "kohya names of this family are not written yet"))
+    if _family(family_ref) not in DIFFUSERS_READS[fmt]:
+        pytest.skip(NO_LOADER[_family(family_ref)])
     weights = get_lora_weights(family_lora_pipe)
-    if fmt == "kohya" and _family(family_ref) == "flux":
-        # diffusers 0.42 splits a kohya single_blocks_N_linear1 by FLUX.1's real widths (3072 x 3 + 12288), which a
-        # tiny model does not have: diffusers reads the double blocks and CLIP here; quantune's own reader reads
-        # every module (test_every_format_round_trips)
-        family_lora_pipe = load_pipeline(family_ref)
-        family = family_of(family_lora_pipe)
-        targets = [*family.denoiser_targets, "norm1.linear", "norm1_context.linear"]  # every double-block name
-        add_lora(family.denoiser_of(family_lora_pipe), LoraConfig(r=4, alpha=2.0, targets=targets, seed=0))
-        randomize_lora(family.denoiser_of(family_lora_pipe), 0)
-        add_lora(family_lora_pipe.text_encoder, LoraConfig(r=2, alpha=3.0, targets=list(family.text_encoder_targets)))
-        randomize_lora(family_lora_pipe.text_encoder, 1)
-        weights = {k: m for k, m in get_lora_weights(family_lora_pipe).items() if ".single_transformer_" not in k}
-        family_lora_pipe = load_pipeline(family_ref)
-        apply_lora(family_lora_pipe, weights)
+    if fmt != "diffusers" and _family(family_ref) == "flux":
+        family_lora_pipe, weights = _without_single_blocks(family_ref)
     reference = family_outputs(family_lora_pipe)
     assert (reference[1] - family_outputs(load_pipeline(family_ref))[1]).abs().max() > 1e-2  # the LoRA matters
     path = write_lora(weights, tmp_path / "lora.safetensors", fmt, pipe=family_lora_pipe)
@@ -68,7 +83,7 @@ def test_diffusers_loader_reproduces_quantune(family_lora_pipe, family_ref, fmt,
 def test_kohya_names_per_family(family_lora_pipe, tmp_path):
     name = family_of(family_lora_pipe).name
     if name not in KOHYA_TEXT_PREFIXES:  # refused by name, never written with names kohya's tools do not read
-        with pytest.raises(QuantuneError, match="kohya names of this diffusion transformer"):
+        with pytest.raises(QuantuneError, match="kohya sd-scripts has no PixArt LoRA names"):
             write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)
         return
     path = write_lora(get_lora_weights(family_lora_pipe), tmp_path / "k.safetensors", "kohya", pipe=family_lora_pipe)

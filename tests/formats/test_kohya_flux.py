@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from quantune.formats.kohya_flux import _fuse, _split, from_bfl
+from quantune.formats.fused import fuse, split
+from quantune.formats.kohya import from_kohya
 from quantune.lora.layers import LoraModule
 from quantune.models import load_pipeline
 
@@ -14,9 +15,9 @@ def test_fusing_parts_of_different_ranks_and_scales_is_exact():
     g = torch.Generator().manual_seed(0)
     q = LoraModule(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 1.0)
     v = LoraModule(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 10.0)
-    down, up, alpha = _fuse([q, None, v], [6, 6, 6])
-    assert down.shape == (12, 8) and up.shape == (18, 12)  # padded to rank 4 per part, block-diagonal
-    parts = _split(("q", "k", "v"), [6, 6, 6], down, up, alpha)
+    fused = fuse([q, None, v], [6, 6, 6])
+    assert fused.down.shape == (12, 8) and fused.up.shape == (18, 12)  # padded to rank 4 per part, block-diagonal
+    parts = split(("q", "k", "v"), [6, 6, 6], fused)
     assert set(parts) == {"q", "v"}  # k had no LoRA: its zero block is no LoRA when read back
     for name, mod in (("q", q), ("v", v)):
         torch.testing.assert_close(parts[name].delta(), mod.delta(), atol=1e-5, rtol=0)
@@ -29,11 +30,12 @@ def test_a_dense_fused_file_gives_every_part_the_shared_down_factor():
     down, up = torch.randn(4, width, generator=g), torch.randn(3 * width, 4, generator=g)
     key = "lora_unet_double_blocks_0_img_attn_qkv"
     sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)}
-    parts = from_bfl(sd, pipe.transformer)
-    assert set(parts) == {f"transformer_blocks.0.attn.to_{x}" for x in "qkv"}
+    parts = from_kohya(sd, {"transformer": pipe.transformer})
+    assert set(parts) == {f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"}
     for j, x in enumerate("qkv"):
         expect = 0.5 * up[j * width : (j + 1) * width] @ down
-        torch.testing.assert_close(parts[f"transformer_blocks.0.attn.to_{x}"].delta(), expect, atol=1e-5, rtol=0)
+        got = parts[f"transformer.transformer_blocks.0.attn.to_{x}"].delta()
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
 
 
 def test_modules_outside_the_blocks_round_trip_with_alpha_equal_to_rank(tmp_path):
@@ -70,4 +72,4 @@ def test_other_adapter_tensors_are_refused():
     sd = {f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2),
           f"{key}.dora_scale": torch.ones(1, 32)}  # fmt: skip
     with pytest.raises(QuantuneError, match="only plain LoRA"):
-        from_bfl(sd, pipe.transformer)
+        from_kohya(sd, {"transformer": pipe.transformer})

@@ -6,6 +6,7 @@
 | diffusers  | yes  | yes   | safetensors, "unet.<path>.lora_A/B.weight" + lora_adapter_metadata         |
 | peft       | yes  | yes   | folder per component: adapter_config.json + adapter_model.safetensors      |
 | kohya      | yes  | yes   | safetensors, "lora_unet_<path>.lora_down/up.weight" + ".alpha"             |
+| comfyui    | yes  | yes   | safetensors, "diffusion_model.<original name>.lora_down/up.weight" + alpha |
 | cloneofsimo| yes  | no    | .pt positional list, or safetensors "unet:{i}:up/down" (needs the model)   |
 | lora_wrapper| yes | no    | torch checkpoint of CompVis names ".lora_A/.lora_B/.lora_scale"            |
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantune.errors import QuantuneError
-from quantune.formats import diffusers_format, kohya, legacy, peft_format, quantune_format
+from quantune.formats import comfyui, diffusers_format, kohya, legacy, peft_format, quantune_format
 from quantune.io import check_output, load_pickle, load_safetensors, save_safetensors
 from quantune.lora.weights import LoraWeights, canonicalize, components_of
 
-WRITABLE = ("quantune", "diffusers", "peft", "kohya")
+WRITABLE = ("quantune", "diffusers", "peft", "kohya", "comfyui")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -47,6 +48,8 @@ def _safetensors_kind(sd: dict, meta: dict, path) -> str:
         return "quantune"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
+    if comfyui.is_comfyui(keys):
+        return "comfyui"
     if keys and all(":" in k for k in keys):
         return "cloneofsimo"
     if any(k.startswith("base_model.model.") for k in keys):
@@ -55,7 +58,7 @@ def _safetensors_kind(sd: dict, meta: dict, path) -> str:
         return "diffusers"
     raise QuantuneError(
         f"unknown LoRA format in {path} (first keys: {', '.join(keys[:3]) or 'none'}): quantune reads quantune, "
-        "diffusers, peft, kohya, cloneofsimo and lora_wrapper files"
+        "diffusers, peft, kohya, comfyui, cloneofsimo and lora_wrapper files"
     )
 
 
@@ -99,6 +102,8 @@ def read_lora(path, pipe=None, component: str = "unet") -> tuple[LoraWeights, st
             weights = quantune_format.from_state_dict(sd, meta)
         elif fmt == "kohya":
             weights = kohya.from_kohya(sd, components)
+        elif fmt == "comfyui":
+            weights = comfyui.from_comfyui(sd, components)
         elif fmt == "cloneofsimo":
             weights = legacy.from_cloneofsimo_safetensors(sd, meta, components)
         elif fmt == "peft-file":
@@ -133,8 +138,8 @@ def write_lora(
     weights: LoraWeights, path, fmt: str, config_json: str | None = None, pipe=None, overwrite: bool = False
 ) -> Path:
     """Write canonical weights in `fmt`; returns the file or folder written (atomically; see `lora_output` for
-    where, and for what `overwrite` allows). `pipe` (optional) tells the kohya writer the UNet's layout (an SDXL
-    UNet is named as Stability's)."""
+    where, and for what `overwrite` allows). `pipe` (optional) tells the kohya and comfyui writers the denoiser's
+    layout (an SDXL UNet is named as Stability's, a transformer by its original checkpoint); a transformer needs it."""
     path = lora_output(path, fmt, overwrite)
     if not weights:
         raise QuantuneError("there is no LoRA to write")
@@ -148,6 +153,9 @@ def write_lora(
         sd, meta = diffusers_format.to_diffusers(weights)
     else:
         parts = components_of(pipe) if pipe is not None else {}
-        sd, meta = kohya.to_kohya(weights, parts.get("unet") or parts.get("transformer"))
+        if fmt == "comfyui":
+            sd, meta = comfyui.to_comfyui(weights, parts)
+        else:
+            sd, meta = kohya.to_kohya(weights, parts.get("unet") or parts.get("transformer"))
     save_safetensors(sd, path, meta)
     return path

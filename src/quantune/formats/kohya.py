@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.formats import kohya_flux
-from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, ldm_to_diffusers_path
+from quantune.formats import original
+from quantune.formats.checkpoint_names import architecture_named, architecture_of
+from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, read_ldm_path
 from quantune.lora.adapter import group_by_module, module_from_kohya
 from quantune.lora.weights import LoraWeights
 
@@ -118,32 +119,31 @@ def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UN
 
 
 def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use, FLUX's
-    transformer under BFL's (formats/kohya_flux.py). `unet`: the pipeline's denoiser (a UNet or a transformer)."""
-    flux = unet if unet is not None and kohya_flux.is_flux(unet) else None
+    """kohya's keys; SDXL's UNet modules under the Stability names kohya sd-scripts and A1111 use, a diffusion
+    transformer's under its original checkpoint's (BFL's FLUX, Stability's MMDiT; formats/checkpoint_names).
+    `unet`: the pipeline's denoiser (a UNet or a transformer)."""
+    arch = architecture_of(unet)
     every = dict(weights)  # for the metadata: every module, the transformer's too
     sd: dict[str, torch.Tensor] = {}
+    if (arch is not None and not arch.kohya) or (arch is None and any(k.startswith("transformer.") for k in weights)):
+        what = f"kohya sd-scripts has no {arch.name} LoRA names" if arch else "write it with --model of its pipeline"
+        raise QuantuneError(f"kohya names of this diffusion transformer: {what} (or write comfyui, diffusers, peft)")
     if any(k.startswith("transformer.") for k in weights):
-        if not flux:
-            raise QuantuneError(
-                "kohya names of this diffusion transformer (SD3, PixArt; or FLUX read without --model) are not "
-                "written yet: write diffusers, peft or quantune (--to diffusers)"
-            )
-        sd.update(kohya_flux.to_bfl({k[12:]: m for k, m in weights.items() if k.startswith("transformer.")}, unet))
+        ours = {k[12:]: m for k, m in weights.items() if k.startswith("transformer.")}
+        sd.update(original.to_tensors(ours, unet, lambda name: "lora_unet_" + name.replace(".", "_"), "kohya"))
         weights = {k: m for k, m in weights.items() if not k.startswith("transformer.")}
-        unet = None
-    layout = kohya_unet_layout(weights, unet)
+    layout = None if arch else kohya_unet_layout(weights, unet)
     common = {}  # per component, as diffusers builds one peft config per component
     for key, mod in weights.items():
         common.setdefault(key.split(".")[0], Counter())[mod.alpha] += 1
     common = {c: counts.most_common(1)[0][0] for c, counts in common.items()}
-    # kohya: lora_te1_, _te2_ for SDXL; FLUX's CLIP is lora_te1_ too (its T5 would be lora_te3_)
-    sdxl = layout is not None or flux is not None or any(k.startswith("text_encoder_2.") for k in weights)
+    # kohya: lora_te1_, _te2_ for SDXL and SD3 (CLIP-L, CLIP-G); FLUX's CLIP-L is lora_te1_ too
+    numbered = layout is not None or arch is not None or any(k.startswith("text_encoder_2.") for k in weights)
     for key, mod in weights.items():
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
         component, _, path = key.partition(".")
-        prefix = "lora_te1_" if (component == "text_encoder" and sdxl) else PREFIXES[component]
+        prefix = "lora_te1_" if (component == "text_encoder" and numbered) else PREFIXES[component]
         if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
         if component == "unet" and layout is not None:
@@ -151,38 +151,25 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
         name = prefix + path.replace(".", "_")
         for suffix, tensor in mod.with_alpha(common[component]).kohya_tensors().items():
             sd[f"{name}.{suffix}"] = tensor
+    return sd, _metadata(every, weights, arch.modelspec(unet) if arch else _unet_architecture(layout))
+
+
+def _metadata(every: LoraWeights, rest: LoraWeights, architecture: str) -> dict[str, str]:
+    """kohya's `ss_network_*` fields over every module, and modelspec's architecture name."""
     ranks = Counter(m.rank for m in every.values()).most_common(1)[0][0]
     common_alpha = Counter(m.alpha for m in every.values()).most_common(1)[0][0]
-    conv = any(t.dim() == 4 for m in weights.values() for t in m.tensors())
-    meta = {
+    conv = any(t.dim() == 4 for m in rest.values() for t in m.tensors())
+    return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
         "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
-        "modelspec.architecture": _architecture(flux, layout),
+        "modelspec.architecture": architecture,
     }
-    return sd, meta
 
 
-def _architecture(flux, layout) -> str:
-    """modelspec's architecture name (FLUX.1-dev embeds a distilled guidance, schnell does not)."""
-    if flux is not None:
-        return "flux-1-dev/lora" if flux.config.guidance_embeds else "flux-1-schnell/lora"
+def _unet_architecture(layout) -> str:
     return "stable-diffusion-xl-v1-base/lora" if layout else "stable-diffusion-v1/lora"
-
-
-def _is_bfl(key: str) -> bool:
-    name = key[len(kohya_flux.PREFIX) :]
-    return name.startswith(("double_blocks_", "single_blocks_")) or name.split(".")[0] in kohya_flux.GLOBAL
-
-
-def _from_ldm(path: str, layers_per_block: int, known_layout: bool) -> str:
-    try:
-        return ldm_to_diffusers_path(path, layers_per_block, sdxl=True)
-    except QuantuneError as e:
-        if known_layout:
-            raise
-        raise QuantuneError(f"{e}; read without the model, the standard SDXL UNet was assumed: pass --model") from e
 
 
 def unflatten(flat: str, names: list[str] | None = None) -> str:
@@ -203,17 +190,31 @@ def unflatten(flat: str, names: list[str] | None = None) -> str:
     return ".".join(out)
 
 
+def _transformer_part(sd: dict[str, torch.Tensor], components: dict[str, nn.Module]) -> LoraWeights:
+    """The diffusion transformer's modules of a kohya file (original names), read against the model; {} if none."""
+    model = components.get("transformer")
+    arch = architecture_of(model)
+    if arch is not None and not arch.kohya:
+        raise QuantuneError(f"kohya sd-scripts has no {arch.name} LoRA names: this file is not for {arch.name}")
+    if arch is not None:
+        lookup = {name.replace(".", "_"): name for name in arch.table(model)}
+        ours = {k: v for k, v in sd.items() if k.startswith(PREFIXES["transformer"])}
+        unet = PREFIXES["transformer"]
+        parts = original.from_tensors(ours, model, lambda key: lookup.get(key[len(unet) :], key[len(unet) :]), "kohya")
+        return {f"transformer.{p}": m for p, m in parts.items()}
+    named = next((architecture_named(k[len(PREFIXES["unet"]) :]) for k in sd if k.startswith(PREFIXES["unet"])), None)
+    if named is not None:
+        raise QuantuneError(f"this kohya file is a {named.name} LoRA: read it with --model of a {named.name} pipeline")
+    return {}
+
+
 def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
-    weights: LoraWeights = {}
-    bfl = {k: v for k, v in sd.items() if k.startswith(kohya_flux.PREFIX) and _is_bfl(k)}
-    if bfl:  # a FLUX file: BFL's names, read against the transformer
-        model = (components or {}).get("transformer")
-        if model is None or not kohya_flux.is_flux(model):
-            raise QuantuneError("this kohya file is a FLUX LoRA (BFL names): read it with --model of a FLUX pipeline")
-        weights.update({f"transformer.{p}": m for p, m in kohya_flux.from_bfl(bfl, model).items()})
-        sd = {k: v for k, v in sd.items() if k not in bfl}
-    names = {c: [n for n, _ in m.named_modules()] for c, m in (components or {}).items()}
-    unet = (components or {}).get("unet")
+    components = components or {}
+    weights = _transformer_part(sd, components)
+    if weights:
+        sd = {k: v for k, v in sd.items() if not k.startswith(PREFIXES["transformer"])}
+    names = {c: [n for n, _ in m.named_modules()] for c, m in components.items()}
+    unet = components.get("unet")
     lpb = UNetLayout.of(unet).layers_per_block if unet is not None and hasattr(unet.config, "up_block_types") else 2
     grouped = group_by_module(sd)
     unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
@@ -226,6 +227,6 @@ def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | N
         prefix, component = match
         path = unflatten(flat_full[len(prefix) :], names.get(component))
         if component == "unet" and path.startswith(LDM_ROOTS):  # an SDXL file: Stability's UNet names
-            path = _from_ldm(path, lpb, known_layout=unet is not None)
+            path = read_ldm_path(path, lpb, known_layout=unet is not None)
         weights[f"{component}.{path}"] = module_from_kohya(tensors, flat_full)
     return weights

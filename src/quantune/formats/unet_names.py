@@ -87,6 +87,17 @@ def ldm_to_diffusers_path(path: str, layers_per_block: int = 2, sdxl: bool = Fal
     raise QuantuneError(f"CompVis module {path!r} has no diffusers equivalent that quantune maps")
 
 
+def read_ldm_path(path: str, layers_per_block: int, known_layout: bool) -> str:
+    """ldm_to_diffusers_path of a LoRA file's name (SDXL's label_emb included); read without the model
+    (`known_layout` False), a failure says that the standard layout was assumed."""
+    try:
+        return ldm_to_diffusers_path(path, layers_per_block, sdxl=True)
+    except QuantuneError as e:
+        if known_layout:
+            raise
+        raise QuantuneError(f"{e}; read without the model, 2 layers per block were assumed: pass --model") from e
+
+
 def diffusers_to_ldm_path(path: str, layout: UNetLayout) -> str:
     """The inverse of ldm_to_diffusers_path for a UNet of `layout`."""
     inverse = {v: k for k, v in (_FIXED | _SDXL_FIXED).items()}

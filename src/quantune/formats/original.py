@@ -1,0 +1,73 @@
+"""A diffusion transformer's LoRA under its original checkpoint's module names (formats/checkpoint_names), as kohya
+and ComfyUI files store it: fused modules through formats/fused.py, one "<key>.lora_down.weight" /
+".lora_up.weight" / ".alpha" triple per original module. `key_of` / `name_of` give the file's spelling of a name
+(kohya: "lora_unet_" + the name with "_"; ComfyUI: "diffusion_model." + the name).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from quantune.errors import QuantuneError
+from quantune.formats.checkpoint_names import Architecture, architecture_of
+from quantune.formats.fused import from_original, to_original
+from quantune.lora.layers import LoraModule
+
+logger = logging.getLogger(__name__)
+SUFFIXES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "alpha": "alpha",
+            "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # fmt: skip
+
+
+def architecture(model: nn.Module | None, what: str) -> Architecture:
+    arch = architecture_of(model)
+    if arch is None:
+        raise QuantuneError(f"{what} names of this transformer are not known to quantune: write diffusers or peft")
+    return arch
+
+
+def to_tensors(
+    weights: dict[str, LoraModule], model: nn.Module, key_of: Callable[[str], str], what: str
+) -> dict[str, torch.Tensor]:
+    """The transformer's LoRAs (diffusers paths, no component prefix) as tensors under the original names."""
+    arch = architecture(model, what)
+    modules = to_original(weights, arch.table(model), model, f"{what} ({arch.name})")
+    dropped = sorted(name for name in modules if name in arch.rank_alpha)
+    if dropped:
+        logger.warning("%s %s: diffusers' loader ignores %s (kohya tools and ComfyUI read them)", what, arch.name,
+                       ", ".join(dropped))  # fmt: skip
+    sd: dict[str, torch.Tensor] = {}
+    for name, mod in modules.items():
+        if name in arch.rank_alpha:  # readers that ignore these modules' alpha (diffusers) get the update right too
+            mod = LoraModule((mod.down.float() * mod.scale).to(mod.down.dtype), mod.up, float(mod.rank))
+        sd.update({f"{key_of(name)}.{suffix}": t for suffix, t in mod.kohya_tensors().items()})
+    return sd
+
+
+def modules_of(sd: dict[str, torch.Tensor], name_of: Callable[[str], str], what: str) -> dict[str, LoraModule]:
+    """Plain LoRA tensors "<key>.<suffix>" -> {name_of(key): LoRA}; any other tensor is refused by name."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        suffix = next((s for s in SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None:
+            raise QuantuneError(
+                f"unsupported {what} tensor {key!r}: only plain LoRA (lora_down / lora_up / alpha) is read (LoHa, "
+                "LoKr, DoRA and Tucker are not)"
+            )
+        grouped.setdefault(key[: -len(suffix) - 1], {})[SUFFIXES[suffix]] = tensor
+    incomplete = next((k for k, t in grouped.items() if {"lora_down.weight", "lora_up.weight"} - set(t)), None)
+    if incomplete is not None:
+        raise QuantuneError(f"{incomplete} lacks its lora_down or lora_up weight: the file is incomplete")
+    return {name_of(key): LoraModule.from_kohya(tensors, key) for key, tensors in grouped.items()}
+
+
+def from_tensors(
+    sd: dict[str, torch.Tensor], model: nn.Module, name_of: Callable[[str], str], what: str
+) -> dict[str, LoraModule]:
+    """Tensors under the original names (the file's spelling, suffix included) -> the model's LoRAs."""
+    arch = architecture(model, what)
+    what = f"{what} {arch.name}"
+    return from_original(modules_of(sd, name_of, what), arch.table(model), model, what)
