@@ -149,7 +149,7 @@ def _add_eval(sub) -> None:
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="the benchmark tables vs the peers (one process per table) and the report")
     b.add_argument("--quick", action="store_true", help="small settings: under 15 minutes on a 2-core CPU")
-    b.add_argument("--only", help="comma-separated tables: training,files,inference,quality_ptq,quality_finetune")
+    b.add_argument("--only", help="comma-separated tables (default: all): training,dit_training,files,inference,...")
     b.add_argument("--report-only", action="store_true", help="rewrite the report from the tables already in --out")
     b.add_argument("--readme", help="then write the report into this README's marked results section")
     b.add_argument("--link", help="the --out folder as the README links it (default: relative to the README)")

@@ -79,3 +79,39 @@ def test_file_rows(tmp_path):
     w8 = files.model_row("zoo:tiny", "quantune W8A8")
     assert fp32["status"] == w8["status"] == "ok"
     assert fp32["bytes"] / w8["bytes"] > 2.5  # int8 codes + float norms / biases / scales
+
+
+@pytest.mark.parametrize("model", ["zoo:tiny-pixart", "zoo:tiny-sd3", "zoo:tiny-flux"])
+def test_transformer_rows_quantune_and_peft_agree_on_trainables(model):
+    """Random text inputs of the family's shapes drive one training step of each; LoRA on the same targets."""
+    ours = training.run_variant("lora", 32, model, 32, 1, 1, 1)
+    peer = training.run_variant("diffusers+peft lora", 32, model, 32, 1, 1, 1)
+    assert ours["status"] == peer["status"] == "ok"
+    assert ours["trainable"] == peer["trainable"] > 0
+
+
+def test_transformer_table_continues_an_interrupted_run(monkeypatch, tmp_path):
+    """Rows measured before an interruption are kept (OUT/.dit_training.rows.jsonl) and not measured again; a
+    failed child gives a row saying so; the partial file is gone once the table is written."""
+    from quantune.bench import dit_training
+    from quantune.errors import QuantuneError
+
+    calls = []
+
+    def child(module, args, timeout=None):
+        calls.append(args[1])
+        if args[1] == "intlora-shift":
+            raise QuantuneError("benchmark child failed: killed")
+        return {"model": args[3], "res": 32, "batch": 1, "variant": args[1], "status": "ok", "step_s": 1.0,
+                "peak_mb": 100.0}  # fmt: skip
+
+    monkeypatch.setattr(dit_training, "run_child", child)
+    monkeypatch.setattr(dit_training, "settings", lambda quick: [("zoo:tiny-flux", 32, 1)])
+    dit_training.rows(True, tmp_path)
+    assert len(calls) == len(dit_training.VARIANTS)
+    calls.clear()
+    table = dit_training.table(True, tmp_path)
+    assert calls == []  # every row was already measured
+    status = {r["variant"]: r["status"] for r in table.rows}
+    assert status["intlora-shift"].startswith("failed") and status["lora"] == "ok"
+    assert not (tmp_path / ".dit_training.rows.jsonl").exists()

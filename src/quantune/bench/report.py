@@ -24,6 +24,7 @@ from quantune.io import atomic_path, check_output
 logger = logging.getLogger(__name__)
 TABLES = {  # module -> what it measures
     "training": "Training step time and peak memory (quantune's methods vs peft, bitsandbytes, torchao)",
+    "dit_training": "Training step of FLUX.1 / SD3.5 / PixArt-Sigma transformers at real size, vs the same peers",
     "files": "Adapter and model files on disk, per format and bit width, vs the peers' files",
     "inference": "UNet and pipeline latency, fp32 vs quantune integer models vs torchao and quanto",
     "quality_ptq": "PTQ quality on zoo:emoji: minmax / qdiffusion / eda-dm x W8A8 / W4A8",

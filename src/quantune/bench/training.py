@@ -51,7 +51,7 @@ def settings(quick: bool) -> list[tuple[str, int, int]]:
     return [("zoo:emoji", 32, 8), ("zoo:emoji", 64, 8), ("sd15", 256, 1)] + cuda
 
 
-def _quantune(bm, method: str, bits: int, x, t, ehs) -> list:
+def _quantune(bm, method: str, bits: int, x, t, cond) -> list:
     from quantune.train.config import resolve_config
     from quantune.train.registry import METHODS
 
@@ -60,8 +60,8 @@ def _quantune(bm, method: str, bits: int, x, t, ehs) -> list:
         sets += [f"quant.bits={bits}", "quant.act_bits=8", "quant.quantize_rest=true", "quant.search='minmax'"]
     cfg = resolve_config(None, sets)
     groups = METHODS[method]().prepare(bm.pipe, cfg)
-    unet = bm.unet.to(device())
-    METHODS[method]().calibrate(bm.pipe, lambda: unet(x, t, ehs))
+    denoiser = bm.denoiser.to(device())
+    METHODS[method]().calibrate(bm.pipe, lambda: bm.forward(denoiser, x, t, cond))
     return [p for g in groups for p in g["params"]]
 
 
@@ -83,16 +83,22 @@ def _to_bnb_nf4(module: torch.nn.Module) -> None:
 def _peer(bm, variant: str) -> list:
     from peft import LoraConfig
 
-    unet = bm.unet
-    unet.requires_grad_(False)
+    model = bm.denoiser
+    model.requires_grad_(False)
     if variant.startswith("peft+bnb"):
-        _to_bnb_nf4(unet)
+        _to_bnb_nf4(model)
     elif variant.startswith("peft+torchao"):
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(unet.to(device()), Int8WeightOnlyConfig())
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
-    return [p for p in unet.parameters() if p.requires_grad]
+        quantize_(model.to(device()), Int8WeightOnlyConfig())
+    config = LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=bm.targets)
+    if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin, as its training scripts call it
+        model.add_adapter(config)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps: int, warmup: int) -> dict:
@@ -100,18 +106,18 @@ def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps:
     row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": "fp32" if bits == 32 and
            variant not in PEERS[1:] else weights}  # fmt: skip
     bm = build(model)
-    x, t, ehs = (v.to(device()) for v in bm.inputs(batch, res))
+    x, t, cond = _to_device(bm.batch(batch, res))
     start = time.perf_counter()
     try:
-        params = _peer(bm, variant) if variant in PEERS else _quantune(bm, variant, bits, x, t, ehs)
+        params = _peer(bm, variant) if variant in PEERS else _quantune(bm, variant, bits, x, t, cond)
     except ModuleNotFoundError as e:  # a peer that is not installed
         return {**row, "status": f"not installed ({e.name})"}
     setup_s = time.perf_counter() - start
-    unet = bm.unet.to(device()).train()
+    denoiser = bm.denoiser.to(device()).train()
     opt = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
-        loss = torch.nn.functional.mse_loss(unet(x, t, ehs).sample.float(), x)
+        loss = torch.nn.functional.mse_loss(bm.forward(denoiser, x, t, cond).float(), x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,6 +132,14 @@ def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps:
     return {**row, "status": "ok", "step_s": s, "it_s": 1 / s, "peak_mb": peak, "before_steps_mb": base,
             "step_mb": peak - base,
             "setup_s": setup_s, "trainable": sum(p.numel() for p in params), "device": device().type}  # fmt: skip
+
+
+def _to_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device())
+    if isinstance(value, dict):
+        return {k: _to_device(v) for k, v in value.items()}
+    return tuple(_to_device(v) for v in value)
 
 
 def table(quick: bool) -> Table:

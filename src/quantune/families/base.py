@@ -96,6 +96,25 @@ class Family:
         scale); `model` may be a wrapped denoiser; `guidance`: the distilled guidance of models that embed it."""
         return model(noisy.to(_dtype_of(cond, noisy)), t, **cond).sample
 
+    # -- random inputs of the real shapes (benchmarks at real size, without the text encoders) ---------------
+    def random_batch(
+        self, model: nn.Module, batch: int, side: int, generator: torch.Generator, tokens: int | None = None
+    ):
+        """Seeded random (latents [B, C, side, side], integer timesteps, conditioning) of `model`'s input shapes:
+        one training step's cost at real size without the text encoders (benchmarks). `tokens`: the caption length
+        (default: the family's real one)."""
+        x = torch.randn(batch, self.latent_channels(model), side, side, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        return x, t, self.random_condition(model, batch, generator, tokens)
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return int(model.config.in_channels)
+
+    def random_condition(self, model: nn.Module, batch: int, generator: torch.Generator, tokens=None) -> Conditioning:
+        """CLIP states [B, tokens (77), cross_attention_dim], as the UNet families take them."""
+        shape = (batch, tokens or 77, model.config.cross_attention_dim)
+        return {"encoder_hidden_states": torch.randn(shape, generator=generator)}
+
     # -- PTQ -------------------------------------------------------------------------------------------------
     def ptq_unit_types(self) -> tuple[type, ...]:
         """The module classes PTQ reconstructs block by block (BRECQ's units) in this family's denoiser."""

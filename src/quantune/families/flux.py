@@ -51,6 +51,21 @@ class Flux(Family):
         )
         return {"encoder_hidden_states": states, "pooled_projections": pooled, "txt_ids": text_ids}
 
+    def latent_channels(self, model) -> int:
+        return int(model.config.in_channels) // 4  # packed 2 x 2
+
+    def random_condition(self, model, batch, generator, tokens=None):
+        """T5 states [B, tokens (512), joint_attention_dim], CLIP's pooled embedding, the text's position ids."""
+        config = model.config
+        tokens = tokens or self.t5_tokens
+        states = torch.randn(batch, tokens, config.joint_attention_dim, generator=generator)
+        pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+        return {
+            "encoder_hidden_states": states,
+            "pooled_projections": pooled,
+            "txt_ids": torch.zeros(tokens, 3),
+        }
+
     def predict(self, pipe, model, noisy, t, cond, guidance=None) -> torch.Tensor:
         b, c, h, w = noisy.shape
         states = cond["encoder_hidden_states"]

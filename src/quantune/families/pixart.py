@@ -45,6 +45,12 @@ class PixArtSigma(Family):
         )
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
+    def random_condition(self, model, batch, generator, tokens=None):
+        """T5 states [B, tokens (300, PixArt-Sigma's), caption_channels], every token attended."""
+        tokens = tokens or self.t5_tokens
+        states = torch.randn(batch, tokens, model.config.caption_channels, generator=generator)
+        return {"encoder_hidden_states": states, "encoder_attention_mask": torch.ones(batch, tokens)}
+
     def predict(self, pipe, model, noisy, t, cond, guidance=None) -> torch.Tensor:
         states = cond["encoder_hidden_states"]
         out = model(

@@ -45,6 +45,13 @@ class StableDiffusion3(Family):
         )  # fmt: skip
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
+    def random_condition(self, model, batch, generator, tokens=None):
+        """77 CLIP + `tokens` (256) T5 states of joint_attention_dim, and the two CLIPs' pooled embeddings."""
+        config = model.config
+        states = torch.randn(batch, 77 + (tokens or self.t5_tokens), config.joint_attention_dim, generator=generator)
+        pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
     def predict(self, pipe, model, noisy, t, cond, guidance=None) -> torch.Tensor:
         states = cond["encoder_hidden_states"]
         return model(

@@ -37,6 +37,16 @@ class StableDiffusionXL(StableDiffusion):
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=states.dtype, device=device).repeat(len(captions), 1)
         return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
+    def random_condition(self, model, batch, generator, tokens=None):
+        """Both CLIPs' states and SDXL's added conditions (pooled text embeds, 6 size / crop ids)."""
+        config = model.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {
+            **super().random_condition(model, batch, generator, tokens),
+            "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, generator=generator),
+                                  "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch)},
+        }  # fmt: skip
+
 
 def build_tiny_xl():
     torch.manual_seed(20)
