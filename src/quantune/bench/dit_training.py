@@ -9,8 +9,8 @@ Variants: quantune lora (fp32), qlora / intlora-mul / intlora-shift at W4A8 (eve
 `quantune train` applies them; diffusers + peft, peft + bitsandbytes NF4 and peft + torchao int8 weight-only, all
 rank-4 LoRA on the targets of diffusers' DreamBooth LoRA script for the family (bench/training.py has the details
 of each peer). Each variant runs in its own process (bench/training.py's `run_variant`): one untimed step (the
-optimizer state exists), then the timed ones; peak memory over the timed steps. Rows measured so far are kept in
-OUT/.dit_training.rows.jsonl, so an interrupted run continues where it stopped.
+optimizer state exists), then one timed step (quick: three); peak memory over the timed steps. Rows measured so
+far are kept in OUT/.dit_training.rows.jsonl, so an interrupted run continues where it stopped.
 
     python -m quantune.bench.dit_training [--quick] --out DIR
 """
@@ -33,7 +33,7 @@ CHILD_TIMEOUT_S = 3600
 def settings(quick: bool) -> list[tuple[str, int, int]]:
     if quick:
         return [("zoo:tiny-pixart", 32, 1), ("zoo:tiny-sd3", 32, 1), ("zoo:tiny-flux", 32, 1)]
-    return [("pixart-sigma", 512, 1), ("sd3.5-medium", 512, 1), ("flux-2d4s", 512, 1)]
+    return [("pixart-sigma", 512, 1), ("flux-2d4s", 512, 1), ("sd3.5-medium", 512, 1)]
 
 
 def _measured(path: Path) -> dict[tuple, dict]:
@@ -42,7 +42,7 @@ def _measured(path: Path) -> dict[tuple, dict]:
 
 
 def _row(variant: str, bits: int, model: str, res: int, batch: int, quick: bool) -> dict:
-    reps, warmup = (3, 1) if quick else (2, 1)
+    reps, warmup = (3, 1) if quick else (1, 1)  # at real size on CPU a step takes from 25 s to minutes
     args = ["--one", variant, bits, model, res, batch, reps, warmup]
     try:
         row = run_child("quantune.bench.dit_training", args, timeout=CHILD_TIMEOUT_S)
@@ -87,7 +87,7 @@ def table(quick: bool, out: Path) -> Table:
          "memory vs peft": "{memory_vs_peft:.2f}", "trainable": "{trainable:,}", "status": "{status}"},
         measured,
         Plot("{model} {variant} {weights}", {"step (s)": "step_s", "peak MB over the steps": "peak_mb"}),
-        notes=["median of 2 timed steps after 1 untimed (quick: 3 after 1); random weights; text inputs random "
+        notes=["one timed step after one untimed (quick: median of 3 after 1); random weights; text inputs random "
                "tensors of the real shapes (no text encoder runs)",
                "peak memory over the timed steps (optimizer state included, set-up excluded); on CPU the process's "
                "resident memory, libraries and the tiny pipeline around the transformer included (~0.6 GB)",
