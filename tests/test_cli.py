@@ -161,3 +161,10 @@ def test_lora_strengths_must_be_finite_numbers(spec, command, lora_file, capsys,
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:")
     assert "strength" in lines[0] and "no such file" not in lines[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_cli_offers_every_writable_lora_format():
+    from quantune.cli import LORA_FORMATS
+    from quantune.formats import WRITABLE
+
+    assert LORA_FORMATS == WRITABLE

@@ -64,7 +64,7 @@ def _add_lora(sub) -> None:
     )
     i = lora.add_parser("inspect", help="format, ranks, alphas, module count, dtype and size")
     i.add_argument("file")
-    i.add_argument("--model", help="needed for positional cloneofsimo and lora_wrapper files")
+    i.add_argument("--model", help="for cloneofsimo / lora_wrapper files and a transformer's kohya / comfyui files")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     c = lora.add_parser("convert", help="convert between quantune, diffusers, peft, kohya and comfyui")
@@ -84,7 +84,7 @@ def _add_lora(sub) -> None:
     x.add_argument("--mode", required=True, choices=["sum", "concat", "svd"])
     x.add_argument("--rank", type=_count(1))
     x.add_argument("--to", default="quantune", choices=LORA_FORMATS)
-    x.add_argument("--model", help="needed to read cloneofsimo / lora_wrapper inputs")
+    x.add_argument("--model", help="for cloneofsimo / lora_wrapper inputs and a transformer's kohya / comfyui files")
     _add_out(x)
 
     e = lora.add_parser("extract", help="extract a LoRA from two models (truncated SVD of the difference)")

@@ -10,7 +10,11 @@ import warnings
 def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub"):
+    # the peers' import-time notices (torchao's optional CUDA kernels, bitsandbytes' optional kernels package,
+    # torch's pytree deprecation note on their enums) are not the user's concern on every command
+    quiet = ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "torchao", "bitsandbytes",
+             "torch.utils._pytree")  # fmt: skip
+    for name in quiet:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import diffusers.utils.logging as dlog

@@ -91,27 +91,42 @@ def test_transformer_rows_quantune_and_peft_agree_on_trainables(model):
 
 
 def test_transformer_table_continues_an_interrupted_run(monkeypatch, tmp_path):
-    """Rows measured before an interruption are kept (OUT/.dit_training.rows.jsonl) and not measured again; a
-    failed child gives a row saying so; the partial file is gone once the table is written."""
+    """An interrupted run keeps the rows it measured (OUT/.dit_training.rows.jsonl) and the next measures only the
+    rest, a failed row again; `quantune bench` accepts the folder; the partial file goes once the table is written."""
     from quantune.bench import dit_training
+    from quantune.bench.report import finish_table, run_bench
     from quantune.errors import QuantuneError
 
-    calls = []
+    calls, stop_at, fail = [], {"n": 3}, {"intlora-shift"}
 
     def child(module, args, timeout=None):
+        if len(calls) == stop_at["n"]:
+            raise KeyboardInterrupt
         calls.append(args[1])
-        if args[1] == "intlora-shift":
+        if args[1] in fail:
             raise QuantuneError("benchmark child failed: killed")
         return {"model": args[3], "res": 32, "batch": 1, "variant": args[1], "status": "ok", "step_s": 1.0,
                 "peak_mb": 100.0}  # fmt: skip
 
     monkeypatch.setattr(dit_training, "run_child", child)
     monkeypatch.setattr(dit_training, "settings", lambda quick: [("zoo:tiny-flux", 32, 1)])
-    dit_training.rows(True, tmp_path)
-    assert len(calls) == len(dit_training.VARIANTS)
+    with pytest.raises(KeyboardInterrupt):
+        dit_training.rows(True, tmp_path)
+    partial = tmp_path / ".dit_training.rows.jsonl"
+    assert len(partial.read_text().splitlines()) == 3
+    seen = []
+    monkeypatch.setattr("quantune.bench.report.run_tables", lambda names, out, quick: seen.append(names))
+    monkeypatch.setattr("quantune.bench.report.write_report", lambda out: out / "report.md")
+    run_bench(tmp_path, quick=True, only=["dit_training"])  # a folder holding only the partial rows is accepted
+    assert seen == [["dit_training"]]
     calls.clear()
+    stop_at["n"] = 99
+    dit_training.rows(True, tmp_path)
+    assert calls == [v for v, _ in dit_training.VARIANTS[3:]]  # the first three were kept
+    calls.clear()
+    fail.clear()
     table = dit_training.table(True, tmp_path)
-    assert calls == []  # every row was already measured
-    status = {r["variant"]: r["status"] for r in table.rows}
-    assert status["intlora-shift"].startswith("failed") and status["lora"] == "ok"
-    assert not (tmp_path / ".dit_training.rows.jsonl").exists()
+    assert calls == ["intlora-shift"]  # the failed row, measured again
+    assert {r["status"] for r in table.rows} == {"ok"}
+    finish_table(table, tmp_path, True)
+    assert not partial.exists() and (tmp_path / "dit_training.json").exists()

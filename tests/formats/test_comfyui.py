@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from quantune.errors import QuantuneError
 from quantune.formats import read_lora, write_lora
 from quantune.lora import get_lora_weights
+from quantune.lora.layers import LoraModule
 from quantune.models import load_pipeline
 from tests.families.conftest import add_random_lora
 
@@ -63,9 +64,54 @@ def test_a_transformer_lora_needs_its_model_to_be_written(tmp_path):
     pipe = load_pipeline("zoo:tiny-sd3")
     add_random_lora(pipe)
     weights = get_lora_weights(pipe)
-    with pytest.raises(QuantuneError, match="comfyui names of this transformer are not known"):
+    with pytest.raises(QuantuneError, match="comfyui names need its model: pass --model"):
         write_lora(weights, tmp_path / "c.safetensors", "comfyui")
     assert not (tmp_path / "c.safetensors").exists()
     stray = {**weights, "transformer.norm_out.linear": next(iter(weights.values()))}
     with pytest.raises(QuantuneError, match="has no comfyui .SD3. name quantune writes"):
         write_lora(stray, tmp_path / "c.safetensors", "comfyui", pipe=pipe)
+
+
+def test_transformer_files_read_without_the_model_name_their_architecture(tmp_path):
+    """Whatever module sorts first (SD3's context_embedder is in no block), the file is recognised by its blocks."""
+    pipe = load_pipeline("zoo:tiny-sd3")
+    add_random_lora(pipe)
+    layer = pipe.transformer.context_embedder
+    extra = {
+        "transformer.context_embedder": LoraModule(
+            torch.ones(2, layer.in_features), torch.ones(layer.out_features, 2), 2.0
+        )
+    }
+    weights = {**get_lora_weights(pipe), **extra}
+    for fmt in ("kohya", "comfyui"):
+        path = write_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, pipe=pipe)
+        with pytest.raises(QuantuneError, match="is a SD3 LoRA: read it with --model of a SD3 pipeline") as e:
+            read_lora(path)
+        assert "\n" not in str(e.value)
+    alone = {"lora_unet_context_embedder.lora_down.weight": torch.zeros(2, 8),
+             "lora_unet_context_embedder.lora_up.weight": torch.zeros(8, 2)}  # fmt: skip
+    with pytest.raises(QuantuneError, match="no UNet module quantune knows"):
+        read_lora(_write(tmp_path, alone))
+
+
+def test_flux_schnell_has_no_guidance_names_and_its_own_modelspec(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from quantune.formats.checkpoint_names import architecture_of
+    from quantune.formats.kohya import to_kohya
+
+    pipe = load_pipeline("zoo:tiny-flux")
+    config = dict(pipe.transformer.config, guidance_embeds=False)
+    schnell = FluxTransformer2DModel.from_config(config)
+    table = architecture_of(schnell).table(schnell)
+    assert "guidance_in.in_layer" not in table and "guidance_in.in_layer" in architecture_of(pipe.transformer).table(
+        pipe.transformer
+    )
+    layer = schnell.get_submodule("transformer_blocks.0.attn.to_out.0")
+    module = LoraModule(torch.ones(2, layer.in_features), torch.ones(layer.out_features, 2), 2.0)
+    lora = {"transformer.transformer_blocks.0.attn.to_out.0": module}
+    assert to_kohya(lora, schnell)[1]["modelspec.architecture"] == "flux-1-schnell/lora"
+    guided = {"transformer.time_text_embed.guidance_embedder.linear_1": LoraModule(torch.ones(2, 256), torch.ones(
+        pipe.transformer.time_text_embed.guidance_embedder.linear_1.out_features, 2), 2.0)}  # fmt: skip
+    with pytest.raises(QuantuneError, match="has no kohya .FLUX.1. name quantune writes"):
+        to_kohya(guided, schnell)  # a dev LoRA's guidance module: schnell has none

@@ -173,7 +173,10 @@ def run_child(module: str, args: list, timeout: float | None = None) -> dict:
     cmd = [sys.executable, "-m", module, *map(str, args)]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise QuantuneError(f"benchmark child timed out after {timeout:.0f} s ({' '.join(map(str, args))})") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not lines:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])

@@ -10,7 +10,8 @@ Variants: quantune lora (fp32), qlora / intlora-mul / intlora-shift at W4A8 (eve
 rank-4 LoRA on the targets of diffusers' DreamBooth LoRA script for the family (bench/training.py has the details
 of each peer). Each variant runs in its own process (bench/training.py's `run_variant`): one untimed step (the
 optimizer state exists), then one timed step (quick: three); peak memory over the timed steps. Rows measured so
-far are kept in OUT/.dit_training.rows.jsonl, so an interrupted run continues where it stopped.
+far are kept in OUT/.dit_training.rows.jsonl, so an interrupted run continues where it stopped (a failed row is
+measured again).
 
     python -m quantune.bench.dit_training [--quick] --out DIR
 """
@@ -22,7 +23,8 @@ import logging
 from pathlib import Path
 
 from quantune.bench.common import Plot, Table, run_child, table_main
-from quantune.bench.training import PEERS, RANK, run_variant
+from quantune.bench.report import partial_rows
+from quantune.bench.training import PEERS, RANK, run_variant, weights_label
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
@@ -48,19 +50,20 @@ def _row(variant: str, bits: int, model: str, res: int, batch: int, quick: bool)
         row = run_child("quantune.bench.dit_training", args, timeout=CHILD_TIMEOUT_S)
     except QuantuneError as e:  # killed (out of memory) or failed: the row says so, the table goes on
         logger.warning("%s", e)
-        row = {"model": model, "res": res, "batch": batch, "variant": variant, "status": "failed (see the log)"}
+        row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": weights_label(variant, bits),
+               "status": "failed (see the log)"}  # fmt: skip
     return {**row, "bits": bits}
 
 
 def rows(quick: bool, out: Path) -> list[dict]:
-    partial = Path(out) / ".dit_training.rows.jsonl"
+    partial = partial_rows(out, "dit_training")
     done = _measured(partial)
     found = []
     for model, res, batch in settings(quick):
         group = []
         for variant, bits in VARIANTS:
             key = (model, res, batch, variant, bits)
-            if key not in done:
+            if key not in done or done[key]["status"].startswith("failed"):  # a failed row is measured again
                 done[key] = _row(variant, bits, model, res, batch, quick)
                 with partial.open("a") as f:
                     f.write(json.dumps(done[key]) + "\n")
@@ -77,7 +80,6 @@ def rows(quick: bool, out: Path) -> list[dict]:
 def table(quick: bool, out: Path) -> Table:
     Path(out).mkdir(parents=True, exist_ok=True)
     measured = rows(quick, out)
-    (Path(out) / ".dit_training.rows.jsonl").unlink(missing_ok=True)
     return Table(
         "dit_training",
         f"Training step, diffusion transformers at real size, rank-{RANK} LoRA on diffusers' DreamBooth targets",

@@ -123,4 +123,5 @@ def build(name: str) -> BenchModel:
         return BenchModel(pipe, name, 8, seq)
     pipe = load_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
-    return BenchModel(pipe, name, pipe.vae_scale_factor, pipe.tokenizer.model_max_length)
+    unet = family_of(pipe).denoiser == "unet"  # a transformer: its family's real caption length
+    return BenchModel(pipe, name, pipe.vae_scale_factor, pipe.tokenizer.model_max_length if unet else None)

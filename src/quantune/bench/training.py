@@ -101,10 +101,17 @@ def _peer(bm, variant: str) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def weights_label(variant: str, bits: int) -> str:
+    """The base weights of a variant: fp32, quantune's W{bits}A8, or a peer's quantized Linear layers."""
+    if "bnb" in variant:
+        return "NF4 (Linear)"
+    if "torchao" in variant:
+        return "int8 (Linear)"
+    return "fp32" if bits == 32 else f"W{bits}A8"
+
+
 def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps: int, warmup: int) -> dict:
-    weights = "NF4 (Linear)" if "bnb" in variant else "int8 (Linear)" if "torchao" in variant else f"W{bits}A8"
-    row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": "fp32" if bits == 32 and
-           variant not in PEERS[1:] else weights}  # fmt: skip
+    row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": weights_label(variant, bits)}
     bm = build(model)
     x, t, cond = _to_device(bm.batch(batch, res))
     start = time.perf_counter()

@@ -21,14 +21,14 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.formats import original
-from quantune.formats.checkpoint_names import architecture_named, architecture_of
+from quantune.formats.checkpoint_names import architecture_in, architecture_of
+from quantune.formats.kohya import CLIP_ROOTS
 from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, read_ldm_path
 from quantune.lora.weights import LoraWeights
 
 logger = logging.getLogger(__name__)
 PREFIX = "diffusion_model."
 TEXT_PREFIX = "text_encoders."
-_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 SD1_LAYOUT = UNetLayout(2, (False, True, True, True))  # SD-1.x / 2.x: four levels, the first up block attention-free
 
 
@@ -39,8 +39,7 @@ def is_comfyui(keys) -> bool:
 def encoder_name(component: str, model: nn.Module | None) -> str:
     """ComfyUI's name of a text encoder: T5 is t5xxl; a second CLIP is OpenCLIP-G (SDXL, SD3); the first CLIP is
     CLIP-L, or OpenCLIP-H for SD-2.x (width 1024)."""
-    kind = type(model).__name__ if model is not None else ""
-    if kind.startswith("T5") or component == "text_encoder_3":
+    if type(model).__name__.startswith("T5"):
         return "t5xxl"
     if component == "text_encoder_2":
         return "clip_g"
@@ -71,9 +70,10 @@ def to_comfyui(weights: LoraWeights, components: dict[str, nn.Module]) -> tuple[
         component, _, path = key.partition(".")
         if not component.startswith("text_encoder"):
             continue
-        if path.startswith(_CLIP_ROOTS):
+        encoder = encoder_name(component, components.get(component))
+        if encoder != "t5xxl" and path.startswith(CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; ComfyUI's CLIP has it
-        name = f"{TEXT_PREFIX}{encoder_name(component, components.get(component))}.transformer.{path}"
+        name = f"{TEXT_PREFIX}{encoder}.transformer.{path}"
         sd.update({f"{name}.{s}": t for s, t in _tensors(mod, key).items()})
     return sd, {"format": "pt"}
 
@@ -106,14 +106,18 @@ def _denoiser_part(sd: dict[str, torch.Tensor], components: dict[str, nn.Module]
     if not sd:
         return {}
     model = components.get("transformer")
-    first = next(iter(sd))
     if architecture_of(model) is not None:
         parts = original.from_tensors(sd, model, lambda k: k, "comfyui")
         return {f"transformer.{p}": m for p, m in parts.items()}
-    if not first.startswith(LDM_ROOTS):
-        named = architecture_named(first)
-        what = f"a {named.name} LoRA: read it with --model of a {named.name} pipeline" if named else "not known"
-        raise QuantuneError(f"ComfyUI module {first.rsplit('.lora', 1)[0]!r}: {what}")
+    named = architecture_in(sd)
+    if named is not None:
+        raise QuantuneError(
+            f"this ComfyUI file is a {named.name} LoRA: read it with --model of a {named.name} pipeline"
+        )
+    stray = next((k for k in sd if not k.startswith(LDM_ROOTS)), None)
+    if stray is not None:
+        raise QuantuneError(f"ComfyUI module {stray.rsplit('.lora', 1)[0]!r} is no UNet module quantune knows: a "
+                            "transformer's LoRA? read it with --model of its pipeline")  # fmt: skip
     unet = components.get("unet")
     lpb = UNetLayout.of(unet).layers_per_block if unet is not None else 2
     modules = original.modules_of(sd, lambda k: k, "comfyui")

@@ -27,8 +27,8 @@ from torch import nn
 
 from quantune.errors import QuantuneError
 from quantune.formats import original
-from quantune.formats.checkpoint_names import architecture_named, architecture_of
-from quantune.formats.unet_names import LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, read_ldm_path
+from quantune.formats.checkpoint_names import architecture_in, architecture_of
+from quantune.formats.unet_names import DIFFUSERS_ROOTS, LDM_ROOTS, UNetLayout, diffusers_to_ldm_path, read_ldm_path
 from quantune.lora.adapter import group_by_module, module_from_kohya
 from quantune.lora.weights import LoraWeights
 
@@ -39,6 +39,7 @@ PREFIXES = {
     "text_encoder_2": "lora_te2_",
     "transformer": "lora_unet_",
 }
+T5_PREFIX = "lora_te3_"  # kohya sd-scripts' T5 (FLUX's and SD3's), "ComfyUI compatible"
 _READ_PREFIXES = [
     ("lora_unet_", "unet"),
     ("lora_te1_", "text_encoder"),
@@ -100,7 +101,15 @@ _VOCAB = {
 }
 
 
-_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")  # CLIP paths transformers 5 writes without text_model.
+
+
+def _prefix(component: str, arch, numbered: bool) -> str:
+    """kohya's prefix of a component: lora_te1_ / lora_te2_ for two CLIPs (SDXL, SD3; FLUX's CLIP-L is lora_te1_
+    too), lora_te3_ for a transformer's T5."""
+    if arch is not None and component == arch.t5_component:
+        return T5_PREFIX
+    return "lora_te1_" if (component == "text_encoder" and numbered) else PREFIXES[component]
 
 
 def kohya_unet_layout(weights: LoraWeights, unet: nn.Module | None = None) -> UNetLayout | None:
@@ -127,7 +136,7 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
     sd: dict[str, torch.Tensor] = {}
     if (arch is not None and not arch.kohya) or (arch is None and any(k.startswith("transformer.") for k in weights)):
         what = f"kohya sd-scripts has no {arch.name} LoRA names" if arch else "write it with --model of its pipeline"
-        raise QuantuneError(f"kohya names of this diffusion transformer: {what} (or write comfyui, diffusers, peft)")
+        raise QuantuneError(f"kohya names of this diffusion transformer: {what} (or write diffusers / peft)")
     if any(k.startswith("transformer.") for k in weights):
         ours = {k[12:]: m for k, m in weights.items() if k.startswith("transformer.")}
         sd.update(original.to_tensors(ours, unet, lambda name: "lora_unet_" + name.replace(".", "_"), "kohya"))
@@ -143,8 +152,8 @@ def to_kohya(weights: LoraWeights, unet: nn.Module | None = None) -> tuple[dict[
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which kohya tools cannot load: use conv_mode='hard'")
         component, _, path = key.partition(".")
-        prefix = "lora_te1_" if (component == "text_encoder" and numbered) else PREFIXES[component]
-        if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
+        prefix = _prefix(component, arch, numbered)
+        if component.startswith("text_encoder") and prefix != T5_PREFIX and path.startswith(CLIP_ROOTS):
             path = "text_model." + path  # transformers 5 dropped CLIP's text_model level; kohya tools expect it
         if component == "unet" and layout is not None:
             path = diffusers_to_ldm_path(path, layout)
@@ -196,13 +205,13 @@ def _transformer_part(sd: dict[str, torch.Tensor], components: dict[str, nn.Modu
     arch = architecture_of(model)
     if arch is not None and not arch.kohya:
         raise QuantuneError(f"kohya sd-scripts has no {arch.name} LoRA names: this file is not for {arch.name}")
+    prefix = PREFIXES["transformer"]
     if arch is not None:
         lookup = {name.replace(".", "_"): name for name in arch.table(model)}
-        ours = {k: v for k, v in sd.items() if k.startswith(PREFIXES["transformer"])}
-        unet = PREFIXES["transformer"]
-        parts = original.from_tensors(ours, model, lambda key: lookup.get(key[len(unet) :], key[len(unet) :]), "kohya")
+        ours = {k: v for k, v in sd.items() if k.startswith(prefix)}
+        parts = original.from_tensors(ours, model, lambda k: lookup.get(k[len(prefix) :], k[len(prefix) :]), "kohya")
         return {f"transformer.{p}": m for p, m in parts.items()}
-    named = next((architecture_named(k[len(PREFIXES["unet"]) :]) for k in sd if k.startswith(PREFIXES["unet"])), None)
+    named = architecture_in(k[len(prefix) :] for k in sd if k.startswith(prefix))
     if named is not None:
         raise QuantuneError(f"this kohya file is a {named.name} LoRA: read it with --model of a {named.name} pipeline")
     return {}
@@ -211,7 +220,8 @@ def _transformer_part(sd: dict[str, torch.Tensor], components: dict[str, nn.Modu
 def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | None = None) -> LoraWeights:
     components = components or {}
     weights = _transformer_part(sd, components)
-    if weights:
+    arch = architecture_of(components.get("transformer"))
+    if arch is not None:  # every lora_unet_ key was the transformer's
         sd = {k: v for k, v in sd.items() if not k.startswith(PREFIXES["transformer"])}
     names = {c: [n for n, _ in m.named_modules()] for c, m in components.items()}
     unet = components.get("unet")
@@ -220,13 +230,19 @@ def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | N
     unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
     if unknown:
         raise QuantuneError(f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (LoHa/LoKr/DoRA are not read)")
+    read_prefixes = [(T5_PREFIX, arch.t5_component)] if arch is not None else []
     for flat_full, tensors in grouped.items():
-        match = next(((p, c) for p, c in _READ_PREFIXES if flat_full.startswith(p)), None)
+        match = next(((p, c) for p, c in read_prefixes + _READ_PREFIXES if flat_full.startswith(p)), None)
         if match is None:
-            raise QuantuneError(f"kohya key {flat_full!r} has no lora_unet_/lora_te_ prefix: not a kohya LoRA")
+            what = "a T5 LoRA: read it with --model of its pipeline" if flat_full.startswith(T5_PREFIX) else (
+                "no lora_unet_ / lora_te_ prefix: not a kohya LoRA")  # fmt: skip
+            raise QuantuneError(f"kohya key {flat_full!r}: {what}")
         prefix, component = match
         path = unflatten(flat_full[len(prefix) :], names.get(component))
         if component == "unet" and path.startswith(LDM_ROOTS):  # an SDXL file: Stability's UNet names
             path = read_ldm_path(path, lpb, known_layout=unet is not None)
+        elif component == "unet" and unet is None and not path.startswith(DIFFUSERS_ROOTS):
+            raise QuantuneError(f"kohya module {flat_full!r} is no UNet module quantune knows: a transformer's LoRA? "
+                                "read it with --model of its pipeline")  # fmt: skip
         weights[f"{component}.{path}"] = module_from_kohya(tensors, flat_full)
     return weights

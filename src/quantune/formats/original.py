@@ -23,9 +23,11 @@ SUFFIXES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.w
 
 
 def architecture(model: nn.Module | None, what: str) -> Architecture:
+    if model is None:
+        raise QuantuneError(f"a diffusion transformer's {what} names need its model: pass --model of its pipeline")
     arch = architecture_of(model)
     if arch is None:
-        raise QuantuneError(f"{what} names of this transformer are not known to quantune: write diffusers or peft")
+        raise QuantuneError(f"quantune knows no {what} names of {type(model).__name__}: write diffusers or peft")
     return arch
 
 

@@ -30,6 +30,18 @@ _SDXL_FIXED = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_
 _RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
            "skip_connection": "conv_shortcut"}  # fmt: skip
 LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+DIFFUSERS_ROOTS = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding.",
+    "class_embedding",
+    "add_embedding.",
+    "encoder_hid_proj",
+)  # UNet2DConditionModel's top-level modules
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ class Architecture:
     """How one diffusion transformer's original checkpoint names its modules.
 
     `table(model)`: original name -> diffusers paths (the model's own blocks; a module the model lacks is not
-    listed). `kohya`: kohya sd-scripts trains it, so its kohya names are real ones. `roots`: the original names'
-    first words, to recognise a kohya or ComfyUI file of this architecture without the model. `rank_alpha`:
+    listed). `kohya`: kohya sd-scripts trains it, so its kohya names are real ones. `roots`: the first words of
+    its blocks' original names (no other architecture's start so), to recognise a kohya or ComfyUI file of this
+    architecture without the model. `t5_component`: the pipeline component that is T5 (kohya: lora_te3_). `rank_alpha`:
     modules whose alpha diffusers' reader drops, written with alpha = rank (the scale folded into down).
     `modelspec(model)`: the `modelspec.architecture` of a LoRA for it, as kohya sd-scripts writes it (None: kohya
     writes none).
@@ -36,6 +37,7 @@ class Architecture:
     roots: tuple[str, ...]
     modelspec: Callable[[nn.Module], str] | None = None
     kohya: bool = True
+    t5_component: str | None = None
     rank_alpha: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
@@ -74,9 +76,11 @@ def architecture_of(model: nn.Module | None) -> Architecture | None:
     return None if model is None else _registry().get(type(model).__name__)
 
 
-def architecture_named(flat_or_dotted: str) -> Architecture | None:
-    """The architecture whose original names start like this one (without prefix; "." or kohya's "_"), or None."""
+def architecture_in(names) -> Architecture | None:
+    """The architecture whose blocks some of these module names (no prefix; "." or kohya's "_") are in, or None."""
+    flat = [n.replace(".", "_") for n in names]
     for arch in _registry().values():
-        if flat_or_dotted.replace(".", "_").startswith(tuple(r.replace(".", "_") for r in arch.roots)):
+        roots = tuple(r + "_" for r in arch.roots)
+        if any(n.startswith(roots) for n in flat):
             return arch
     return None

@@ -8,7 +8,7 @@ them, against diffusers' `FluxTransformer2DModel`:
 
 The final layer's adaLN modulation is stored with its shift / scale halves swapped, so it is not mapped. diffusers'
 kohya FLUX reader drops the alpha of the modules outside the blocks (and 0.42 ignores them): they are written with
-alpha = rank.
+alpha = rank (0.42 ignores them all: tested; its converter's final_layer reader has no alphas).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ ARCHITECTURE = Architecture(
     model_class="FluxTransformer2DModel",
     table=table,
     modelspec=modelspec,
-    roots=("double_blocks", "single_blocks", *GLOBAL),
+    roots=("double_blocks", "single_blocks"),
+    t5_component="text_encoder_2",
     rank_alpha=frozenset(GLOBAL),
 )

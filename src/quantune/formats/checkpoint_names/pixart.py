@@ -45,6 +45,7 @@ ARCHITECTURE = Architecture(
     name="PixArt",
     model_class="PixArtTransformer2DModel",
     table=table,
-    roots=("blocks", "t_block", "y_embedder"),
+    roots=("blocks",),
+    t5_component="text_encoder",
     kohya=False,
 )

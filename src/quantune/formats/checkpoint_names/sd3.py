@@ -50,11 +50,11 @@ def table(model: nn.Module) -> Table:
 
 
 def modelspec(model: nn.Module) -> str:
-    """sd-scripts' "stable-diffusion-3-<type>": SD3.5-medium has dual-attention layers, SD3.5-large qk-norm only."""
+    """As sd-scripts' SD3 merge script names them: SD3.5-medium has dual-attention layers, SD3.5-large qk-norm only."""
     config = model.config
     if config.dual_attention_layers:
-        return "stable-diffusion-3-5-m/lora"
-    return "stable-diffusion-3-5-large/lora" if config.qk_norm else "stable-diffusion-3-m/lora"
+        return "stable-diffusion-3-5-medium/lora"
+    return "stable-diffusion-3-5-large/lora" if config.qk_norm else "stable-diffusion-3-medium/lora"
 
 
 ARCHITECTURE = Architecture(
@@ -62,5 +62,6 @@ ARCHITECTURE = Architecture(
     model_class="SD3Transformer2DModel",
     table=table,
     modelspec=modelspec,
-    roots=("joint_blocks", "x_embedder", "t_embedder", "y_embedder"),
+    roots=("joint_blocks",),
+    t5_component="text_encoder_3",
 )
