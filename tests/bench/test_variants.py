@@ -130,3 +130,23 @@ def test_transformer_table_continues_an_interrupted_run(monkeypatch, tmp_path):
     assert {r["status"] for r in table.rows} == {"ok"}
     finish_table(table, tmp_path, True)
     assert not partial.exists() and (tmp_path / "dit_training.json").exists()
+
+
+def test_transformer_table_stops_starting_rows_after_its_deadline(monkeypatch, tmp_path):
+    """QUANTUNE_BENCH_UNTIL passed: no row starts, the table is written with the rows marked as not measured, and
+    the partial rows file stays for the next run."""
+    from quantune.bench import dit_training
+    from quantune.bench.report import finish_table
+
+    (tmp_path / ".dit_training.rows.jsonl").write_text(
+        '{"model": "zoo:tiny-flux", "res": 32, "batch": 1, "variant": "lora", "bits": 32, "status": "ok", '
+        '"step_s": 1.0, "peak_mb": 100.0}\n'
+    )
+    monkeypatch.setattr(dit_training, "run_child", lambda *a, **k: pytest.fail("no row may start"))
+    monkeypatch.setattr(dit_training, "settings", lambda quick: [("zoo:tiny-flux", 32, 1)])
+    monkeypatch.setenv(dit_training.UNTIL, "0")
+    table = dit_training.table(True, tmp_path)
+    status = {r["variant"]: r["status"] for r in table.rows}
+    assert status.pop("lora") == "ok" and set(status.values()) == {dit_training.NOT_MEASURED}
+    finish_table(table, tmp_path, True)
+    assert (tmp_path / ".dit_training.rows.jsonl").exists() and (tmp_path / "dit_training.md").exists()

@@ -11,7 +11,8 @@ rank-4 LoRA on the targets of diffusers' DreamBooth LoRA script for the family (
 of each peer). Each variant runs in its own process (bench/training.py's `run_variant`): one untimed step (the
 optimizer state exists), then one timed step (quick: three); peak memory over the timed steps. Rows measured so
 far are kept in OUT/.dit_training.rows.jsonl, so an interrupted run continues where it stopped (a failed row is
-measured again).
+measured again). With QUANTUNE_BENCH_UNTIL (a Unix time) set, no row starts after it: the table is written with
+the rows measured so far, the others marked as not measured, and the rows file stays for the next run.
 
     python -m quantune.bench.dit_training [--quick] --out DIR
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 from quantune.bench.common import Plot, Table, run_child, table_main
@@ -30,6 +33,8 @@ from quantune.errors import QuantuneError
 logger = logging.getLogger(__name__)
 VARIANTS = [("lora", 32), ("qlora", 4), ("intlora-mul", 4), ("intlora-shift", 4)] + [(p, 32) for p in PEERS]
 CHILD_TIMEOUT_S = 3600
+NOT_MEASURED = "not measured yet (a rerun with --overwrite continues)"
+UNTIL = "QUANTUNE_BENCH_UNTIL"  # Unix time after which no new row starts (a session's budget); unset: no limit
 
 
 def settings(quick: bool) -> list[tuple[str, int, int]]:
@@ -63,11 +68,17 @@ def rows(quick: bool, out: Path) -> list[dict]:
         group = []
         for variant, bits in VARIANTS:
             key = (model, res, batch, variant, bits)
-            if key not in done or done[key]["status"].startswith("failed"):  # a failed row is measured again
+            if key in done and not done[key]["status"].startswith("failed"):  # a failed row is measured again
+                group.append(dict(done[key]))
+            elif time.time() > float(os.environ.get(UNTIL, "inf")):
+                label = weights_label(variant, bits)
+                group.append({"model": model, "res": res, "batch": batch, "variant": variant, "weights": label,
+                              "bits": bits, "status": NOT_MEASURED})  # fmt: skip
+            else:
                 done[key] = _row(variant, bits, model, res, batch, quick)
                 with partial.open("a") as f:
                     f.write(json.dumps(done[key]) + "\n")
-            group.append(dict(done[key]))
+                group.append(dict(done[key]))
         peer = next(g for g in group if g["variant"] == PEERS[0])
         for g in group:
             if g.get("status") == "ok" and peer.get("status") == "ok":

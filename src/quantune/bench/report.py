@@ -41,7 +41,7 @@ def partial_rows(out: str | Path, name: str) -> Path:
 
 def finish_table(table: Table | list[Table], out: str | Path, quick: bool) -> None:
     """Write the table(s) and record this process's wall time (the table's cost) in OUT/costs.json; a table's
-    partial rows file goes once the table is written."""
+    partial rows file goes once the table is written with every row measured."""
     import psutil
 
     info = machine()
@@ -49,7 +49,8 @@ def finish_table(table: Table | list[Table], out: str | Path, quick: bool) -> No
     for t in tables:
         write_table(t, out, info)
         logger.info("%s\n%s", t.title, t.markdown())
-        partial_rows(out, t.name).unlink(missing_ok=True)
+        if not any(str(r.get("status", "")).startswith("not measured") for r in t.rows):
+            partial_rows(out, t.name).unlink(missing_ok=True)
     path = Path(out) / "costs.json"
     costs = json.loads(path.read_text()) if path.exists() else {}
     module = tables[0].name.split("_")[0] if tables[0].name.startswith("files") else tables[0].name
