@@ -1,5 +1,6 @@
-"""kohya FLUX (BFL) names: a fused module written from parts of different ranks and scales is exact, and a file
-whose fused parts share one down factor (the dense layout) is read as each part's own LoRA."""
+"""LoRA on fused Linears (formats/fused.py) through kohya's FLUX (BFL) names: a fused module written from parts of
+different ranks and scales is exact, and a file whose fused parts share one down factor (the dense layout) is read
+as each part's own LoRA."""
 
 from __future__ import annotations
 
