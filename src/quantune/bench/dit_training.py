@@ -93,7 +93,8 @@ def table(quick: bool, out: Path) -> Table:
     measured = rows(quick, out)
     return Table(
         "dit_training",
-        f"Training step, diffusion transformers at real size, rank-{RANK} LoRA on diffusers' DreamBooth targets",
+        f"Training step, diffusion transformers {'(quick: the tiny zoo models)' if quick else 'at real size'}, "
+        f"rank-{RANK} LoRA on diffusers' DreamBooth targets",
         {"model": "{model}", "res x batch": "{res} x {batch}", "variant": "{variant}", "weights": "{weights}",
          "it/s": "{it_s:.3f}", "step (s)": "{step_s:.2f}", "peak MB": "{peak_mb:.0f}",
          "added by the steps (MB)": "{step_mb:.0f}", "time vs peft": "{time_vs_peft:.2f}",
