@@ -27,7 +27,7 @@ from pathlib import Path
 
 from quantune.bench.common import Plot, Table, run_child, table_main
 from quantune.bench.report import partial_rows
-from quantune.bench.training import PEERS, RANK, run_variant, weights_label
+from quantune.bench.training import PEERS, RANK, against_peft, run_variant, weights_label
 from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
@@ -79,11 +79,7 @@ def rows(quick: bool, out: Path) -> list[dict]:
                 with partial.open("a") as f:
                     f.write(json.dumps(done[key]) + "\n")
                 group.append(dict(done[key]))
-        peer = next(g for g in group if g["variant"] == PEERS[0])
-        for g in group:
-            if g.get("status") == "ok" and peer.get("status") == "ok":
-                g["time_vs_peft"] = g["step_s"] / peer["step_s"]
-                g["memory_vs_peft"] = g["peak_mb"] / peer["peak_mb"]
+        against_peft(group)
         found += group
     return found
 

@@ -141,6 +141,15 @@ def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps:
             "setup_s": setup_s, "trainable": sum(p.numel() for p in params), "device": device().type}  # fmt: skip
 
 
+def against_peft(group: list[dict]) -> None:
+    """Each measured row's step time and peak memory as ratios of the diffusers + peft row of its setting."""
+    peer = next(g for g in group if g["variant"] == PEERS[0])
+    for g in group:
+        if g.get("status") == "ok" and peer.get("status") == "ok":
+            g["time_vs_peft"] = g["step_s"] / peer["step_s"]
+            g["memory_vs_peft"] = g["peak_mb"] / peer["peak_mb"]
+
+
 def _to_device(value):
     if isinstance(value, torch.Tensor):
         return value.to(device())
@@ -158,11 +167,7 @@ def table(quick: bool) -> Table:
         for variant, bits in QUANTUNE + [(p, 32) for p in PEERS]:
             args = ["--one", variant, bits, model, res, batch, r, w]
             group.append(run_child("quantune.bench.training", args))
-        peer = next(g for g in group if g["variant"] == PEERS[0])
-        for g in group:
-            if g.get("status") == "ok" and peer.get("status") == "ok":
-                g["time_vs_peft"] = g["step_s"] / peer["step_s"]
-                g["memory_vs_peft"] = g["peak_mb"] / peer["peak_mb"]
+        against_peft(group)
         rows += group
     return Table(
         "training",
