@@ -17,7 +17,6 @@ MODELS = {  # family name -> its tiny zoo model
     "sd3": "zoo:tiny-sd3",
     "flux": "zoo:tiny-flux",
 }
-UNETS = ("sd", "sdxl")  # the families post-training quantization supports so far
 
 
 @pytest.fixture(params=sorted(MODELS))

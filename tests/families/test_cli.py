@@ -12,7 +12,7 @@ from quantune.cli import main
 from quantune.formats import write_lora
 from quantune.lora import get_lora_weights
 from quantune.models import load_pipeline
-from tests.families.conftest import MODELS, UNETS, family_outputs
+from tests.families.conftest import MODELS, family_outputs
 from tests.families.test_train import _text_encoder_lora
 
 
@@ -69,11 +69,8 @@ def test_generate_quantize_eval(family_lora_pipe, family_ref, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "gen" / "grid.png").is_file(), err
     rc, out, err = _run(capsys, "quantize", "--model", family_ref, "--method", "minmax", "--calib-samples", "4",
                         "--steps", "2", "--resolution", "16", "--out", tmp_path / "int")  # fmt: skip
-    unet = family_ref in (MODELS[n] for n in UNETS)
-    assert (rc == 0 and "layers" in out) if unet else (rc == 2 and "post-training quantization" in err), err
-    evaluated = tmp_path / "int" if unet else lora  # a transformer family: the float model with its LoRA
-    where = ["--model", evaluated] if unet else ["--model", family_ref, "--lora", evaluated]
-    rc, _, err = _run(capsys, "eval", *where, "--compare-model", family_ref, "--metrics",
+    assert rc == 0 and "layers" in out, err
+    rc, _, err = _run(capsys, "eval", "--model", tmp_path / "int", "--compare-model", family_ref, "--metrics",
                       "psnr,ssim", "--n", "2", "--steps", "2", "--size", "32", "--out", tmp_path / "ev")  # fmt: skip
     assert rc == 0, err
 

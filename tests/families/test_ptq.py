@@ -7,41 +7,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.models import load_pipeline
 from quantune.ptq import PTQConfig, quantize_pipeline, save_ptq_pipeline
 from quantune.quant.kernels import prepare_int_kernels
 from quantune.quant.primitives import sqnr_db
 from quantune.quant.quantize import quant_layers
-from tests.families.conftest import MODELS, UNETS, family_outputs
+from tests.families.conftest import MODELS, family_outputs
 
 SMALL = dict(calib_samples=8, steps=4, iters=20, batch_size=8, resolution=16)
 
 
 @pytest.mark.parametrize("method", ["minmax", "qdiffusion", "eda-dm"])
-@pytest.mark.parametrize("name", UNETS)
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_method_w8a8_save_load(name, method, tmp_path):
     pipe = load_pipeline(MODELS[name])
     denoiser = family_of(pipe).denoiser_of(pipe)
     fp = family_outputs(pipe)[1]
     report = quantize_pipeline(pipe, PTQConfig(method=method, **SMALL), progress=False)
-    assert report["layers"] == len(quant_layers(denoiser)) > 50
+    assert report["layers"] == len(quant_layers(denoiser)) > 20
     assert sum(report["samples_per_step"]) == 8
-    assert sqnr_db(fp, family_outputs(pipe)[1]) > 20  # fake quantization; measured 26-31 dB on these random models
+    assert sqnr_db(fp, family_outputs(pipe)[1]) > 20  # fake quantization; measured 26-45 dB on these random models
     out = save_ptq_pipeline(pipe, tmp_path / "int", report)
     prepare_int_kernels(denoiser)
     integer = family_outputs(pipe)[1]
     assert sqnr_db(fp, integer) > 20
     loaded = load_pipeline(str(out))
     torch.testing.assert_close(family_outputs(loaded)[1], integer, rtol=0, atol=1e-5)
-    image = loaded(["cat"], num_inference_steps=2, height=32, width=32, output_type="np").images
+    kwargs = family_of(loaded).call_kwargs(loaded)
+    image = loaded(["cat"], num_inference_steps=2, height=32, width=32, output_type="np", **kwargs).images
     assert image.shape[0] == 1 and (image == image).all()
-
-
-@pytest.mark.parametrize("name", sorted(set(MODELS) - set(UNETS)))
-def test_transformer_families_are_refused_by_name(name):
-    """Until DiT PTQ lands, quantizing a transformer family is one error naming it, never a wrong model."""
-    pipe = load_pipeline(MODELS[name])
-    with pytest.raises(QuantuneError, match=f"{name}: post-training quantization"):
-        quantize_pipeline(pipe, PTQConfig(method="minmax", **SMALL), progress=False)

@@ -38,9 +38,18 @@ def family_of(pipe) -> Family:
     raise QuantuneError(f"{type(pipe).__name__} is not a model family quantune supports: it supports {names}")
 
 
+def family_of_model(model) -> Family:
+    """The family of a bare denoiser (e.g. `quantize_model(model, ...)`), by its class; refused by name."""
+    name = type(model).__name__
+    for family in FAMILIES.values():
+        if name in family.denoiser_classes or name in family.model_classes:
+            return family
+    raise QuantuneError(f"{name} is not a denoiser of a model family quantune supports")
+
+
 def zoo() -> dict:
     """Every built-in model, `zoo:NAME` -> builder, from the families' own lists."""
     return {name: build for family in FAMILIES.values() for name, build in family.zoo.items()}
 
 
-__all__ = ["Conditioning", "Family", "FAMILIES", "family_of", "register", "using_modules", "zoo"]
+__all__ = ["Conditioning", "Family", "FAMILIES", "family_of", "family_of_model", "register", "using_modules", "zoo"]

@@ -20,6 +20,9 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
 
+# PATCH_EMBED_NOTE: a DiT's patch embedding (x_embedder / pos_embed.proj) keeps a float input: its K (C x p x p,
+# 16-64) is too small for an int8 product to save anything, and its input, the latent x_t, spans the whole
+# trajectory's range (on zoo:tiny-pixart, quantizing it took the W8A8 model from 29 to 6 dB SQNR).
 Conditioning = dict  # the denoiser's keyword arguments that come from the text (encoder states, added conditions)
 
 
@@ -30,6 +33,7 @@ class Family:
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     denoiser_classes: ClassVar[tuple[str, ...]] = ()
     denoiser: ClassVar[str] = "unet"  # the pipeline attribute that holds the denoiser
+    model_classes: ClassVar[tuple[str, ...]] = ()  # denoiser classes known for a bare model besides denoiser_classes
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     lora_text_encoders: ClassVar[tuple[str, ...] | None] = None  # those a text-encoder LoRA adapts (None: all)
     denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
@@ -40,6 +44,7 @@ class Family:
     zoo: ClassVar[dict[str, Callable]] = {}  # zoo name -> builder of a pipeline of this family
     ptq_keep_8bit: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose weights stay 8-bit (names, suffixes, regexes)
     ptq_act_fp: ClassVar[tuple[str, ...]] = ()  # PTQ: layers whose inputs stay float
+    ptq_shared_inputs: ClassVar[tuple[str, ...]] = ()  # PTQ: denoiser inputs without a batch dim (FLUX's ids)
 
     # -- recognition and components ---------------------------------------------------------------------------
     def matches(self, pipe) -> bool:
@@ -121,8 +126,14 @@ class Family:
         raise QuantuneError(f"{self.name}: post-training quantization has no reconstruction units for this family")
 
     def tdac_feature_module(self, model: nn.Module) -> nn.Module:
-        """The module whose input is TDAC's feature (EDA-DM, arXiv:2401.04585; docs/quantization.md)."""
-        raise QuantuneError(f"{self.name}: TDAC has no feature module for this family; use --method qdiffusion")
+        """The module whose input is TDAC's feature (EDA-DM, arXiv:2401.04585; docs/quantization.md). A diffusion
+        transformer's: its middle `transformer_blocks` entry, whose input is the image tokens' residual stream
+        halfway through the network, the DiT's counterpart of the UNet's bottleneck (calibration transposes its
+        [B, tokens, C] to channels first)."""
+        blocks = getattr(model, "transformer_blocks", None)
+        if not blocks:
+            raise QuantuneError(f"{self.name}: TDAC has no feature module for this family; use --method qdiffusion")
+        return blocks[len(blocks) // 2]
 
 
 def _dtype_of(cond: Conditioning, fallback: torch.Tensor) -> torch.dtype:

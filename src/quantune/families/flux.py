@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from quantune.assets import MAX_TOKENS, load_tokenizer
 from quantune.families.base import Conditioning, Family
@@ -39,6 +40,18 @@ class Flux(Family):
     denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                         "ff_context.net.2")  # fmt: skip
+
+    # PTQ: 8-bit weights for the patch and context embedders, the time / guidance / pooled-text embedders, every
+    # adaLN modulation (one row per sample: no speed cost, and its error scales every token), the output norm's
+    # modulation and the last layer, whose input stays float (EDA-DM keeps the first and last layers at 8 bits)
+    ptq_keep_8bit = ("x_embedder", "context_embedder", r"time_text_embed\..*", r".*\.norm1(_context)?\.linear",
+                     r"single_transformer_blocks\.\d+\.norm\.linear", r"norm_out\.linear", "^proj_out$")  # fmt: skip
+    ptq_act_fp = ("x_embedder", "^proj_out$")  # see PATCH_EMBED_NOTE in families/base.py
+    ptq_shared_inputs = ("txt_ids", "img_ids")  # [tokens, 3] position ids, no batch dim
+
+    def ptq_unit_types(self) -> tuple[type, ...]:
+        """The double-stream (joint) and single-stream blocks."""
+        return FluxTransformerBlock, FluxSingleTransformerBlock
 
     def default_size(self, pipe) -> int:
         """The VAE's sample size (FLUX.1: 1024 px): the transformer has no sample size of its own."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers.models.attention import BasicTransformerBlock
 
 from quantune.assets import load_tokenizer
 from quantune.families.base import Conditioning, Family
@@ -30,9 +31,18 @@ class PixArtSigma(Family):
     pipeline_classes = ("PixArtSigmaPipeline",)  # PixArt-alpha (resolution / aspect-ratio conditions): not yet
     denoiser_classes = ()  # PixArtTransformer2DModel is PixArt-alpha's too: recognised by the pipeline class
     denoiser = "transformer"
+    model_classes = ("PixArtTransformer2DModel",)  # a bare model (quantize_model): PixArt-alpha's blocks are alike
     t5_tokens = 300  # PixArt-Sigma's caption length
     text_encoders = ("text_encoder",)
     lora_text_encoders = ()  # T5 stays frozen
+    # PTQ: 8-bit weights for the patch embedding, the timestep / caption embedders and the last layer (EDA-DM keeps
+    # the first and last layers and the time embedding at 8 bits), whose input stays float
+    ptq_keep_8bit = (r"pos_embed\.proj", r"adaln_single\..*", r"caption_projection\..*", "^proj_out$")
+    ptq_act_fp = (r"pos_embed\.proj", "^proj_out$")  # see PATCH_EMBED_NOTE in families/base.py
+
+    def ptq_unit_types(self) -> tuple[type, ...]:
+        """PixArt's DiT blocks (self-attention, cross-attention, feed-forward under ada_norm_single)."""
+        return (BasicTransformerBlock,)
 
     def call_kwargs(self, pipe) -> dict:
         binned = self.denoiser_of(pipe).config.sample_size in BINNED_SIZES

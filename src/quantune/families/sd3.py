@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.attention import JointTransformerBlock
 
 from quantune.assets import MAX_TOKENS, load_tokenizer
 from quantune.families.base import Conditioning, Family
@@ -36,6 +37,16 @@ class StableDiffusion3(Family):
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's projections of both streams
     denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                         "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
+    # PTQ: 8-bit weights for the patch embedding, the time / pooled-text and context embedders, every adaLN
+    # modulation (one row per sample: no speed cost, and its error scales every token), the output norm's
+    # modulation and the last layer, whose input stays float (EDA-DM keeps the first and last layers at 8 bits)
+    ptq_keep_8bit = (r"pos_embed\.proj", r"time_text_embed\..*", "context_embedder", r".*\.norm1(_context)?\.linear",
+                     r"norm_out\.linear", "^proj_out$")  # fmt: skip
+    ptq_act_fp = (r"pos_embed\.proj", "^proj_out$")  # see PATCH_EMBED_NOTE in families/base.py
+
+    def ptq_unit_types(self) -> tuple[type, ...]:
+        """The MMDiT joint blocks (both streams, the dual attention of SD3.5's first blocks)."""
+        return (JointTransformerBlock,)
 
     def condition(self, pipe, captions: list[str], size: tuple[int, int]) -> Conditioning:
         device = self.denoiser_of(pipe).device

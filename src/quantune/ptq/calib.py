@@ -29,6 +29,17 @@ CHUNK = 32  # trajectories per pipeline call
 FEATURE_TRAJECTORIES = 32  # trajectories whose features TDAC scores
 
 
+class Shared:
+    """A denoiser input without a batch dim (FLUX's position ids: Family.ptq_shared_inputs), kept once as is."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def _unshared(leaves: list) -> list:
+    return [x.value if isinstance(x, Shared) else x for x in leaves]
+
+
 @dataclass
 class CalibData:
     """Calibration samples: UNet keyword arguments with per-row tensors (rows = samples x guidance rows)."""
@@ -37,13 +48,13 @@ class CalibData:
     spec: object
     rows: int
     counts: list[int]  # samples per sampler step (UNet call)
-    timesteps: list[int]
+    timesteps: list[float]
     device: torch.device = torch.device("cpu")  # where the UNet runs; samples are kept on the CPU
 
     def kwargs(self, index: torch.Tensor | slice | None = None) -> dict:
         index = slice(None) if index is None else index
         leaves = [x[index].to(self.device) if isinstance(x, torch.Tensor) else x for x in self.leaves]
-        return pytree.tree_unflatten(leaves, self.spec)
+        return pytree.tree_unflatten(_unshared(leaves), self.spec)
 
     def batches(self, batch_size: int, on_device: bool = True):
         """Consecutive batches of UNet keyword arguments, on `device` (or left on the CPU: `on_device=False`)."""
@@ -53,7 +64,7 @@ class CalibData:
                 yield self.kwargs(index)
             else:
                 leaves = [x[index] if isinstance(x, torch.Tensor) else x for x in self.leaves]
-                yield pytree.tree_unflatten(leaves, self.spec)
+                yield pytree.tree_unflatten(_unshared(leaves), self.spec)
 
 
 def _is_text_pipeline(pipe) -> bool:
@@ -69,11 +80,12 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
 
     def record_call(module, args, kwargs):
         bound = signature.bind(*args, **kwargs)
-        calls.append({k: v for k, v in bound.arguments.items() if k != "return_dict"})
+        shared = family.ptq_shared_inputs
+        calls.append({k: Shared(v) if k in shared else v for k, v in bound.arguments.items() if k != "return_dict"})
 
     def record_feature(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        features.append(x.detach().float().cpu())
+        x = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
+        features.append(x.transpose(1, 2) if x.dim() == 3 else x)  # tokens [B, N, C] -> channels first
 
     hooks = [
         unet.register_forward_pre_hook(record_call, with_kwargs=True),
@@ -98,7 +110,9 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
         for h in hooks:
             h.remove()
     if not calls or len(features) != len(calls):
-        raise QuantuneError(f"the sampler's {len(calls)} UNet calls did not all reach its mid block: unsupported")
+        raise QuantuneError(
+            f"the sampler's {len(calls)} denoiser calls did not all reach its TDAC feature module: unsupported"
+        )
     return calls, features
 
 
@@ -129,7 +143,7 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
                 "the float model produced NaN/inf along the calibration trajectories: check the model (or its "
                 "dtype: calibrate in fp32) before quantizing it"
             )
-        groups = pytree.tree_leaves(calls[0]["sample"])[0].shape[0] // size
+        groups = next(iter(calls[0].values())).shape[0] // size  # the first argument: the latents
         if c == 0:  # multistep samplers (PNDM: steps + 1 calls) give the number of calibration "steps"
             per_step = [[] for _ in calls]
             if n < len(calls):
@@ -142,7 +156,8 @@ def collect_calibration(pipe, cfg: PTQConfig, prompts: list[str] | None = None) 
             leaves, spec = pytree.tree_flatten(call)
             per_step[s].append([_trajectory_major(x, size, groups) for x in leaves])
             if c == 0:
-                timesteps.append(int(torch.as_tensor(call["timestep"]).reshape(-1)[0]))
+                t = float(torch.as_tensor(call["timestep"]).reshape(-1)[0])
+                timesteps.append(int(t) if t.is_integer() else round(t, 4))  # FLUX: t / 1000
         if start < FEATURE_TRAJECTORIES:
             features.append(torch.stack([f.reshape(groups, size, *f.shape[1:])[-1] for f in feats]))
     steps = len(per_step)

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from quantune.errors import QuantuneError
-from quantune.families.sd import StableDiffusion
+from quantune.families import family_of_model
 from quantune.ptq.config import PTQConfig
 from quantune.ptq.methods import PTQMethod, method_for
 from quantune.ptq.reconstruct import capture_inputs
@@ -94,13 +94,15 @@ def reconstruct_units(model, units, data: Batches, method: PTQMethod, cfg: PTQCo
 def quantize_model(
     model: nn.Module, batches: list[dict], cfg: PTQConfig, progress: bool = True, unit_types: tuple | None = None
 ) -> dict:
-    """Quantize `model` (a diffusers UNet) in place into an integer model from `batches` (its forward keyword
-    arguments, e.g. {"sample", "timestep", "encoder_hidden_states"}) with `cfg`'s method; `unit_types`: the
-    reconstruction units' module classes (a model family's; default the UNet's blocks); returns a report
+    """Quantize `model` (a diffusers UNet or transformer of a supported family) in place into an integer model from
+    `batches` (its forward keyword arguments, e.g. {"sample", "timestep", "encoder_hidden_states"}) with `cfg`'s
+    method; `unit_types`: the reconstruction units' module classes (default: the model's family's); returns a report
     (method, bits, layers, units, shortcut splits, losses per unit, seconds). On an error the model may be left
     partly wrapped: load it again before using it."""
     start = time.time()
-    cfg = cfg.for_family(StableDiffusion())  # lists left unset: the UNet family's (quantize_pipeline set its own)
+    family = family_of_model(model)
+    cfg = cfg.for_family(family)  # lists left unset: the model family's (quantize_pipeline has set them already)
+    unit_types = unit_types or family.ptq_unit_types()
     method = method_for(cfg)
     model.eval().requires_grad_(False)
     data = Batches(batches, _device(model))

@@ -93,22 +93,28 @@ def _qdrop_mix(fp, q, p: float):
 
 
 def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over dim 1 and averaged over the rest (the reference's `lp_loss`)."""
+    """Squared error summed over the channels and averaged over the rest (the reference's `lp_loss`): channels are
+    dim 1 of feature maps [B, C, H, W] and the last dim of tokens [B, N, C] (a DiT's)."""
     diff = (out.float() - target.float()).pow(2)
-    return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
+    if diff.dim() <= 1:
+        return diff.mean()
+    return diff.sum(-1 if diff.dim() == 3 else 1).mean()
 
 
 def fbr_loss(out, target, inner_q: list, inner_fp: list, add_loss: float) -> torch.Tensor:
     """L_FBR = rec(B_q, B_fp) + add_loss * sum of rec(g_l^q, g_l^fp) over the recorded inner layers but the last
-    (the last one's output is the block output's source, already in the first term)."""
-    loss = rec_loss(out, target)
+    (the last one's output is the block output's source, already in the first term). `out` / `target`: the block
+    output, or the list of its outputs (a joint block's text and image streams), whose terms are summed."""
+    outs, targets = (out, target) if isinstance(out, list) else ([out], [target])
+    loss = sum(rec_loss(o, t) for o, t in zip(outs, targets, strict=True))
     if add_loss and len(inner_q) > 1:
         loss = loss + add_loss * sum(rec_loss(a, b) for a, b in zip(inner_q[:-1], inner_fp[:-1]))
     return loss
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _outputs(out) -> list[torch.Tensor]:
+    """A unit's float output tensors: one (a UNet block) or a joint block's two streams (text, image)."""
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
 class _InnerOutputs:
@@ -221,7 +227,7 @@ def _step_loss(u: _Unit, recipe: ReconRecipe, fp_batch, q_batch, learn_a: bool) 
     (args_fp, kwargs_fp), (args_q, kwargs_q) = fp_batch, q_batch
     with torch.no_grad():
         set_quant(u.module, False)
-        target = _first(u.module(*args_fp, **kwargs_fp))
+        target = _outputs(u.module(*args_fp, **kwargs_fp))
         inner_fp = u.inner.take() if u.inner else []
     set_quant(u.module, True)
     for q in u.lsq:
@@ -229,5 +235,5 @@ def _step_loss(u: _Unit, recipe: ReconRecipe, fp_batch, q_batch, learn_a: bool) 
         q.qdrop = recipe.qdrop
     if recipe.qdrop > 0:
         args_q, kwargs_q = _qdrop_mix((args_fp, kwargs_fp), (args_q, kwargs_q), recipe.qdrop)
-    out = _first(u.module(*args_q, **kwargs_q))
+    out = _outputs(u.module(*args_q, **kwargs_q))
     return fbr_loss(out, target, u.inner.take() if u.inner else [], inner_fp, recipe.add_loss)

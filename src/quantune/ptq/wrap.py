@@ -22,21 +22,23 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.families.sd import StableDiffusion
 from quantune.modules import set_module
 from quantune.ptq.act_lsq import LSQActQuantizer
 from quantune.ptq.adaround import AdaRoundQuantizer
 from quantune.ptq.config import PTQConfig
-from quantune.quant.attention import QuantAttnProcessor, attentions
+from quantune.quant.attention import QuantAttnProcessor, attentions, quantize_attention, unsupported_reason
 from quantune.quant.config import ActQuant, WeightQuant
 from quantune.quant.layers import from_codes
 from quantune.targets import listed
 
 logger = logging.getLogger(__name__)
-FLOAT_LEAVES = (nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+FLOAT_LEAVES = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding, RMSNorm)  # RMSNorm: diffusers'
+# parameters that modulate activations (added / multiplied elementwise), no product's weight: kept in float
+FLOAT_TABLES = ("scale_shift_table",)  # PixArt's ada_norm_single modulation (model and every block)
 
 
 class PTQLayer(nn.Module):
@@ -79,7 +81,7 @@ def set_quant(module: nn.Module, on: bool) -> None:
 
 def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
     for name, m in unet.named_modules():
-        own = list(m.parameters(recurse=False))
+        own = [p for n, p in m.named_parameters(recurse=False) if n not in FLOAT_TABLES]
         if listed(cfg.keep_fp, name):
             continue
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
@@ -94,11 +96,8 @@ def check_supported(unet: nn.Module, cfg: PTQConfig) -> None:
         return
 
     for name, attn in attentions(unet).items():
-        if getattr(attn, "add_q_proj", None) is not None or getattr(attn, "add_k_proj", None) is not None:
-            raise QuantuneError(
-                f"{name} is a joint / added-KV attention, which the quantized attention does not cover: "
-                "pass --attn-bits none to keep attention products in float"
-            )
+        if (reason := unsupported_reason(attn)) is not None:
+            raise QuantuneError(f"{name}: {reason}: pass --attn-bits none to keep attention products in float")
 
 
 def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
@@ -137,15 +136,15 @@ def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dic
     if cfg.attn is not None:
         for attn in attentions(unet).values():
             slots = {s: LSQActQuantizer(cfg.attn.bits, search=cfg.attn.search) for s in QuantAttnProcessor.SLOTS}
-            attn.set_processor(QuantAttnProcessor(cfg.attn.bits, slots))
+            quantize_attention(attn, cfg.attn.bits, slots)
     logger.info("wrapped %d layers for PTQ (%s)", len(wrapped), cfg.method)
     return wrapped
 
 
-def recon_units(unet: nn.Module, run, unit_types: tuple | None = None) -> list[tuple[str, nn.Module]]:
-    """Reconstruction units in the order one forward (`run()`) calls them: blocks (of `unit_types`, default the
-    SD family's UNet blocks), then lone PTQLayers."""
-    blocks = unit_types or StableDiffusion().ptq_unit_types()
+def recon_units(unet: nn.Module, run, unit_types: tuple) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in the order one forward (`run()`) calls them: blocks (of `unit_types`, the model
+    family's), then lone PTQLayers."""
+    blocks = unit_types
     units: dict[str, nn.Module] = {}
     for name, m in unet.named_modules():
         inside = any(name.startswith(u + ".") for u in units)
@@ -178,5 +177,5 @@ def export_integer(unet: nn.Module) -> int:
         if isinstance(proc, QuantAttnProcessor) and isinstance(proc.quantizers["q"], LSQActQuantizer):
             device = proc.quantizers["q"].log_scale.device
             fixed = {s: proc.quantizers[s].to_act_quantizer().to(device) for s in QuantAttnProcessor.SLOTS}
-            attn.set_processor(QuantAttnProcessor(proc.bits, fixed))
+            attn.set_processor(QuantAttnProcessor(proc.bits, fixed, proc.inner))
     return len(names)

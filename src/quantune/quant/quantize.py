@@ -22,7 +22,7 @@ from quantune.errors import QuantuneError
 from quantune.io import atomic_dir, load_safetensors
 from quantune.modules import set_module
 from quantune.quant.act import ActQuantizer, observe_activations
-from quantune.quant.attention import QuantAttnProcessor, quant_attentions
+from quantune.quant.attention import quant_attentions, quantize_attention
 from quantune.quant.config import QuantConfig
 from quantune.quant.layers import _QuantWeight, layer_from_spec, quantizable, quantizable_names, quantize_layer
 
@@ -127,7 +127,7 @@ def load_quantized_model(folder: str | Path, cls):
         set_module(model, name, _from_spec(spec))
     if meta.get("attention"):
         for name, bits in meta["attention"].items():
-            model.get_submodule(name).set_processor(QuantAttnProcessor(bits))
+            quantize_attention(model.get_submodule(name), bits)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise QuantuneError(f"{folder} has no .safetensors weights: re-export the quantized model")
