@@ -143,8 +143,10 @@ class QuantAttnProcessor(nn.Module):
         if is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
         probs = aq["p"](scores.softmax(-1).to(query.dtype))
         return probs @ value
 
@@ -158,7 +160,8 @@ class QuantAttnProcessor(nn.Module):
         dtype, sdpa_dtype = query.dtype, self.sdpa_dtype(query.device)
         if sdpa_dtype is not None:
             query, key, value = query.to(sdpa_dtype), key.to(sdpa_dtype), value.to(sdpa_dtype)
-            attn_mask = attn_mask.to(sdpa_dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(sdpa_dtype)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         return out.to(dtype)
 
