@@ -104,6 +104,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--wbits", type=_count(1), default=8, help="weight bits: 2..8 (8: symmetric int8)")
     q.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits, or none for weight-only")
     q.add_argument("--attn-bits", type=_bits_or_none, default=8, help="q/k/v/softmax bits, or none (float)")
+    q.add_argument("--smooth", type=_number, help="SmoothQuant's alpha in [0, 1] (0.5: the paper's); default off")
     q.add_argument("--calib-samples", type=_count(1), default=256, help="calibration trajectories N")
     q.add_argument("--steps", type=_count(1), default=20, help="sampler steps of the calibration trajectories")
     q.add_argument("--iters", type=_count(0), default=1000, help="reconstruction iterations per block")
@@ -268,7 +269,7 @@ def cmd_quantize(a) -> None:
         method=a.method, wbits=a.wbits, abits=a.abits, attn_bits=a.attn_bits, calib_samples=a.calib_samples,
         steps=a.steps, iters=a.iters, batch_size=a.batch_size, keep_fp=a.keep_fp, resolution=a.resolution,
         lr_w=a.lr_w, lr_a=a.lr_a, seed=a.seed, tdac_r=a.tdac_r, tdac_lambda=a.tdac_lambda, add_loss=a.add_loss,
-        qdrop=a.qdrop, round_reg=a.round_reg, guidance_scale=a.guidance,
+        qdrop=a.qdrop, round_reg=a.round_reg, guidance_scale=a.guidance, smooth=a.smooth,
     )  # fmt: skip
     check_output(a.out, a.overwrite, DIFFUSERS_FOLDER)
     prompts = read_prompts(a.prompts) if a.prompts else None

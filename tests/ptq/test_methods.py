@@ -71,9 +71,9 @@ def test_a_new_method_is_one_registered_class(tiny):
 
         name = "one-stage"
 
-        def wrap(self, model, splits):
+        def wrap(self, model, splits, smooth=None):
             calls.append("wrap")
-            return super().wrap(model, splits)
+            return super().wrap(model, splits, smooth)
 
         def recipe(self) -> ReconRecipe:
             return ReconRecipe(stages=((True, False),))

@@ -76,9 +76,12 @@ class LSQActQuantizer(ActQuantBase):
             out.append(q.to(part.dtype))
         return torch.cat(out, 1) if self.split else out[0]
 
-    def to_act_quantizer(self) -> ActQuantizer:
-        aq = ActQuantizer(self.bits, split=self.split)
+    def to_act_quantizer(self, smooth: torch.Tensor | None = None) -> ActQuantizer:
+        """The fixed quantizer; `smooth`: SmoothQuant's s of the layer (this quantizer saw x / s)."""
+        aq = ActQuantizer(self.bits, split=self.split, smooth=0 if smooth is None else smooth.numel())
         with torch.no_grad():
+            if smooth is not None:
+                aq.smooth.copy_(smooth)
             aq.scale.copy_(self.scale.detach().clamp_min(1e-8).reshape(-1, 1))
             aq.zero_point.copy_(self.zero_point.reshape(-1, 1))
             aq.calibrated.fill_(True)

@@ -45,6 +45,7 @@ class PTQConfig:
     keep_8bit: list[str] | None = None
     act_fp: list[str] | None = None  # inputs left unquantized; None: the family's (SD: conv_out, as EDA-DM)
     keep_fp: list[str] = field(default_factory=list)  # layers not quantized (names, dotted suffixes or regexes)
+    smooth: float | None = None  # SmoothQuant's migration strength alpha in [0, 1] (ptq/smooth.py); None: off
     guidance_scale: float = 7.5
     resolution: int | None = None  # calibration image size in pixels; None: the pipeline's default
     seed: int = 0
@@ -90,6 +91,10 @@ class PTQConfig:
                 f"calib_samples = {self.calib_samples} is fewer than the {self.steps} sampler steps: TDAC needs at "
                 "least one sample per step; raise --calib-samples or lower --steps"
             )
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise QuantuneError(f"smooth = {self.smooth} must be in [0, 1] (SmoothQuant's alpha; 0.5 in the paper)")
+        if self.smooth is not None and self.abits is None:
+            raise QuantuneError("smooth needs quantized activations: it migrates their outliers; drop --smooth")
         if self.round_reg < 0:
             raise QuantuneError(f"round_reg = {self.round_reg} must be 0 or more")
         if self.lr_a <= 0:

@@ -26,6 +26,7 @@ from quantune.families import family_of_model
 from quantune.ptq.config import PTQConfig
 from quantune.ptq.methods import PTQMethod, method_for
 from quantune.ptq.reconstruct import capture_inputs
+from quantune.ptq.smooth import smoothable, smoothing_factors
 from quantune.ptq.wrap import recon_units, set_quant, shortcut_splits
 from quantune.quant.act import ActQuantBase, observe_activations
 
@@ -112,7 +113,10 @@ def quantize_model(
             model(**data.first())
 
     splits = shortcut_splits(model, run_once)
-    wrapped = method.wrap(model, splits)
+    smooth = {}  # SmoothQuant's s per layer (ptq/smooth.py), from the float model over every batch
+    if cfg.smooth is not None:
+        smooth = smoothing_factors(model, smoothable(model, cfg, splits), data, cfg.smooth)
+    wrapped = method.wrap(model, splits, smooth)
     observe_ranges(model, data)
     units = recon_units(model, run_once, unit_types)
     losses = reconstruct_units(model, units, data, method, cfg, progress) if method.learns(cfg) else {}
@@ -121,4 +125,5 @@ def quantize_model(
     seconds = round(time.time() - start, 1)
     logger.info("quantized %d layers (%d wrapped) in %.0f s", n, len(wrapped), seconds)
     return {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "attn_bits": cfg.attn_bits, "layers": n,
-            "units": len(units), "shortcut_splits": len(splits), "losses": losses, "seconds": seconds}  # fmt: skip
+            "units": len(units), "shortcut_splits": len(splits), "smoothed": len(smooth), "losses": losses,
+            "seconds": seconds}  # fmt: skip

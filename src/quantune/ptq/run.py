@@ -40,7 +40,10 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     batches = list(calib.batches(cfg.batch_size, on_device=False))
     done = quantize_model(unet, batches, cfg, progress, unit_types)
     return {
-        **{k: done[k] for k in ("method", "wbits", "abits", "attn_bits", "layers", "units", "shortcut_splits")},
+        **{
+            k: done[k]
+            for k in ("method", "wbits", "abits", "attn_bits", "layers", "units", "shortcut_splits", "smoothed")
+        },
         "calib_rows": calib.rows,
         "samples_per_step": calib.counts,
         "timesteps": calib.timesteps,

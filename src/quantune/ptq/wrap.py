@@ -43,22 +43,28 @@ FLOAT_TABLES = ("scale_shift_table",)  # PixArt's ada_norm_single modulation (mo
 
 class PTQLayer(nn.Module):
     """A float nn.Linear / nn.Conv2d with an AdaRound weight quantizer (`weight`) and, unless `act` is None, an LSQ
-    quantizer on its input (`split` > 0: the shortcut split); float while `quant` is off."""
+    quantizer on its input (`split` > 0: the shortcut split); `smooth`: SmoothQuant's s (ptq/smooth.py), the
+    quantizers then see W diag(s) and x / s; float while `quant` is off."""
 
-    def __init__(self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0) -> None:
+    def __init__(
+        self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0, smooth=None
+    ) -> None:
         super().__init__()
         self.layer = layer.requires_grad_(False)
-        self.wq = AdaRoundQuantizer(layer.weight, weight.bits, weight.symmetric, weight.search)
+        self.register_buffer("smooth", smooth.to(layer.weight.device) if smooth is not None else None)
+        w = layer.weight if smooth is None else layer.weight * self.smooth
+        self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search)
         self.aq = LSQActQuantizer(act.bits, split, act.search) if act is not None else None
         self.quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.smooth
         if self.quant:
-            x = self.aq(x) if self.aq is not None else x
-            w = self.wq().to(x.dtype)
+            x = x if self.aq is None else (self.aq(x) if s is None else self.aq(x / s) * s)
+            w = self.wq().to(x.dtype) if s is None else self.wq().to(x.dtype) / s
         else:
             if self.aq is not None and self.aq.observing:
-                self.aq.observe(x)
+                self.aq.observe(x if s is None else x / s)
             w = self.layer.weight
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, w, self.layer.bias)
@@ -66,7 +72,7 @@ class PTQLayer(nn.Module):
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
     def export(self) -> nn.Module:
-        aq = self.aq.to_act_quantizer() if self.aq is not None else None
+        aq = self.aq.to_act_quantizer(self.smooth) if self.aq is not None else None
         return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
 
 
@@ -124,14 +130,18 @@ def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
     return splits
 
 
-def wrap_for_ptq(unet: nn.Module, cfg: PTQConfig, splits: dict[str, int]) -> dict[str, PTQLayer]:
-    """Replace the UNet's layers by PTQLayers and its attention processors by quantized ones (in place)."""
+def wrap_for_ptq(
+    unet: nn.Module, cfg: PTQConfig, splits: dict[str, int], smooth: dict | None = None
+) -> dict[str, PTQLayer]:
+    """Replace the model's layers by PTQLayers (`smooth`: SmoothQuant's s by layer name) and its attention
+    processors by quantized ones (in place)."""
+    smooth = smooth or {}
     check_supported(unet, cfg)
     wrapped = {}
     for name, m in list(unet.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
-        wrapped[name] = PTQLayer(m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0))
+        wrapped[name] = PTQLayer(m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0), smooth.get(name))
         set_module(unet, name, wrapped[name])
     if cfg.attn is not None:
         for attn in attentions(unet).values():

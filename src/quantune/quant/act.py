@@ -4,7 +4,11 @@ An activation quantizer fake-quantizes a layer's input per tensor with an asymme
 arXiv 2410.21759, section 5; Q-Diffusion, Li et al. 2023, arXiv 2302.04304):
     x_hat = s (clamp(round(x / s) + z, 0, 2^b - 1) - z)
 `split` > 0 gives the channels [:split] and [split:] of dim 1 a quantizer each (EDA-DM / Q-Diffusion's shortcut
-split: the parts of concat(h, skip) have different ranges).
+split: the parts of concat(h, skip) have different ranges). `smooth` > 0 (SmoothQuant, a Linear's input of that
+many channels, last dim): the grid runs on x diag(s)^-1, per tensor, and the result is scaled back,
+    x_hat = s (.) s_a (clamp(round(x / (s (.) s_a)) + z, 0, 2^b - 1) - z)
+i.e. a per-channel step s_j s_a with one zero point; the layer's integers are of W diag(s) (quant/intlayer.py),
+so the integer product needs no extra operation (ptq/smooth.py computes s).
 
 Observation protocol (`ActQuantBase`), the same for every activation quantizer:
     begin_observing()  ->  forward(x) calls observe(x) and returns x unchanged  ->  finish_observing()
@@ -100,20 +104,30 @@ def observe_activations(quantizers: dict[str, ActQuantBase], run: Callable[[], o
 
 
 class ActQuantizer(ActQuantBase):
-    """The integer model's fixed activation quantizer: asymmetric, per tensor (per part when split); its range is
-    searched once over every observed sample (at most MAX_CALIBRATION_SAMPLES per call, drawn at random)."""
+    """The integer model's fixed activation quantizer: asymmetric, per tensor (per part when split; per channel
+    steps s_j s_a when `smooth` gives the channels, module docstring); its range is searched once over every
+    observed sample (at most MAX_CALIBRATION_SAMPLES per call, drawn at random)."""
 
-    def __init__(self, bits: int, search: str = "l2.4", split: int = 0) -> None:
+    def __init__(self, bits: int, search: str = "l2.4", split: int = 0, smooth: int = 0) -> None:
         super().__init__(bits, search, split)
+        if smooth and split:
+            raise QuantuneError("an activation quantizer is either split or smoothed, not both")
         self.register_buffer("scale", torch.ones(self.n_parts, 1))
         self.register_buffer("zero_point", torch.zeros(self.n_parts, 1))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("smooth", torch.ones(smooth) if smooth else None)  # SmoothQuant's s (last dim)
         self._seen: list[list[torch.Tensor]] = []
+
+    @property
+    def channels(self) -> int:
+        """The smoothed channels (0: not smoothed)."""
+        return 0 if self.smooth is None else self.smooth.numel()
 
     def qparams(self, part: int = 0) -> QParams:
         return QParams(self.scale[part : part + 1], self.zero_point[part : part + 1], self.bits)
 
     def observe(self, x: torch.Tensor) -> None:
+        x = x / self.smooth if self.smooth is not None else x
         self._seen.append([sample_values(p, MAX_CALIBRATION_SAMPLES).cpu() for p in self.parts(x)])
 
     @property
@@ -140,8 +154,10 @@ class ActQuantizer(ActQuantBase):
             raise QuantuneError(
                 "an activation quantizer is not calibrated: run quantune.quant.calibrate(model, batches) first"
             )
+        if self.smooth is not None:
+            return (fake_quantize(x / self.smooth, self.qparams(0)) * self.smooth).to(x.dtype)
         out = [fake_quantize(p, self.qparams(i)) for i, p in enumerate(self.parts(x))]
         return (torch.cat(out, 1) if self.split else out[0]).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, split={self.split}, calibrated={bool(self.calibrated)}"
+        return f"bits={self.bits}, split={self.split}, smooth={self.channels}, calibrated={bool(self.calibrated)}"

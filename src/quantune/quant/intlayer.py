@@ -48,6 +48,7 @@ class Storage:
     shift: bool = False
     act_bits: int | None = None
     act_split: int = 0
+    act_smooth: int = 0  # SmoothQuant: the smoothed input channels (0: none)
 
     def to_spec(self) -> dict:
         return {
@@ -59,12 +60,14 @@ class Storage:
             "shift": self.shift,
             "act_bits": self.act_bits,
             "act_split": self.act_split,
+            "act_smooth": self.act_smooth,
         }
 
     @classmethod
     def from_spec(cls, spec: dict) -> Storage:
         return cls(spec["bits"], spec["packed"], spec["code_offset"], getattr(torch, spec["qdtype"]),
-                   spec["zero_point"], spec["shift"], spec["act_bits"], spec.get("act_split", 0))  # fmt: skip
+                   spec["zero_point"], spec["shift"], spec["act_bits"], spec.get("act_split", 0),
+                   spec.get("act_smooth", 0))  # fmt: skip
 
 
 class _QuantWeight(nn.Module):
@@ -80,7 +83,9 @@ class _QuantWeight(nn.Module):
         self.register_buffer("scale", torch.ones(rows, 1))
         self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if st.zero_point else None)
         self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if st.shift else None)
-        self.act_quant: ActQuantizer | None = ActQuantizer(st.act_bits, split=st.act_split) if st.act_bits else None
+        self.act_quant: ActQuantizer | None = (
+            ActQuantizer(st.act_bits, split=st.act_split, smooth=st.act_smooth) if st.act_bits else None
+        )
         self.kernel = None  # the integer kernel selected for the weight's device (quant/kernels.py), never saved
         self.kernel_backend: str | None = None  # None: no kernel wanted (set by kernels.prepare_int_kernels)
         self._kernel_device: torch.device | None = None  # where `kernel` was selected; None: select again
@@ -101,7 +106,14 @@ class _QuantWeight(nn.Module):
         return w
 
     def dequantize(self) -> torch.Tensor:
-        return (self.scale * self.int_weight().float()).view(self.weight_shape)
+        """The float weight W. Smoothed (SmoothQuant, quant/act.py): the integers are of W diag(s), s divided out."""
+        w = self.scale * self.int_weight().float()
+        smooth = self.smoothing()
+        return (w / smooth if smooth is not None else w).view(self.weight_shape)
+
+    def smoothing(self) -> torch.Tensor | None:
+        """SmoothQuant's s [cols] (its input quantizer's), or None."""
+        return self.act_quant.smooth if self.act_quant is not None else None
 
     def with_weight(self, weight: torch.Tensor, search: str = "l2.4") -> _QuantWeight:
         """A layer of this shape, bits, grid (symmetric when it stores no zero point), packing and activation
@@ -109,6 +121,8 @@ class _QuantWeight(nn.Module):
         from quantune.quant.layers import from_float  # layers.py subclasses this module's IntLayer
 
         symmetric = self.zero_point is None
+        smooth = self.smoothing()
+        weight = weight * smooth.view(1, -1) if smooth is not None else weight  # the integers are of W diag(s)
         merged = from_float(self, self.bits, symmetric=symmetric, pack=self.packed, search=search, weight=weight)
         merged.act_quant = self.act_quant
         return merged
@@ -174,9 +188,9 @@ class _QuantWeight(nn.Module):
     # -- spec and construction (the registry) --------------------------------------------------------------------
     def storage(self) -> Storage:
         aq = self.act_quant
-        act_bits, act_split = (aq.bits, aq.split) if aq is not None else (None, 0)
+        act_bits, act_split, smooth = (aq.bits, aq.split, aq.channels) if aq is not None else (None, 0, 0)
         return Storage(self.bits, self.packed, self.code_offset, self.qweight.dtype, self.zero_point is not None,
-                       self.shift is not None, act_bits, act_split)  # fmt: skip
+                       self.shift is not None, act_bits, act_split, smooth)  # fmt: skip
 
     def spec(self) -> dict:
         """What `from_spec` needs to rebuild an empty layer of this shape (saved beside a quantized model)."""

@@ -3,6 +3,8 @@
 With static per-tensor activation parameters (s_a, z_a) from calibration and weights W = s_w[n] W_int[n, k], W_int
 in int8 (symmetric 8-bit codes, or 4-bit codes minus their zero point):
     x_q = clamp(round(x / s_a) + z_a, 0, 255)                                   (uint8)
+(smoothed, SmoothQuant: x_q[m, k] = clamp(round(x[m, k] / (s_k s_a)) + z_a, 0, 255), W_int the integers of W diag(s):
+the same product, one division per element as before)
     y[m, n] = s_a s_w[n] (acc[m, n] - z_a sum_k W_int[n, k]) + b[n],   acc = x_q W_int^T   (int32 accumulation)
 which equals the fake-quantized layer (ActQuantizer + dequantized weight) up to float summation order
 (tests/quant/test_kernels.py states the SQNR).
@@ -88,6 +90,8 @@ class IntKernel:
         aq = layer.act_quant
         self.s_a, self.z_a = float(aq.scale.reshape(-1)[part]), int(aq.zero_point.reshape(-1)[part])
         self.s_a_tensor = aq.scale.reshape(-1)[part : part + 1].float().clone()  # x / s as the fake quantizer does
+        if aq.smooth is not None:  # SmoothQuant: x / (s_j s_a), the integers are of W diag(s) (quant/act.py)
+            self.s_a_tensor = self.s_a_tensor * aq.smooth.float()
         w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
         channels = w.shape[1]
         lo, hi = (0, channels) if not aq.split else ((0, aq.split) if part == 0 else (aq.split, channels))

@@ -194,8 +194,10 @@ def from_codes(
     """An integer layer shaped like float `layer` from codes [C_out, cols] in [qp.qmin, qp.qmax] and their params
     (PTQ hands over its learned rounding this way)."""
     packed, code_offset, qdtype = _storage_for(qp.bits, qp.symmetric, pack)
-    act_bits, act_split = (act_quant.bits, act_quant.split) if act_quant is not None else (None, 0)
-    storage = Storage(qp.bits, packed, code_offset, qdtype, not qp.symmetric, act_bits=act_bits, act_split=act_split)
+    aq = act_quant
+    act_bits, act_split, smooth = (aq.bits, aq.split, aq.channels) if aq is not None else (None, 0, 0)
+    storage = Storage(qp.bits, packed, code_offset, qdtype, not qp.symmetric, act_bits=act_bits, act_split=act_split,
+                      act_smooth=smooth)  # fmt: skip
     q = _empty_like_float(layer, storage)
     rows = codes.shape[0]
     with torch.no_grad():

@@ -66,8 +66,8 @@ class PTQMethod:
         steps = features.shape[0]
         return torch.ones(steps), uniform_counts(steps, total)
 
-    def wrap(self, model: nn.Module, splits: dict[str, int]) -> dict[str, PTQLayer]:
-        return wrap_for_ptq(model, self.cfg, splits)
+    def wrap(self, model: nn.Module, splits: dict[str, int], smooth: dict | None = None) -> dict[str, PTQLayer]:
+        return wrap_for_ptq(model, self.cfg, splits, smooth)
 
     def reconstruct(self, unit: nn.Module, fp_in, q_in, generator: torch.Generator) -> float:
         raise NotImplementedError(f"{self.name} does not reconstruct")
