@@ -284,7 +284,7 @@ def cmd_quantize(a) -> None:
     print(f"  calibration samples per step: {report['samples_per_step']}")
     print(f"  integer kernels (CPU): {', '.join(f'{n} {k}' for k, n in sorted(ways.items()))}")
     print(
-        f"  UNet weights on disk: {_human(unet_bytes)} (fp32: {_human(report['fp32_unet_bytes'])}, "
+        f"  {family.denoiser} weights on disk: {_human(unet_bytes)} (fp32: {_human(report['fp32_unet_bytes'])}, "
         f"{report['fp32_unet_bytes'] / unet_bytes:.2f}x smaller); wrote {out} ({_size(out)})"
     )
 

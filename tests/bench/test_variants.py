@@ -56,14 +56,14 @@ def test_training_row_quantized_base():
 
 def test_inference_rows_sqnr_against_fp32(tmp_path):
     ref = str(tmp_path / "fp32.pt")
-    fp32 = inference.run_variant("fp32", "zoo:tiny", "unet", 16, 2, 1, ref)
-    ours = inference.run_variant("quantune W8A8", "zoo:tiny", "unet", 16, 2, 1, ref)
+    fp32 = inference.run_variant("fp32", "zoo:tiny", "denoiser", 16, 2, 1, ref)
+    ours = inference.run_variant("quantune W8A8", "zoo:tiny", "denoiser", 16, 2, 1, ref)
     assert 15 < ours["sqnr_db"] < 100 and ours["median_ms"] > 0 and fp32["median_ms"] > 0
     from quantune.quant.quantize import quant_layers
 
     # the integer kernels were prepared on the device the row ran on (CPU here), not left on the float path
     bm = inference.build("zoo:tiny")
-    inference.quantune_int(bm.unet, [bm.inputs(2, 16, seed=1)], 8, 8)
+    inference.quantune_int(bm.unet, [inference.denoiser_kwargs(bm, 2, 16, seed=1)], 8, 8)
     kernels = [layer.kernel for layer in quant_layers(bm.unet).values()]
     assert kernels and sum(k is not None for k in kernels) > len(kernels) // 2
     assert all(k.device == torch.device("cpu") for k in kernels if k is not None)
@@ -150,3 +150,13 @@ def test_transformer_table_stops_starting_rows_after_its_deadline(monkeypatch, t
     assert status.pop("lora") == "ok" and set(status.values()) == {dit_training.NOT_MEASURED}
     finish_table(table, tmp_path, True)
     assert (tmp_path / ".dit_training.rows.jsonl").exists() and (tmp_path / "dit_training.md").exists()
+
+
+def test_ptq_quality_row_takes_any_pipeline(tmp_path):
+    """quality_ptq's one run (quantize, save, reload, sample) on a diffusion transformer."""
+    from quantune.bench import quality_ptq
+
+    s = quality_ptq.Settings(n=2, steps=2, calib_samples=2, iters=2, model="zoo:tiny-pixart")
+    stats = quality_ptq.run_one(s, "eda-dm", "W4A8", tmp_path)
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert 0 < stats["unet_mb"] < stats["fp32_unet_mb"]

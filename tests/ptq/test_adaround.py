@@ -50,3 +50,19 @@ def test_regularizer_and_beta():
     assert beta_schedule(20, 100) == pytest.approx(20.0)
     assert beta_schedule(100, 100) == pytest.approx(2.0)
     assert 2.0 < beta_schedule(60, 100) < 20.0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_nearest_quantizer_is_adaround_hard_at_its_start(symmetric):
+    """minmax's round-to-nearest (no V, no weight copy) gives AdaRound's codes before any learning."""
+    from torch import nn
+
+    from quantune.ptq.adaround import NearestQuantizer
+
+    layer = nn.Linear(24, 8)
+    ada = AdaRoundQuantizer(layer.weight, 4, symmetric)
+    near = NearestQuantizer(layer, 4, symmetric)
+    assert torch.equal(near.hard_codes(), ada.hard_codes())
+    ada.hard = True
+    assert torch.equal(near(), ada())
+    assert not list(near.parameters()) and near.qp.bits == 4

@@ -25,7 +25,7 @@ def test_quantize_then_generate(tmp_path, capsys):
                            *SMALL, "--out", out)  # fmt: skip
     assert rc == 0, err
     assert "eda-dm W8A8: 83 layers" in stdout and ("82 int8 (onednn)" in stdout or "82 int8 (int_mm)" in stdout)
-    assert "UNet weights on disk" in stdout and "x smaller" in stdout
+    assert "unet weights on disk" in stdout and "x smaller" in stdout
     assert (out / "model_index.json").is_file() and (out / "quantune_ptq.json").is_file()
     rc, stdout, err = _run(capsys, "generate", "--model", out, "--prompt", "cat face", "--steps", "2", "--size", "32",
                            "--out", tmp_path / "gen")  # fmt: skip

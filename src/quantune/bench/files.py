@@ -68,10 +68,10 @@ def adapter_row(model: str, rank: int, dtype: str) -> dict:
 
 
 def _quantune_unet(bm, wbits: int, abits: int | None, tmp: Path) -> int:
-    from quantune.bench.inference import quantune_int
+    from quantune.bench.inference import denoiser_kwargs, quantune_int
     from quantune.quant.quantize import write_spec
 
-    quantune_int(bm.unet, [bm.inputs(1, 8 * bm.latent_factor, seed=s) for s in (1, 2)], wbits, abits)
+    quantune_int(bm.unet, [denoiser_kwargs(bm, 1, 8 * bm.latent_factor, seed=s) for s in (1, 2)], wbits, abits)
     bm.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     write_spec(bm.unet, tmp / "unet")
     return disk_size(tmp / "unet")

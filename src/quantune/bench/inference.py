@@ -1,18 +1,23 @@
-"""Table 3, inference: UNet forward latency, and whole-pipeline latency, fp32 against quantune's integer models
-(W8A8, W4A8: int8 kernels; W4A16: weights dequantized on the fly) and the quantizers a user would pick instead:
-torchao (int8 dynamic activations + int8 weights; int8 weight-only) and optimum-quanto (qint8 weights and
-activations; qint4 weights). bf16 autocast is the float alternative.
+"""Table 3, inference: denoiser forward latency, and whole-pipeline latency, fp32 against quantune's integer models
+(W8A8, W4A8: int8 kernels; W4A16: weights dequantized on the fly) and the engines a user would pick instead:
+OpenVINO (its fp32 graph, and INT8 by NNCF's post-training quantization: bench/openvino_peer.py), torchao (int8
+dynamic activations + int8 weights; int8 weight-only) and optimum-quanto (qint8 weights and activations; qint4
+weights). bf16 autocast is the float alternative.
 
-quantune's variants are calibrated the way `quantune quantize --method minmax` does (an integer model's speed does
-not depend on the method), on two random input batches. Each variant runs in its own process on the same seeded
-inputs; median of `reps` timed calls after a warm-up; each output's SQNR against fp32's (saved by the fp32 process).
-Pipeline rows time `pipe(prompt, num_inference_steps=20)` (classifier-free guidance: the UNet runs at batch 2).
+Models: zoo:emoji, the SD-1.5 UNet architecture, PixArt-Sigma (0.6 B) and SD3.5-medium (2.5 B) at real size,
+randomly initialised (bench/models.py). The denoiser's forward arguments are those its family's `predict` passes
+(`denoiser_kwargs`): random text inputs of the real widths and caption lengths. quantune's variants are calibrated
+the way `quantune quantize --method minmax` does (an integer model's speed does not depend on the method), on two
+random input batches, as quanto and NNCF are. Each variant runs in its own process on the same seeded inputs; median
+of `reps` timed calls after a warm-up; each output's SQNR against fp32's (saved by the fp32 process). Pipeline rows
+time `pipe(prompt, num_inference_steps=20)` (classifier-free guidance: the UNet runs at batch 2).
 
     python -m quantune.bench.inference [--quick] --out DIR
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 import time
@@ -22,24 +27,61 @@ from statistics import median
 import torch
 
 from quantune.bench.common import Plot, Table, device, run_child, table_main, timed
-from quantune.bench.models import build
+from quantune.bench.models import BenchModel, build
+from quantune.bench.openvino_peer import openvino_variant
+from quantune.errors import QuantuneError
 
 logger = logging.getLogger(__name__)
+CHILD_TIMEOUT_S = 3600  # one variant of the largest model (SD3.5-medium at 512 px) takes ~15 min on 2 cores
 
 
-UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")  # BenchModel.inputs' order
+class _Stop(Exception):
+    pass
 
 
-def quantune_int(unet, calib: list[tuple], wbits: int, abits: int | None):
+def denoiser_kwargs(bm: BenchModel, batch: int, res: int, seed: int = 0) -> dict:
+    """The denoiser's forward keyword arguments for one seeded call at `res` px, as its family's `predict` builds
+    them (FLUX's packing, PixArt's mask, SD3's pooled projections), without running the denoiser."""
+    model = bm.denoiser
+    signature = inspect.signature(model.forward)
+    seen: dict = {}
+
+    def grab(module, args, kwargs):
+        seen.update(signature.bind(*args, **kwargs).arguments)
+        raise _Stop
+
+    x, t, cond = bm.batch(batch, res, seed)
+    hook = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        bm.forward(model, x.to(device()), t.to(device()), {k: _to(v) for k, v in cond.items()})
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    seen.pop("return_dict", None)
+    return seen
+
+
+def _to(v):
+    return v.to(device()) if isinstance(v, torch.Tensor) else v
+
+
+def prediction(out) -> torch.Tensor:
+    """A denoiser's output tensor: `.sample`, or the first of a tuple, or the tensor itself."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def quantune_int(model, calib: list[dict], wbits: int, abits: int | None):
     """minmax PTQ of every layer (quantized attention unless weight-only) through the public entry point
-    (quantune.ptq.quantize_model) on the given input batches, exported to integers, kernels prepared."""
+    (quantune.ptq.quantize_model) on the given forward-argument batches, exported to integers, kernels prepared."""
     from quantune.ptq import PTQConfig, quantize_model
     from quantune.quant.kernels import prepare_int_kernels
 
-    batches = [dict(zip(UNET_ARGS, args, strict=True)) for args in calib]
-    quantize_model(unet, batches, PTQConfig(method="minmax", wbits=wbits, abits=abits), progress=False)
-    logger.info("quantune kernels: %s", dict(prepare_int_kernels(unet)))
-    return unet
+    quantize_model(model, calib, PTQConfig(method="minmax", wbits=wbits, abits=abits), progress=False)
+    logger.info("quantune kernels: %s", dict(prepare_int_kernels(model)))
+    return model
 
 
 def _torchao(config: str):
@@ -59,8 +101,8 @@ def _quanto(wbits: int, act: bool):
         quantize(unet, weights=qint8 if wbits == 8 else qint4, activations=qint8 if act else None)
         if act:
             with torch.no_grad(), Calibration():
-                for args in calib:
-                    unet(*args)
+                for kwargs in calib:
+                    unet(**kwargs)
         freeze(unet)
         return unet
 
@@ -85,40 +127,52 @@ VARIANTS = {
     "torchao int8 weight-only": _torchao("wo"),
     "quanto W8A8": _quanto(8, True),
     "quanto W4 weight-only": _quanto(4, False),
+    "openvino fp32": openvino_variant(int8=False),
+    "openvino INT8 (nncf)": openvino_variant(int8=True),
 }
+NOT_IN_PIPELINES = ("openvino fp32", "openvino INT8 (nncf)")  # callables, not modules a pipeline can hold
 
 
-def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: int, ref_file: str) -> dict:
-    from quantune.quant.primitives import sqnr_db
-
-    row = {"model": model, "kind": kind, "res": res, "batch": batch, "variant": name}
-    from quantune.models.loading import to_device
-
-    bm = build(model)
-    to_device(bm.pipe, device())  # before quantizing: integer kernels are prepared for the device they run on
-    unet = bm.unet.eval().requires_grad_(False)
-    calib = [tuple(v.to(device()) for v in bm.inputs(batch, res, seed=s)) for s in (1, 2)]
+def _prepared(name: str, bm: BenchModel, calib: list[dict]):
+    """(what runs the denoiser for variant `name`, seconds it took to prepare)."""
+    model = bm.denoiser.eval().requires_grad_(False)
     start = time.perf_counter()
-    try:
-        bm.pipe.unet = VARIANTS[name](unet, calib)
-    except ModuleNotFoundError as e:  # a peer that is not installed
-        return {**row, "status": f"not installed ({e.name})"}
-    prepare_s = time.perf_counter() - start
-    if kind == "unet":
-        args = tuple(v.to(device()) for v in bm.inputs(batch, res))
+    runner = VARIANTS[name](model, calib)
+    return runner, time.perf_counter() - start
+
+
+def _caller(name: str, bm: BenchModel, kind: str, runner, batch: int, res: int):
+    """The timed call: one denoiser forward (its prediction), or the whole pipeline with `runner` inside."""
+    if kind == "denoiser":
+        kwargs = denoiser_kwargs(bm, batch, res)
 
         def call():
-            return bm.pipe.unet(*args).sample
+            return prediction(runner(**kwargs))
     else:
+        setattr(bm.pipe, bm.family.denoiser, runner)
         gen = torch.Generator().manual_seed(0)
 
         def call():
             gen.manual_seed(0)
             return bm.pipe("cat face", num_inference_steps=20, height=res, width=res, generator=gen,
-                           guidance_scale=4.0, output_type="pt").images  # fmt: skip
+                           guidance_scale=4.0, output_type="pt", **bm.family.call_kwargs(bm.pipe)).images  # fmt: skip
 
-    if name == "bf16 autocast":
-        call = _autocast_bf16(call)
+    return _autocast_bf16(call) if name == "bf16 autocast" else call
+
+
+def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: int, ref_file: str) -> dict:
+    from quantune.models.loading import to_device
+    from quantune.quant.primitives import sqnr_db
+
+    row = {"model": model, "kind": kind, "res": res, "batch": batch, "variant": name}
+    bm = build(model)
+    to_device(bm.pipe, device())  # before quantizing: integer kernels are prepared for the device they run on
+    calib = [denoiser_kwargs(bm, batch, res, seed=s) for s in (1, 2)]
+    try:
+        runner, prepare_s = _prepared(name, bm, calib)
+    except ModuleNotFoundError as e:  # a peer that is not installed (or cannot run here)
+        return {**row, "status": f"not installed ({e.name})"}
+    call = _caller(name, bm, kind, runner, batch, res)
     try:
         with torch.no_grad():  # not inference_mode: quanto's qint4 modules refuse it
             out = call().float().cpu()
@@ -133,45 +187,60 @@ def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: in
 
 
 def settings(quick: bool) -> list[tuple[str, str, int, int, int]]:
-    """(model, unet | pipeline, res px, batch, reps)."""
-    cuda = [("sd15", "unet", 512, 2, 10)] if torch.cuda.is_available() else []  # SD-1.5 rows at 512 px
+    """(model, denoiser | pipeline, res px, batch, reps)."""
+    cuda = [("sd15", "denoiser", 512, 2, 10)] if torch.cuda.is_available() else []  # SD-1.5 rows at 512 px
     if quick:
-        return [("zoo:emoji", "unet", 32, 2, 10), ("zoo:emoji", "pipeline", 32, 1, 3)] + cuda
-    return [("zoo:emoji", "unet", 32, 2, 20), ("zoo:emoji", "pipeline", 32, 1, 5), ("sd15", "unet", 256, 2, 5)] + cuda
+        return [("zoo:emoji", "denoiser", 32, 2, 10), ("zoo:emoji", "pipeline", 32, 1, 3)] + cuda
+    return [("zoo:emoji", "denoiser", 32, 2, 20), ("zoo:emoji", "pipeline", 32, 1, 5), ("sd15", "denoiser", 256, 2, 5),
+            ("pixart-sigma", "denoiser", 512, 2, 3), ("sd3.5-medium", "denoiser", 512, 2, 2)] + cuda  # fmt: skip
+
+
+PIPELINE_VARIANTS = ["fp32", "quantune W8A8", "quantune W4A8", "quantune W4A16", "torchao int8 dyn", "quanto W8A8"]
+
+
+def _group(model: str, kind: str, res: int, batch: int, reps: int) -> list[dict]:
+    """Every variant of one setting, each in its own process (fp32 first: its output is the SQNR reference); a
+    variant that fails becomes a row saying so."""
+    group = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = str(Path(tmp) / "fp32.pt")
+        for name in VARIANTS if kind == "denoiser" else PIPELINE_VARIANTS:
+            args = ["--one", name, model, kind, res, batch, reps, ref]
+            try:
+                group.append(run_child("quantune.bench.inference", args, timeout=CHILD_TIMEOUT_S))
+            except QuantuneError as e:  # out of memory, a peer's failure: the row says so, the table goes on
+                logger.warning("%s", e)
+                status = str(e).splitlines()[-1][:120]
+                group.append({"model": model, "kind": kind, "res": res, "batch": batch, "variant": name,
+                              "status": f"failed: {status}"})  # fmt: skip
+    fp32 = group[0].get("median_ms", float("nan"))
+    ours = next((g.get("median_ms", float("nan")) for g in group if g["variant"] == "quantune W8A8"), float("nan"))
+    for g in group:
+        if g.get("status") == "ok":
+            g["speedup_vs_fp32"] = fp32 / g["median_ms"]
+            g["w8a8_ahead_x"] = g["median_ms"] / ours
+    return group
 
 
 def table(quick: bool) -> Table:
-    rows = []
-    for model, kind, res, batch, reps in settings(quick):
-        variants = list(VARIANTS) if kind == "unet" else ["fp32", "quantune W8A8", "quantune W4A8", "quantune W4A16",
-                                                          "torchao int8 dyn", "quanto W8A8"]  # fmt: skip
-        group = []
-        with tempfile.TemporaryDirectory() as tmp:
-            ref = str(Path(tmp) / "fp32.pt")
-            for name in variants:  # fp32 first: its output is the SQNR reference
-                args = ["--one", name, model, kind, res, batch, reps, ref]
-                group.append(run_child("quantune.bench.inference", args))
-        fp32 = group[0].get("median_ms", float("nan"))
-        ours = next(g.get("median_ms", float("nan")) for g in group if g["variant"] == "quantune W8A8")
-        for g in group:
-            if g.get("status") == "ok":
-                g["speedup_vs_fp32"] = fp32 / g["median_ms"]
-                g["w8a8_ahead_x"] = g["median_ms"] / ours
-        rows += group
+    rows = [row for setting in settings(quick) for row in _group(*setting)]
     return Table(
         "inference",
-        "Inference latency: UNet forward and whole pipeline (20 DDIM steps, guidance 4), fp32 vs integer models",
+        "Inference latency: denoiser forward and whole pipeline (20 steps, guidance 4), fp32 vs integer models",
         {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}", "variant": "{variant}",
          "median ms": "{median_ms:.1f}", "vs fp32": "{speedup_vs_fp32:.2f}x",
          "quantune W8A8 ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
          "prepare (s)": "{prepare_s:.1f}", "status": "{status}"},
         rows,
         Plot("{model} {kind} {res}px {variant}", {"speed-up vs fp32 (x)": "speedup_vs_fp32"}),
-        notes=["sd15 = the SD-1.5 UNet architecture, randomly initialised (speed is real, SQNR is not a quality "
+        notes=["sd15 = the SD-1.5 UNet architecture, pixart-sigma = PixArt-Sigma XL/2 (0.6 B), sd3.5-medium = "
+               "SD3.5-medium's transformer (2.5 B), randomly initialised (speed is real, SQNR is not a quality "
                "figure); zoo:emoji's SQNR is on its trained weights",
-               "torchao quantizes Linear layers only, with dynamic per-token activation scales; quanto quantizes "
-               "Linear, Conv2d (and LayerNorm outputs) with activation scales calibrated on the same two batches; "
-               "quantune quantizes Linear and Conv2d (and attention's q / k / v) with static calibrated scales",
+               "OpenVINO: the float model converted to IR, fp32 or INT8 by nncf.quantize (model_type TRANSFORMER) "
+               "on the same two calibration batches; torchao quantizes Linear layers only, with dynamic per-token "
+               "activation scales; quanto quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales "
+               "calibrated on the same two batches; quantune quantizes Linear and Conv2d (and attention's q / k / v) "
+               "with static calibrated scales",
                "quantune's variants here are minmax-calibrated on two random input batches (an integer model's speed "
                "does not depend on its calibration), so their SQNR is not what PTQ reaches: see quality_ptq",
                "pipeline SQNR compares the final images (pixels in [0, 1])"],

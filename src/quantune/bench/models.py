@@ -96,11 +96,6 @@ class BenchModel:
         """LoRA targets: diffusers' text-to-image script's for UNets, its DreamBooth script's for transformers."""
         return TARGETS if self.family.denoiser == "unet" else list(self.family.denoiser_targets)
 
-    def inputs(self, batch: int, res: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Seeded (latents, timesteps, text states) for one UNet call at `res` px."""
-        x, t, cond = self.batch(batch, res, seed)
-        return x, t, cond["encoder_hidden_states"]
-
     def batch(self, batch: int, res: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Seeded (latents, timesteps, conditioning) for one denoiser call at `res` px, any family."""
         g = torch.Generator().manual_seed(seed)

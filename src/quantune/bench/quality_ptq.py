@@ -1,10 +1,11 @@
-"""Table 4a, PTQ quality on zoo:emoji: FP against minmax / qdiffusion / eda-dm x W8A8 / W4A8 (EDA-DM's Table 1
-layout), with the cost of each.
+"""Table 4a, PTQ quality on zoo:emoji (or any text-to-image pipeline: QUANTUNE_PTQ_MODEL=REF, e.g. a diffusion
+transformer's folder): FP against minmax / qdiffusion / eda-dm x W8A8 / W4A8 (EDA-DM's Table 1 layout), with the
+cost of each.
 
-Each PTQ run is its own process: quantize zoo:emoji (`quantune.quantize_pipeline`), save the integer model, load it
+Each PTQ run is its own process: quantize the model (`quantune.quantize_pipeline`), save the integer model, load it
 back (integer kernels prepared, as a user would) and generate the same prompts and seeds as the FP model. Figures:
 FID against the FP model's samples and against the OpenMoji glyphs of the prompts (quantune's OpenMoji feature
-network), PSNR / SSIM of each sample against the FP sample of the same prompt and seed, the UNet's size on disk,
+network), PSNR / SSIM of each sample against the FP sample of the same prompt and seed, the denoiser's size on disk,
 and the PTQ run's wall time and peak memory. A grid (rows: FP then each run; columns: the first prompts) is saved.
 
     python -m quantune.bench.quality_ptq [--quick] --out DIR
@@ -13,6 +14,7 @@ and the PTQ run's wall time and peak memory. A grid (rows: FP then each run; col
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 METHODS = ["minmax", "qdiffusion", "eda-dm"]
 GRID_COLUMNS = 8
+MODEL_VARIABLE = "QUANTUNE_PTQ_MODEL"  # the pipeline the table quantizes (default zoo:emoji)
 
 
 @dataclass
@@ -35,13 +38,15 @@ class Settings:
     calib_samples: int
     iters: int
     guidance: float = 4.0
+    model: str = "zoo:emoji"  # any text-to-image pipeline reference
 
     def args(self) -> list:
-        return [self.n, self.steps, self.calib_samples, self.iters, self.guidance]
+        return [self.n, self.steps, self.calib_samples, self.iters, self.guidance, self.model]
 
 
 def settings(quick: bool) -> Settings:
-    return Settings(24, 10, 16, 10) if quick else Settings(200, 20, 128, 200)
+    model = os.environ.get(MODEL_VARIABLE, "zoo:emoji")
+    return Settings(24, 10, 16, 10, model=model) if quick else Settings(200, 20, 128, 200, model=model)
 
 
 def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:
@@ -70,19 +75,20 @@ def samples(pipe, prompts: list[str], s: Settings) -> list:
 
 
 def run_one(s: Settings, method: str, bits: str, work: Path) -> dict:
-    """Quantize zoo:emoji, save, reload, generate: images into `work`, stats returned."""
+    """Quantize the model, save, reload, generate: images into `work`, stats returned."""
+    from quantune.families import family_of
     from quantune.models import load_pipeline
     from quantune.ptq import PTQConfig, quantize_pipeline, save_ptq_pipeline
 
     start = time.time()
-    pipe = load_pipeline("zoo:emoji")
+    pipe = load_pipeline(s.model)
     wbits, abits = BITS[bits]
     cfg = PTQConfig(method=method, wbits=wbits, abits=abits, calib_samples=s.calib_samples, steps=s.steps,
                     iters=s.iters, guidance_scale=s.guidance)  # fmt: skip
     report = quantize_pipeline(pipe, cfg, progress=False)
     seconds, peak = time.time() - start, rss_peak_mb()  # PTQ runs on the CPU
     out = save_ptq_pipeline(pipe, work / "model", report)
-    unet_bytes = sum(p.stat().st_size for p in (out / "unet").glob("*.safetensors"))
+    unet_bytes = sum(p.stat().st_size for p in (out / family_of(pipe).denoiser).glob("*.safetensors"))
     pipe = load_pipeline(str(out))
     for i, im in enumerate(samples(pipe, prompts_and_reference(s.n)[0], s)):
         im.save(work / f"{i:04d}.png")
@@ -111,7 +117,7 @@ def table(quick: bool, out: Path) -> Table:
 
     s = settings(quick)
     prompts, reference = prompts_and_reference(s.n)
-    fp_images = samples(load_pipeline("zoo:emoji"), prompts, s)
+    fp_images = samples(load_pipeline(s.model), prompts, s)
     floor = {"bits": "OpenMoji", "method": "other glyphs", "fid_vs_openmoji": fid(prompts_and_reference(s.n, 1)[1],
                                                                                     reference)}  # fmt: skip
     rows = [{"bits": "FP32", "method": "-", **scores(fp_images, fp_images, reference)}]
@@ -132,11 +138,11 @@ def table(quick: bool, out: Path) -> Table:
     notes = fid_notes(s.n)
     return Table(
         "quality_ptq",
-        f"PTQ of zoo:emoji: {s.n} prompts, DDIM {s.steps} steps, guidance {s.guidance}; calibration "
+        f"PTQ of {s.model}: {s.n} prompts, DDIM {s.steps} steps, guidance {s.guidance}; calibration "
         f"{s.calib_samples} trajectories, {s.iters} iterations per block",
         {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp:.2f}",
          "FID vs OpenMoji": "{fid_vs_openmoji:.2f}", "PSNR vs FP (dB)": "{psnr_db:.1f}", "SSIM vs FP": "{ssim:.3f}",
-         "UNet on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}",
+         "denoiser on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}",
          "PTQ peak RSS (MB)": "{peak_mb:.0f}"},
         rows,
         Plot("{bits} {method}", {"FID vs OpenMoji": "fid_vs_openmoji", "FID vs FP": "fid_vs_fp", "PSNR vs FP (dB)":
@@ -150,12 +156,13 @@ def table(quick: bool, out: Path) -> Table:
     )  # fmt: skip
 
 
-def _one(method, bits, work, n, steps, calib, iters, guidance) -> dict:
-    return run_one(Settings(int(n), int(steps), int(calib), int(iters), float(guidance)), method, bits, Path(work))
+def _one(method, bits, work, n, steps, calib, iters, guidance, model) -> dict:
+    s = Settings(int(n), int(steps), int(calib), int(iters), float(guidance), model)
+    return run_one(s, method, bits, Path(work))
 
 
 def main() -> None:
-    table_main(__doc__, table, _one, 8)
+    table_main(__doc__, table, _one, 9)
 
 
 if __name__ == "__main__":

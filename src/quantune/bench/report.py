@@ -26,7 +26,8 @@ TABLES = {  # module -> what it measures
     "training": "Training step time and peak memory (quantune's methods vs peft, bitsandbytes, torchao)",
     "dit_training": "Training step of FLUX.1 / SD3.5 / PixArt-Sigma transformers at real size, vs the same peers",
     "files": "Adapter and model files on disk, per format and bit width, vs the peers' files",
-    "inference": "UNet and pipeline latency, fp32 vs quantune integer models vs torchao and quanto",
+    "inference": "denoiser and pipeline latency (UNets, PixArt-Sigma, SD3.5-medium), fp32 vs quantune integer models "
+    "vs OpenVINO, torchao and quanto",
     "quality_ptq": "PTQ quality on zoo:emoji: minmax / qdiffusion / eda-dm x W8A8 / W4A8",
     "quality_finetune": "Fine-tuning quality on zoo:emoji: lora / qlora + PTQ / intlora-mul / intlora-shift",
 }

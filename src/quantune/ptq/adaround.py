@@ -8,6 +8,10 @@ with zeta = 1.1, gamma = -0.1; V starts where h(V) = frac(W / s) (so W_hat start
 After reconstruction the rounding is hard: h = 1[V >= 0]. The optional regulariser
     f_reg = sum (1 - |2 h(V) - 1|^beta),  beta annealed from 20 to 2
 pushes h to 0 or 1 (BRECQ / Q-Diffusion); EDA-DM's reference switches it off and relies on the loss alone.
+
+A method that learns no rounding (minmax) uses `NearestQuantizer`: the same grid, W_hat = s (clamp(round(W / s) + z)
+- z), with no V and no floor(W / s) kept: AdaRound's two float copies of every weight would triple a 2.5 B model's
+memory (SD3.5-medium: 10 GB of weights, 30 GB wrapped).
 """
 
 from __future__ import annotations
@@ -74,3 +78,42 @@ def beta_schedule(it: int, iters: int, warmup: float = 0.2, start: float = 20.0,
         return None
     progress = (it - warmup * iters) / max(1.0, (1 - warmup) * iters)
     return end + 0.5 * (start - end) * (1 + math.cos(progress * math.pi))
+
+
+class NearestQuantizer(nn.Module):
+    """Round-to-nearest on AdaRound's grid (module docstring), read from the float layer's weight when called
+    (times SmoothQuant's s when given); the interface PTQ uses of AdaRoundQuantizer: forward(), qp, hard_codes()."""
+
+    def __init__(self, layer: nn.Module, bits: int, symmetric: bool, search: str = "l2.4", smooth=None) -> None:
+        super().__init__()
+        self._layer = [layer]  # the wrapped float layer, not registered twice
+        self.smooth = smooth
+        rows = self._rows()
+        qp = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
+        self.bits, self.shape, self.hard = bits, layer.weight.shape, True
+        self.register_buffer("scale", qp.scale)
+        self.register_buffer("zero_point", qp.zero_point if qp.zero_point is not None else None)
+
+    @property
+    def qp(self) -> QParams:
+        return QParams(self.scale, self.zero_point, self.bits)
+
+    def _rows(self) -> torch.Tensor:
+        w = self._layer[0].weight.detach().float()
+        w = w * self.smooth if self.smooth is not None else w
+        return w.reshape(w.shape[0], -1)
+
+    def codes(self) -> torch.Tensor:
+        q = torch.round(self._rows() / self.scale)
+        if self.zero_point is not None:
+            q = q + self.zero_point
+        return torch.clamp(q, self.qp.qmin, self.qp.qmax)
+
+    def forward(self) -> torch.Tensor:
+        q = self.codes()
+        if self.zero_point is not None:
+            q = q - self.zero_point
+        return (q * self.scale).reshape(self.shape)
+
+    def hard_codes(self) -> torch.Tensor:
+        return self.codes().detach()

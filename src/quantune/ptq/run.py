@@ -33,7 +33,7 @@ def quantize_pipeline(pipe, cfg: PTQConfig, prompts: list[str] | None = None, pr
     cfg = cfg.for_family(family)
     unit_types = family.ptq_unit_types()  # refuses a family PTQ cannot reconstruct yet, before any work
     unet = family.denoiser_of(pipe).eval().requires_grad_(False)
-    fp32_bytes = sum(p.numel() * 4 for p in unet.parameters())
+    fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values())  # what a float folder holds: + buffers
     if family.text_encoders_of(pipe):
         prompts = prompts or default_prompts()
     calib, tdac = collect_calibration(pipe, cfg, prompts)

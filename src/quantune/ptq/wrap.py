@@ -28,7 +28,7 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.modules import set_module
 from quantune.ptq.act_lsq import LSQActQuantizer
-from quantune.ptq.adaround import AdaRoundQuantizer
+from quantune.ptq.adaround import AdaRoundQuantizer, NearestQuantizer
 from quantune.ptq.config import PTQConfig
 from quantune.quant.attention import QuantAttnProcessor, attentions, quantize_attention, unsupported_reason
 from quantune.quant.config import ActQuant, WeightQuant
@@ -47,13 +47,17 @@ class PTQLayer(nn.Module):
     quantizers then see W diag(s) and x / s; float while `quant` is off."""
 
     def __init__(
-        self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0, smooth=None
-    ) -> None:
+        self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0, smooth=None,
+        learn: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.layer = layer.requires_grad_(False)
         self.register_buffer("smooth", smooth.to(layer.weight.device) if smooth is not None else None)
-        w = layer.weight if smooth is None else layer.weight * self.smooth
-        self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search)
+        if learn:  # AdaRound; a method that learns no rounding: round to nearest, no copy of the weight
+            w = layer.weight if smooth is None else layer.weight * self.smooth
+            self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search)
+        else:
+            self.wq = NearestQuantizer(layer, weight.bits, weight.symmetric, weight.search, self.smooth)
         self.aq = LSQActQuantizer(act.bits, split, act.search) if act is not None else None
         self.quant = False
 
@@ -141,7 +145,9 @@ def wrap_for_ptq(
     for name, m in list(unet.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
-        wrapped[name] = PTQLayer(m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0), smooth.get(name))
+        wrapped[name] = PTQLayer(
+            m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0), smooth.get(name), learn=cfg.learns
+        )
         set_module(unet, name, wrapped[name])
     if cfg.attn is not None:
         for attn in attentions(unet).values():

@@ -1,0 +1,61 @@
+"""OpenVINO as a peer of the inference table: the float denoiser converted to OpenVINO IR (`openvino.convert_model`,
+traced on one batch of its forward arguments), run as is ("openvino fp32") or after NNCF's post-training
+quantization ("openvino INT8": `nncf.quantize` on the same calibration batches as every variant, model_type
+TRANSFORMER, NNCF's defaults otherwise), compiled for the CPU (OpenVINO runs on the CPU here; its GPU plugin is
+Intel's). The fp32 row asks for f32 inference precision; the INT8 row keeps OpenVINO's default, which on a CPU with
+native bf16 (AVX512-BF16, AMX: this project's) runs the ops NNCF left in float in bf16, the fastest a user gets.
+The engine CPU users of diffusers pick (optimum-intel), so the one quantune's CPU speed is measured against.
+Benchmark requirements only (benchmarks/requirements.txt), imported in the variant's own process.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Positional(nn.Module):
+    """The denoiser with its tensor arguments positional (what tracing takes) and the others fixed; returns its
+    first output (the prediction)."""
+
+    def __init__(self, model: nn.Module, example: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = [k for k, v in example.items() if isinstance(v, torch.Tensor)]
+        self.fixed = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
+
+    def forward(self, *tensors):
+        out = self.model(**self.fixed, **dict(zip(self.keys, tensors, strict=True)), return_dict=False)
+        return out[0]
+
+
+class OpenVINODenoiser:
+    """A compiled OpenVINO model called like the denoiser: `(**kwargs) -> prediction tensor`."""
+
+    def __init__(self, compiled, keys: list[str]) -> None:
+        self.compiled, self.keys = compiled, keys
+
+    def __call__(self, **kwargs) -> torch.Tensor:
+        inputs = [kwargs[k].numpy() for k in self.keys]
+        return torch.from_numpy(self.compiled(inputs)[0].copy())
+
+
+def openvino_variant(int8: bool):
+    def apply(model: nn.Module, calib: list[dict]):
+        import openvino as ov
+
+        if next(model.parameters()).device.type != "cpu":
+            raise ModuleNotFoundError("OpenVINO runs on the CPU here", name="openvino (CPU only)")
+        wrapper = _Positional(model, calib[0]).eval()
+        example = tuple(calib[0][k] for k in wrapper.keys)
+        with torch.no_grad():
+            ov_model = ov.convert_model(wrapper, example_input=example)
+        if int8:
+            import nncf
+
+            data = nncf.Dataset([tuple(b[k].numpy() for k in wrapper.keys) for b in calib])
+            ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        config = {} if int8 else {"INFERENCE_PRECISION_HINT": "f32"}  # INT8: OpenVINO's defaults (module docstring)
+        return OpenVINODenoiser(ov.Core().compile_model(ov_model, "CPU", config), wrapper.keys)
+
+    return apply
