@@ -95,7 +95,7 @@ class IntKernel:
         w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
         channels = w.shape[1]
         lo, hi = (0, channels) if not aq.split else ((0, aq.split) if part == 0 else (aq.split, channels))
-        self.w = w[:, lo:hi].contiguous()
+        w = w[:, lo:hi].contiguous()  # not kept: the prepacked or transposed copy is (one int8 copy per layer)
         self.s_w = layer.scale.reshape(-1).float()
         self.bias = layer.bias.float() if layer.bias is not None and part == 0 else None
         self.out_features = layer.weight_shape[0]
@@ -106,12 +106,12 @@ class IntKernel:
             self.w_zp = torch.zeros(self.out_features, dtype=torch.int64)
             if self.is_conv:
                 self.packed = torch.ops.onednn.qconv_prepack(
-                    self.w, self.s_w, self.s_a, self.z_a, self.stride, self.padding, self.dilation, 1, None
+                    w, self.s_w, self.s_a, self.z_a, self.stride, self.padding, self.dilation, 1, None
                 )
             else:
-                self.packed = torch.ops.onednn.qlinear_prepack(self.w, None)
+                self.packed = torch.ops.onednn.qlinear_prepack(w, None)
         else:
-            w2 = self.w.reshape(self.out_features, -1)
+            w2 = w.reshape(self.out_features, -1)
             self.w_t = w2.t().contiguous()  # [K, N]
             self.correction = (self.z_a - 128) * w2.to(torch.int32).sum(1)  # z'_a sum_k W_int[n, k]
             self.out_scale = self.s_a * self.s_w
