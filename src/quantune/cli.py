@@ -119,7 +119,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--add-loss", type=_number, default=0.8, help="FBR's inner-layer weight (eda-dm)")
     q.add_argument("--qdrop", type=_number, default=0.5, help="QDrop probability (eda-dm)")
     q.add_argument("--round-reg", type=_number, default=0.01, help="AdaRound regulariser weight (0: EDA-DM's ref.)")
-    q.add_argument("--guidance", type=_number, default=7.5, help="guidance scale of the calibration sampler")
+    q.add_argument("--guidance", type=_number, help="calibration sampler's guidance (default: the pipeline's own)")
     q.add_argument("--seed", type=_count(0), default=0)
     _add_out(q)
 

@@ -16,10 +16,10 @@ from quantune.ptq.wrap import PTQLayer, set_quant, wrap_for_ptq
 def test_rec_loss_sums_channels_and_averages_the_rest():
     out, target = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
     assert float(rec_loss(out, target)) == pytest.approx(3.0)  # 3 channels of squared error 1
-    tokens = torch.ones(2, 5, 6)  # a DiT's [B, tokens, channels]
-    assert float(rec_loss(tokens, torch.zeros_like(tokens))) == pytest.approx(6.0)
+    tokens = torch.ones(2, 5, 6)  # a transformer block's [B, tokens, channels]: dim 1 summed, as the reference
+    assert float(rec_loss(tokens, torch.zeros_like(tokens))) == pytest.approx(5.0)
     two = fbr_loss([out, tokens], [target, torch.zeros_like(tokens)], [], [], 0.0)  # a joint block's two streams
-    assert float(two) == pytest.approx(9.0)
+    assert float(two) == pytest.approx(8.0)
     assert float(rec_loss(torch.full((5,), 2.0), torch.zeros(5))) == pytest.approx(4.0)
 
 

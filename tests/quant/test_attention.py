@@ -61,7 +61,7 @@ def test_product_matches_sdpa(mask):
     kwargs = {}
     if mask == "bool":
         kwargs["attn_mask"] = torch.rand(2, 1, 5, 7) > 0.3
-        kwargs["attn_mask"][..., 0] = True
+        kwargs["attn_mask"][0, 0, 1] = False  # a query with every key masked: 0, as SDPA gives
     elif mask == "additive":
         kwargs["attn_mask"] = torch.randn(2, 1, 1, 7)
     elif mask == "causal":
@@ -97,6 +97,11 @@ def test_unsupported_processors_are_refused_by_name():
     attn.set_processor(AttnProcessor())  # diffusers' pre-2.0 processor: the same attention, run as 2.0
     quantize_attention(attn, 8, _identity())
     assert type(attn.processor.inner).__name__ == "AttnProcessor2_0"
+    unscaled = _attention()
+    unscaled.scale_qk = False  # scale 1: AttnProcessor computes it, AttnProcessor2_0 would not
+    unscaled.set_processor(AttnProcessor())
+    with pytest.raises(QuantuneError, match="scale_qk=False"):
+        quantize_attention(unscaled, 8)
 
 
 def test_a_processor_with_another_attention_backend_is_refused():

@@ -180,6 +180,8 @@ def run_child(module: str, args: list, timeout: float | None = None) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not lines:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        if done.returncode < 0:  # SIGKILL with nothing on stderr: the kernel's out-of-memory killer, as a rule
+            tail += f"\nkilled by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
         raise QuantuneError(f"benchmark child failed ({' '.join(map(str, args))}):\n{tail}")
     row = json.loads(lines[-1][len(RESULT) :])
     logger.info("%s (%.0f s)", {k: v for k, v in row.items() if not isinstance(v, (list, dict))},

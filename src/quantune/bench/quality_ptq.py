@@ -97,15 +97,17 @@ def run_one(s: Settings, method: str, bits: str, work: Path) -> dict:
 
 
 def scores(images, fp_images, reference) -> dict:
+    """FID vs the FP samples, PSNR / SSIM against them, and FID vs the OpenMoji glyphs when `reference` is given
+    (zoo:emoji: another model's images are not comparable with 32 px glyphs)."""
     from quantune.eval import fid
     from quantune.eval.metrics import psnr, ssim
 
-    return {
+    out = {
         "fid_vs_fp": fid(images, fp_images),
-        "fid_vs_openmoji": fid(images, reference),
         "psnr_db": sum(p := psnr(images, fp_images)) / len(p),
         "ssim": sum(q := ssim(images, fp_images)) / len(q),
     }
+    return out | ({"fid_vs_openmoji": fid(images, reference)} if reference is not None else {})
 
 
 def table(quick: bool, out: Path) -> Table:
@@ -117,9 +119,15 @@ def table(quick: bool, out: Path) -> Table:
 
     s = settings(quick)
     prompts, reference = prompts_and_reference(s.n)
-    fp_images = samples(load_pipeline(s.model), prompts, s)
-    floor = {"bits": "OpenMoji", "method": "other glyphs", "fid_vs_openmoji": fid(prompts_and_reference(s.n, 1)[1],
-                                                                                    reference)}  # fmt: skip
+    fp_pipe = load_pipeline(s.model)
+    sampler = type(fp_pipe.scheduler).__name__.removesuffix("Scheduler")
+    fp_images = samples(fp_pipe, prompts, s)
+    emoji = s.model == "zoo:emoji"  # the OpenMoji glyphs are its data: FID against them means something only there
+    reference = reference if emoji else None
+    floor = None  # n other real glyphs against the reference glyphs: FID's scale
+    if emoji:
+        floor = {"bits": "OpenMoji", "method": "other glyphs",
+                 "fid_vs_openmoji": fid(prompts_and_reference(s.n, 1)[1], reference)}  # fmt: skip
     rows = [{"bits": "FP32", "method": "-", **scores(fp_images, fp_images, reference)}]
     grid = [fp_images[:GRID_COLUMNS]]
     for bits in BITS:
@@ -132,13 +140,13 @@ def table(quick: bool, out: Path) -> Table:
             grid.append(images[:GRID_COLUMNS])
     (out / "grids").mkdir(parents=True, exist_ok=True)
     make_grid(grid).resize((GRID_COLUMNS * 64, len(grid) * 64), Image.NEAREST).save(out / "grids" / "ptq.png")
-    rows.insert(0, floor)
+    rows = [floor, *rows] if floor is not None else rows
     for r in rows:
         r.update(n=s.n, steps=s.steps, calib_samples=s.calib_samples, iters=s.iters)
     notes = fid_notes(s.n)
     return Table(
         "quality_ptq",
-        f"PTQ of {s.model}: {s.n} prompts, DDIM {s.steps} steps, guidance {s.guidance}; calibration "
+        f"PTQ of {s.model}: {s.n} prompts, {sampler} {s.steps} steps, guidance {s.guidance}; calibration "
         f"{s.calib_samples} trajectories, {s.iters} iterations per block",
         {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp:.2f}",
          "FID vs OpenMoji": "{fid_vs_openmoji:.2f}", "PSNR vs FP (dB)": "{psnr_db:.1f}", "SSIM vs FP": "{ssim:.3f}",

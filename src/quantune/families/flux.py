@@ -53,6 +53,13 @@ class Flux(Family):
         """The double-stream (joint) and single-stream blocks."""
         return FluxTransformerBlock, FluxSingleTransformerBlock
 
+    def tdac_feature_module(self, model):
+        """The middle block counting both kinds (19 double- + 38 single-stream in FLUX.1: single block 9); a
+        single-stream block's `hidden_states` input is the image tokens alone (it concatenates the text inside)."""
+        double, single = model.transformer_blocks, model.single_transformer_blocks
+        middle = (len(double) + len(single)) // 2
+        return double[middle] if middle < len(double) else single[middle - len(double)]
+
     def default_size(self, pipe) -> int:
         """The VAE's sample size (FLUX.1: 1024 px): the transformer has no sample size of its own."""
         return int(pipe.vae.config.sample_size)

@@ -87,7 +87,8 @@ class NearestQuantizer(nn.Module):
     def __init__(self, layer: nn.Module, bits: int, symmetric: bool, search: str = "l2.4", smooth=None) -> None:
         super().__init__()
         self._layer = [layer]  # the wrapped float layer, not registered twice
-        self.smooth = smooth
+        smooth = smooth.to(layer.weight.device) if smooth is not None else None
+        self.register_buffer("smooth", smooth, persistent=False)  # follows .to() with the layer
         rows = self._rows()
         qp = search_qparams(rows, bits, per_channel=True, symmetric=symmetric, search=search)
         self.bits, self.shape, self.hard = bits, layer.weight.shape, True

@@ -96,8 +96,9 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
         with torch.no_grad():
             if _is_text_pipeline(pipe):
                 size = cfg.resolution or family.default_size(pipe)
-                pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
-                     width=size, generator=generator, output_type="latent", **family.call_kwargs(pipe))  # fmt: skip
+                guidance = {} if cfg.guidance_scale is None else {"guidance_scale": cfg.guidance_scale}
+                pipe(prompts, num_inference_steps=cfg.steps, height=size, width=size, generator=generator,
+                     output_type="latent", **guidance, **family.call_kwargs(pipe))  # fmt: skip
             else:
                 if cfg.resolution and "height" not in inspect.signature(pipe.__call__).parameters:
                     raise QuantuneError(

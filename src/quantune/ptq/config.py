@@ -46,7 +46,7 @@ class PTQConfig:
     act_fp: list[str] | None = None  # inputs left unquantized; None: the family's (SD: conv_out, as EDA-DM)
     keep_fp: list[str] = field(default_factory=list)  # layers not quantized (names, dotted suffixes or regexes)
     smooth: float | None = None  # SmoothQuant's migration strength alpha in [0, 1] (ptq/smooth.py); None: off
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # the calibration sampler's; None: the pipeline's own default (FLUX: 3.5)
     resolution: int | None = None  # calibration image size in pixels; None: the pipeline's default
     seed: int = 0
     extra_options: dict = field(default_factory=dict)  # options of a method that PTQConfig has no field for

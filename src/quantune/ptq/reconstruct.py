@@ -93,12 +93,10 @@ def _qdrop_mix(fp, q, p: float):
 
 
 def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over the channels and averaged over the rest (the reference's `lp_loss`): channels are
-    dim 1 of feature maps [B, C, H, W] and the last dim of tokens [B, N, C] (a DiT's)."""
+    """Squared error summed over dim 1 and averaged over the rest (the reference's `lp_loss`, whatever the layout:
+    channels of [B, C, H, W], tokens of a transformer block's [B, N, C], in UNets and DiTs alike)."""
     diff = (out.float() - target.float()).pow(2)
-    if diff.dim() <= 1:
-        return diff.mean()
-    return diff.sum(-1 if diff.dim() == 3 else 1).mean()
+    return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
 
 
 def fbr_loss(out, target, inner_q: list, inner_fp: list, add_loss: float) -> torch.Tensor:

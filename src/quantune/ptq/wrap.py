@@ -57,15 +57,15 @@ class PTQLayer(nn.Module):
             w = layer.weight if smooth is None else layer.weight * self.smooth
             self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search)
         else:
-            self.wq = NearestQuantizer(layer, weight.bits, weight.symmetric, weight.search, self.smooth)
+            self.wq = NearestQuantizer(layer, weight.bits, weight.symmetric, weight.search, smooth)
         self.aq = LSQActQuantizer(act.bits, split, act.search) if act is not None else None
         self.quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.smooth
         if self.quant:
-            x = x if self.aq is None else (self.aq(x) if s is None else self.aq(x / s) * s)
-            w = self.wq().to(x.dtype) if s is None else self.wq().to(x.dtype) / s
+            x = x if self.aq is None else (self.aq(x) if s is None else (self.aq(x / s) * s).to(x.dtype))
+            w = self.wq().to(x.dtype) if s is None else (self.wq() / s).to(x.dtype)
         else:
             if self.aq is not None and self.aq.observing:
                 self.aq.observe(x if s is None else x / s)

@@ -54,12 +54,16 @@ def unsupported_reason(attn: nn.Module) -> str | None:
     if isinstance(proc, QuantAttnProcessor):
         proc = proc.inner
     name = type(proc).__name__
+    if name == "AttnProcessor" and not getattr(attn, "scale_qk", True):
+        return "its processor AttnProcessor runs scale_qk=False (scale 1), which AttnProcessor2_0 does not"
     if name == "AttnProcessor":
         return None  # diffusers' pre-2.0 processor: the same attention, replaced by AttnProcessor2_0 (`_inner_of`)
     if name not in SUPPORTED:
         return f"its processor {name} is not one the quantized attention wraps ({', '.join(SUPPORTED)})"
-    if getattr(proc, "_attention_backend", None) is not None or getattr(proc, "_parallel_config", None) is not None:
+    if getattr(proc, "_attention_backend", None) is not None:
         return f"its processor {name} runs attention backend {proc._attention_backend!r} (use the native one)"
+    if getattr(proc, "_parallel_config", None) is not None:
+        return f"its processor {name} runs context-parallel attention"
     return None
 
 
@@ -139,7 +143,7 @@ class QuantAttnProcessor(nn.Module):
         if self.fused:
             return self._sdpa(query, key, value, attn_mask, is_causal, scale)
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-        scores = (query @ key.transpose(-2, -1)).float() * scale
+        scores = (query.float() @ key.float().transpose(-2, -1)) * scale  # fp32 scores, as SDPA accumulates
         if is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
@@ -147,8 +151,10 @@ class QuantAttnProcessor(nn.Module):
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         elif attn_mask is not None:
             scores = scores + attn_mask
-        probs = aq["p"](scores.softmax(-1).to(query.dtype))
-        return probs @ value
+        probs = scores.softmax(-1)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            probs = probs.nan_to_num(0.0)  # a row with every key masked: 0, as SDPA's safe softmax gives
+        return aq["p"](probs).to(value.dtype) @ value
 
     def sdpa_dtype(self, device: torch.device) -> torch.dtype | None:
         """The fused product's dtype on `device` (None: the input's)."""
