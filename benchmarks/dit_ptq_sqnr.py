@@ -1,5 +1,6 @@
 """PTQ of the tiny diffusion transformers (random weights): the SQNR of the whole model and of each integer layer,
-fake quantization against the integer kernels, for each method, W8A8 / W4A8, per-tensor or SmoothQuant activations.
+fake quantization against the integer kernels, for each method, W8A8 / W4A8, per-tensor or SmoothQuant activations,
+and (minmax W8A8) with the patch embedding's input quantized too, which the families keep float.
 
 Per run: quantize the family's tiny zoo model (`quantune.quantize_pipeline`, a few calibration samples and
 iterations), then on one fixed denoiser call (tests/families' inputs):
@@ -50,7 +51,7 @@ def layer_sqnrs(pipe, model) -> list[float]:
     return out
 
 
-def run(name: str, method: str, wbits: int, smooth: float | None) -> dict:
+def run(name: str, method: str, wbits: int, smooth: float | None, patch_quantized: bool = False) -> dict:
     from tests.families.conftest import MODELS, family_outputs
 
     from quantune.families import family_of
@@ -62,13 +63,17 @@ def run(name: str, method: str, wbits: int, smooth: float | None) -> dict:
     pipe = load_pipeline(MODELS[name])
     model = family_of(pipe).denoiser_of(pipe)
     fp = family_outputs(pipe)[1]
-    quantize_pipeline(pipe, PTQConfig(method=method, wbits=wbits, smooth=smooth, **SMALL), progress=False)
+    act_fp = ["^proj_out$"] if patch_quantized else None  # None: the family's (patch embedding and proj_out)
+    cfg = PTQConfig(method=method, wbits=wbits, smooth=smooth, act_fp=act_fp, **SMALL)
+    quantize_pipeline(pipe, cfg, progress=False)
     fake = family_outputs(pipe)[1]
     per_layer = layer_sqnrs(pipe, model)
     prepare_int_kernels(model)
     integer = family_outputs(pipe)[1]
-    return {"family": name, "method": method, "bits": f"W{wbits}A8", "activations": "per tensor" if smooth is None
-            else f"SmoothQuant {smooth}", "fake_vs_fp32": sqnr_db(fp, fake), "int_vs_fp32": sqnr_db(fp, integer),
+    activations = "per tensor" if smooth is None else f"SmoothQuant {smooth}"
+    activations += ", patch embedding's input quantized" if patch_quantized else ""
+    return {"family": name, "method": method, "bits": f"W{wbits}A8", "activations": activations,
+            "fake_vs_fp32": sqnr_db(fp, fake), "int_vs_fp32": sqnr_db(fp, integer),
             "int_vs_fake": sqnr_db(fake, integer), "layers": len(per_layer), "layer_min": min(per_layer),
             "layer_median": statistics.median(per_layer)}  # fmt: skip
 
@@ -87,6 +92,7 @@ def main() -> None:
         for wbits in (8, 4)
         for smooth in (None, 0.5)
     ]
+    rows += [run(name, "minmax", 8, None, patch_quantized=True) for name in a.families.split(",")]
     columns = {"family": "{family}", "method": "{method}", "bits": "{bits}", "activations": "{activations}",
                "fake vs fp32 (dB)": "{fake_vs_fp32:.1f}", "integer vs fp32 (dB)": "{int_vs_fp32:.1f}",
                "integer vs fake (dB)": "{int_vs_fake:.1f}", "int8 layers": "{layers}",
