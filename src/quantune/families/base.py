@@ -22,7 +22,8 @@ from quantune.lora.config import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS
 
 # PATCH_EMBED_NOTE: a DiT's patch embedding (x_embedder / pos_embed.proj) keeps a float input: its K (C x p x p,
 # 16-64) is too small for an int8 product to save anything, and its input, the latent x_t, spans the whole
-# trajectory's range (on zoo:tiny-pixart, quantizing it took the W8A8 model from 29 to 6 dB SQNR).
+# trajectory's range (on zoo:tiny-pixart, quantizing it took minmax W8A8 from 29.2 to 6.4 dB SQNR:
+# benchmarks/results/dit_ptq_sqnr.md).
 Conditioning = dict  # the denoiser's keyword arguments that come from the text (encoder states, added conditions)
 
 
