@@ -47,7 +47,13 @@ def _add_generate(sub) -> None:
     g.add_argument("--guidance", type=_number, default=7.5)
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
+    _add_backend(g)
     _add_out(g)
+
+
+def _add_backend(p) -> None:
+    why = "an integer model's engine: auto is OpenVINO on the CPU when installed, else PyTorch's kernels"
+    p.add_argument("--backend", default="auto", choices=["auto", "openvino", "torch"], help=why)
 
 
 def _add_train(sub) -> None:
@@ -144,6 +150,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--clip", help="local CLIPModel folder (clip-t, clip-i)")
     ev.add_argument("--dino", help="local DINO / DINOv2 folder")
     ev.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    _add_backend(ev)
     _add_out(ev)
 
 
@@ -231,17 +238,19 @@ def cmd_generate(a) -> None:
     from quantune.generate import MARKERS, LoraSpec, attach_loras, generate
     from quantune.io import check_output
     from quantune.models import load_pipeline, resolve_device
+    from quantune.models.deploy import describe_backend
     from quantune.models.loading import to_device
 
     check_output(a.out, a.overwrite, MARKERS)
     device, dtype = resolve_device(a.device, a.dtype)
-    pipe = load_pipeline(a.model, torch_dtype=dtype)
+    pipe = load_pipeline(a.model, torch_dtype=dtype, backend="torch")  # LoRAs attach to the PyTorch model
     scales = attach_loras(pipe, [LoraSpec.parse(s) for s in a.lora])
-    to_device(pipe, device)  # an integer UNet gets the kernels of its new device
+    to_device(pipe, device, a.backend)  # integer kernels of the new device; OpenVINO on the CPU ("auto")
     paths = generate(
         pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance, overwrite=a.overwrite
     )
-    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales})")
+    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales}); "
+          f"denoiser: {describe_backend(pipe)}")  # fmt: skip
 
 
 def cmd_train(a) -> None:
@@ -301,7 +310,7 @@ def cmd_eval(a) -> None:
     cfg = EvalConfig(
         metrics=[m.strip() for m in a.metrics.split(",") if m.strip()], prompts=a.prompts, n=a.n, steps=a.steps,
         guidance_scale=a.guidance, size=a.size, seed=a.seed, reference=a.reference, instance=a.instance,
-        compare_model=a.compare_model, feature=a.feature, clip=a.clip, dino=a.dino,
+        compare_model=a.compare_model, feature=a.feature, clip=a.clip, dino=a.dino, backend=a.backend,
     )  # fmt: skip
     from quantune.models import resolve_device
 
@@ -344,7 +353,7 @@ def _load(ref):
         return None
     from quantune.models import load_pipeline
 
-    return load_pipeline(ref)
+    return load_pipeline(ref, backend="torch")  # merged, inspected, quantized: the PyTorch model
 
 
 def cmd_convert(a) -> None:

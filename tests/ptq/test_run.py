@@ -68,7 +68,7 @@ def test_w4a8_save_load_round_trip(tiny, tmp_path):
     assert (out / "quantune_ptq.json").is_file() and (out / "unet" / "quantune_quant.json").is_file()
     prepare_int_kernels(tiny.unet)
     expected = _out(tiny, probe)
-    loaded = quantune.load_pipeline(str(out))
+    loaded = quantune.load_pipeline(str(out), backend="torch")  # PyTorch's kernels (OpenVINO: test_ov_runtime)
     layers = quant_layers(loaded.unet)
     assert len(layers) == 83 and all(layer.kernel is not None or layer.act_quant is None or
                                      layer.act_quant.split for layer in layers.values())  # fmt: skip
@@ -107,7 +107,7 @@ def test_unet2dmodel_pipeline(tmp_path):
         fake = pipe.unet(x, t).sample
     assert sqnr_db(fp, fake) > 20
     out = save_ptq_pipeline(pipe, tmp_path / "ddpm-int", report)
-    loaded = quantune.load_pipeline(str(out))
+    loaded = quantune.load_pipeline(str(out), backend="torch")
     assert type(loaded.unet).__name__ == "UNet2DModel" and len(quant_layers(loaded.unet)) == report["layers"]
     drop_int_kernels(loaded.unet)
     with torch.no_grad():

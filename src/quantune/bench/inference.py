@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +85,24 @@ def quantune_int(model, calib: list[dict], wbits: int, abits: int | None):
     return model
 
 
+def quantune_openvino(wbits: int, abits: int | None):
+    """quantune_int's model on OpenVINO (quant/ov_runtime.py, the CPU default of `load_pipeline` / `generate`),
+    converted here for the calibration batches' signature (the timed calls' shapes), so `prepare_s` includes it."""
+
+    def apply(model, calib):
+        from quantune.quant.ov_export import openvino_missing
+        from quantune.quant.ov_runtime import OpenVINOModule
+
+        if openvino_missing() is not None or next(model.parameters()).device.type != "cpu":
+            raise ModuleNotFoundError("OpenVINO runs on the CPU here", name="openvino (CPU only)")
+        runner = OpenVINOModule(quantune_int(model, calib, wbits, abits))
+        with torch.no_grad():
+            runner(**calib[0])
+        return runner
+
+    return apply
+
+
 def _torchao(config: str):
     def apply(unet, calib):
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
@@ -123,6 +142,9 @@ VARIANTS = {
     "quantune W8A8": lambda unet, calib: quantune_int(unet, calib, 8, 8),
     "quantune W4A8": lambda unet, calib: quantune_int(unet, calib, 4, 8),
     "quantune W4A16": lambda unet, calib: quantune_int(unet, calib, 4, None),
+    "quantune W8A8 (openvino)": quantune_openvino(8, 8),
+    "quantune W4A8 (openvino)": quantune_openvino(4, 8),
+    "quantune W4A16 (openvino)": quantune_openvino(4, None),
     "torchao int8 dyn": _torchao("dyn"),
     "torchao int8 weight-only": _torchao("wo"),
     "quanto W8A8": _quanto(8, True),
@@ -187,17 +209,24 @@ def run_variant(name: str, model: str, kind: str, res: int, batch: int, reps: in
 
 
 def settings(quick: bool) -> list[tuple[str, str, int, int, int]]:
-    """(model, denoiser | pipeline, res px, batch, reps)."""
+    """(model, denoiser | pipeline, res px, batch, reps); QUANTUNE_INFERENCE_MODELS (comma-separated model names)
+    keeps those models' settings only."""
     cuda = [("sd15", "denoiser", 512, 2, 10)] if torch.cuda.is_available() else []  # SD-1.5 rows at 512 px
     if quick:
-        return [("zoo:emoji", "denoiser", 32, 2, 10), ("zoo:emoji", "pipeline", 32, 1, 3)] + cuda
-    return [("zoo:emoji", "denoiser", 32, 2, 20), ("zoo:emoji", "pipeline", 32, 1, 5), ("sd15", "denoiser", 256, 2, 5),
-            ("pixart-sigma", "denoiser", 512, 2, 3), ("sd3.5-medium", "denoiser", 512, 2, 2)] + cuda  # fmt: skip
+        rows = [("zoo:emoji", "denoiser", 32, 2, 10), ("zoo:emoji", "pipeline", 32, 1, 3)] + cuda
+    else:
+        rows = [("zoo:emoji", "denoiser", 32, 2, 20), ("zoo:emoji", "pipeline", 32, 1, 5),
+                ("sd15", "denoiser", 256, 2, 5), ("pixart-sigma", "denoiser", 512, 2, 3),
+                ("sd3.5-medium", "denoiser", 512, 2, 2)] + (cuda or [("sd15", "denoiser", 512, 2, 3)])  # fmt: skip
+    keep = [m.strip() for m in os.environ.get("QUANTUNE_INFERENCE_MODELS", "").split(",") if m.strip()]
+    return [r for r in rows if r[0] in keep] if keep else rows
 
 
 # the weight-only peers, slower than fp32 at every size measured, are left out where one variant costs ~5 minutes
 SKIPPED = {"sd3.5-medium": ("torchao int8 weight-only", "quanto W4 weight-only")}
-PIPELINE_VARIANTS = ["fp32", "quantune W8A8", "quantune W4A8", "quantune W4A16", "torchao int8 dyn", "quanto W8A8"]
+PIPELINE_VARIANTS = ["fp32", "quantune W8A8", "quantune W4A8", "quantune W4A16", "quantune W8A8 (openvino)",
+                     "quantune W4A16 (openvino)", "torchao int8 dyn", "quanto W8A8"]  # fmt: skip
+OURS = ("quantune W8A8 (openvino)", "quantune W8A8")  # the "ahead by" column's reference: the default backend's
 
 
 def _group(model: str, kind: str, res: int, batch: int, reps: int) -> list[dict]:
@@ -217,7 +246,8 @@ def _group(model: str, kind: str, res: int, batch: int, reps: int) -> list[dict]
                 group.append({"model": model, "kind": kind, "res": res, "batch": batch, "variant": name,
                               "status": f"failed: {status}"})  # fmt: skip
     fp32 = group[0].get("median_ms", float("nan"))
-    ours = next((g.get("median_ms", float("nan")) for g in group if g["variant"] == "quantune W8A8"), float("nan"))
+    timed_ok = {g["variant"]: g["median_ms"] for g in group if g.get("status") == "ok"}
+    ours = next((timed_ok[n] for n in OURS if n in timed_ok), float("nan"))
     for g in group:
         if g.get("status") == "ok":
             g["speedup_vs_fp32"] = fp32 / g["median_ms"]
@@ -232,7 +262,7 @@ def table(quick: bool) -> Table:
         "Inference latency: denoiser forward and whole pipeline (20 steps, guidance 4), fp32 vs integer models",
         {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}", "variant": "{variant}",
          "median ms": "{median_ms:.1f}", "vs fp32": "{speedup_vs_fp32:.2f}x",
-         "quantune W8A8 ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
+         "quantune W8A8 (default backend) ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
          "prepare (s)": "{prepare_s:.1f}", "status": "{status}"},
         rows,
         Plot("{model} {kind} {res}px {variant}", {"speed-up vs fp32 (x)": "speedup_vs_fp32"}),
@@ -244,6 +274,9 @@ def table(quick: bool) -> Table:
                "activation scales; quanto quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales "
                "calibrated on the same two batches; quantune quantizes Linear and Conv2d (and attention's q / k / v) "
                "with static calibrated scales",
+               "quantune W8A8 / W4A8 / W4A16: PyTorch's oneDNN kernels (or weights dequantized per forward); "
+               "(openvino): the same integer model on OpenVINO (quantune's integers and scales as FakeQuantize and "
+               "int8 constants; the default CPU backend), conversion included in prepare",
                "quantune's variants here are minmax-calibrated on two random input batches (an integer model's speed "
                "does not depend on its calibration), so their SQNR is not what PTQ reaches: see quality_ptq",
                "pipeline SQNR compares the final images (pixels in [0, 1]); sd3.5-medium has no weight-only peer rows "

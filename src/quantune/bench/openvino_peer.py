@@ -59,3 +59,27 @@ def openvino_variant(int8: bool):
         return OpenVINODenoiser(ov.Core().compile_model(ov_model, "CPU", config), wrapper.keys)
 
     return apply
+
+
+def nncf_converter(items: list[dict], smooth_quant: bool):
+    """An OpenVINOModule converter (quant/ov_runtime.py) that quantizes the float model with NNCF on `items` (the
+    denoiser's keyword arguments of calibration calls): `nncf.quantize` with its defaults, or with model_type
+    TRANSFORMER (`smooth_quant`: its SmoothQuant pass and transformer ignored patterns). The trace follows the first
+    item (dynamic shapes: NNCF's calibration batch and the pipeline's batch differ)."""
+
+    def convert(model: nn.Module, bound: dict, leaves: list[torch.Tensor]):
+        import nncf
+        import openvino as ov
+
+        from quantune.quant.ov_runtime import _Traced, flat_inputs
+
+        example = dict(bound)
+        example.update(items[0])
+        traced = _Traced(model, example).eval()
+        with torch.no_grad():
+            ov_model = ov.convert_model(traced, example_input=tuple(flat_inputs(model, example)))
+        data = nncf.Dataset([tuple(t.numpy() for t in flat_inputs(model, {**bound, **item})) for item in items])
+        kind = {"model_type": nncf.ModelType.TRANSFORMER} if smooth_quant else {}
+        return nncf.quantize(ov_model, data, subset_size=len(items), **kind), traced.output_type
+
+    return convert

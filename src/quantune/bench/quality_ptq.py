@@ -27,6 +27,9 @@ from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, table_mai
 logger = logging.getLogger(__name__)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 METHODS = ["minmax", "qdiffusion", "eda-dm"]
+# NNCF (OpenVINO's PTQ) of the same float model at W8A8 on the same calibration data: its defaults, and model_type
+# TRANSFORMER (SmoothQuant on); it has no W4A8 (its INT4 is weight compression with float activations)
+NNCF = {"nncf": False, "nncf smoothquant": True}
 GRID_COLUMNS = 8
 MODEL_VARIABLE = "QUANTUNE_PTQ_MODEL"  # the pipeline the table quantizes (default zoo:emoji)
 
@@ -74,12 +77,42 @@ def samples(pipe, prompts: list[str], s: Settings) -> list:
     return sample_images(pipe, prompts, EvalConfig(steps=s.steps, guidance_scale=s.guidance, batch=50))
 
 
+def run_nncf(s: Settings, method: str, work: Path) -> dict:
+    """NNCF's W8A8 of the float denoiser on quantune's uniform calibration set (the same trajectories, prompts and
+    steps as minmax / qdiffusion), run by OpenVINO inside the pipeline: images into `work`, stats returned."""
+    from quantune.bench.openvino_peer import nncf_converter
+    from quantune.data.prompts import default_prompts
+    from quantune.families import family_of
+    from quantune.models import load_pipeline
+    from quantune.ptq import PTQConfig
+    from quantune.ptq.calib import collect_calibration
+    from quantune.quant.ov_runtime import OpenVINOModule
+
+    start = time.time()
+    pipe = load_pipeline(s.model)
+    family = family_of(pipe)
+    cfg = PTQConfig(method="minmax", calib_samples=s.calib_samples, steps=s.steps, guidance_scale=s.guidance)
+    calib, _ = collect_calibration(pipe, cfg.for_family(family), default_prompts())
+    items = list(calib.batches(2, on_device=False))  # one sampler call's rows (unconditional, conditional)
+    model = family.denoiser_of(pipe).eval().requires_grad_(False)
+    fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    runner = OpenVINOModule(model, converter=nncf_converter(items, NNCF[method]))
+    setattr(pipe, family.denoiser, runner)
+    images = samples(pipe, prompts_and_reference(s.n)[0], s)  # the first call converts and quantizes
+    for i, im in enumerate(images):
+        im.save(work / f"{i:04d}.png")
+    return {"ptq_seconds": time.time() - start, "peak_mb": rss_peak_mb(), "unet_mb": float("nan"),
+            "fp32_unet_mb": fp32_bytes / 2**20}  # fmt: skip
+
+
 def run_one(s: Settings, method: str, bits: str, work: Path) -> dict:
     """Quantize the model, save, reload, generate: images into `work`, stats returned."""
     from quantune.families import family_of
     from quantune.models import load_pipeline
     from quantune.ptq import PTQConfig, quantize_pipeline, save_ptq_pipeline
 
+    if method in NNCF:
+        return run_nncf(s, method, work)
     start = time.time()
     pipe = load_pipeline(s.model)
     wbits, abits = BITS[bits]
@@ -131,7 +164,7 @@ def table(quick: bool, out: Path) -> Table:
     rows = [{"bits": "FP32", "method": "-", **scores(fp_images, fp_images, reference)}]
     grid = [fp_images[:GRID_COLUMNS]]
     for bits in BITS:
-        for method in METHODS:
+        for method in METHODS + (list(NNCF) if bits == "W8A8" and _nncf_installed() else []):
             with tempfile.TemporaryDirectory() as tmp:
                 stats = run_child("quantune.bench.quality_ptq", ["--one", method, bits, tmp, *s.args()])
                 images = [Image.open(f).convert("RGB") for f in sorted(Path(tmp).glob("*.png"))]
@@ -159,9 +192,21 @@ def table(quick: bool, out: Path) -> Table:
                "its PSNR is capped at 99 dB",
                "the OpenMoji row gives FID's scale: n other real glyphs against the reference glyphs (not a floor: "
                "the samples are paired with the reference glyphs by caption, so a model can come closer)",
-               "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm, then W4A8 the same"],
+               "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm / nncf / nncf smoothquant, then W4A8 "
+               "minmax / qdiffusion / eda-dm",
+               "quantune's rows: the saved integer model loaded with `load_pipeline` and its default backend "
+               "(OpenVINO on the CPU when installed); nncf rows: nncf.quantize (defaults; model_type TRANSFORMER "
+               "with SmoothQuant) of the float model on the uniform calibration set of minmax / qdiffusion, run by "
+               "OpenVINO, PTQ time including sampling; NNCF has no W4A8 (its INT4 is weight-only), no disk size: "
+               "the model stays in memory"],
         images=["grids/ptq.png"],
     )  # fmt: skip
+
+
+def _nncf_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None and importlib.util.find_spec("openvino") is not None
 
 
 def _one(method, bits, work, n, steps, calib, iters, guidance, model) -> dict:

@@ -31,6 +31,7 @@ from quantune.generate import LoraSpec, attach_loras
 from quantune.io import atomic_dir, check_output, make_grid
 from quantune.lora.inject import set_lora_multiplier
 from quantune.lora.weights import components_of
+from quantune.models.deploy import BACKENDS, deploy
 from quantune.models.loading import load_pipeline, to_device
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,14 @@ class EvalConfig:
     feature: str = "openmoji"  # FID features: quantune's OpenMoji network, or a local CLIP folder
     clip: str | None = None  # local CLIPModel folder (clip-t, clip-i)
     dino: str | None = None  # local DINO / DINOv2 folder
+    backend: str = "auto"  # an integer model's engine (models/deploy.py): auto, openvino, torch
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
             raise QuantuneError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+        if self.backend not in BACKENDS:
+            raise QuantuneError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         needs = {
             "fid": ("reference", self.prompts == "builtin" or self.reference, "--reference DIR (FID's real images)"),
             "clip-t": ("clip", self.clip, "--clip DIR (a local CLIPModel)"),
@@ -174,7 +178,7 @@ def evaluate(
     prompts, reference = load_prompts(cfg)
     if "glyph" in cfg.metrics:
         check_captions(prompts)
-    pipe = to_device(load_pipeline(model), device)
+    pipe = to_device(load_pipeline(model, backend="torch"), device)  # LoRAs attach to the PyTorch model
     specs = [LoraSpec.parse(s) for s in loras or []]
     if any(len(s.scales) != 1 for s in specs):
         raise QuantuneError("eval takes one scale per LoRA (FILE:SCALE)")
@@ -182,11 +186,13 @@ def evaluate(
     if specs:
         for component in components_of(pipe).values():
             set_lora_multiplier(component, scales[0])
+    deploy(pipe, cfg.backend)
     size = cfg.size or family_of(pipe).default_size(pipe)  # pairs share it
     images = sample_images(pipe, prompts, cfg, size)
     pairs = None
     if cfg.compare_model:
-        pairs = sample_images(to_device(load_pipeline(cfg.compare_model), device), prompts, cfg, size)
+        compare = to_device(load_pipeline(cfg.compare_model, backend="torch"), device, cfg.backend)
+        pairs = sample_images(compare, prompts, cfg, size)
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,
               "seconds": round(time.time() - start, 1), "config": asdict(cfg)}  # fmt: skip

@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 
 from quantune.errors import QuantuneError
 from quantune.families import zoo
+from quantune.models.deploy import deploy, torch_denoiser
 from quantune.models.integer import denoiser_names, load_integer_components
 from quantune.quant.kernels import prepare_int_kernels
 from quantune.quant.quantize import quant_layers
@@ -35,19 +36,24 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     return dev, names[dtype]
 
 
-def to_device(pipe, device):
-    """Move a pipeline to `device`; an integer denoiser gets the integer kernels of that device (quant/kernels.py)."""
+def to_device(pipe, device, backend: str | None = None):
+    """Move a pipeline to `device`; an integer denoiser gets the integer kernels of that device (quant/kernels.py)
+    and, given a `backend` (models/deploy.py), runs on it ("auto": OpenVINO on the CPU when installed)."""
     pipe.to(device)
     if torch.device(device).type != "cpu":
         for name in denoiser_names():
             model = getattr(pipe, name, None)
-            if model is not None and quant_layers(model):
-                prepare_int_kernels(model)
+            if model is not None and quant_layers(torch_denoiser(model)):
+                prepare_int_kernels(torch_denoiser(model))
+    if backend is not None:
+        deploy(pipe, backend)
     return pipe
 
 
-def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix."""
+def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None, backend: str = "auto") -> DiffusionPipeline:
+    """Load a diffusion pipeline by reference; every failure is a QuantuneError that names the fix. An integer
+    denoiser (a PTQ / IntLoRA / QLoRA folder) runs on `backend` (models/deploy.py: "auto" is OpenVINO on the CPU
+    when installed); loaders that train, merge or attach LoRAs ask for "torch"."""
     if ref.startswith("zoo:"):
         name = ref[4:]
         builders = zoo()  # asked each time: a family registered later brings its models
@@ -66,6 +72,8 @@ def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None) -> Diffusion
         pipe.to(dtype=torch_dtype)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    if any(quant_layers(getattr(pipe, n)) for n in denoiser_names() if getattr(pipe, n, None) is not None):
+        deploy(pipe, backend)
     return pipe
 
 

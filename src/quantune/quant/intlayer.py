@@ -17,9 +17,9 @@ next forward without gradients.
 Registry: an integer layer class owns its saved spec (`spec()` / `from_spec(spec)`, written to quantune_quant.json by
 quant/quantize.py) and says which float modules it replaces (`float_types`, `args_of(layer)`); `@register_int_layer`
 adds it to INT_LAYERS, which `quantize_`, `from_codes` / `from_int` and the loader look classes up in. A new integer
-layer is one IntLayer subclass with `_run`, `args_of`, `_args_from_spec` (and `_layer_spec` for shape arguments
-beyond the weight's shape and the bias), decorated with `@register_int_layer` (quant/layers.py has the two
-built-in ones). See docs/intlora.md and docs/quantization.md.
+layer is one IntLayer subclass with `_run`, `product`, `args_of`, `_args_from_spec` (and `_layer_spec` for shape
+arguments beyond the weight's shape and the bias), decorated with `@register_int_layer` (quant/layers.py has the
+two built-in ones). See docs/intlora.md and docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -156,6 +156,11 @@ class _QuantWeight(nn.Module):
         return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float operation on input `x` with `weight` (its shape) and `bias`: what `_run` applies to
+        the dequantized weight, and what the OpenVINO export traces on int8 constants (quant/ov_export.py)."""
         raise NotImplementedError
 
     # -- integer kernels (quant/kernels.py) ----------------------------------------------------------------------

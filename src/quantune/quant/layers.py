@@ -78,7 +78,10 @@ class QuantLinear(_QuantWeight):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return self.product(x, self.dequantize().to(x.dtype), bias)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, packed={self.packed}"
@@ -134,8 +137,10 @@ class QuantConv2d(_QuantWeight):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        w = self.dequantize().to(x.dtype)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.product(x, self.dequantize().to(x.dtype), bias)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}"

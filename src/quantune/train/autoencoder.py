@@ -30,7 +30,7 @@ def start_autoencoder(cfg) -> tuple:
     """Load the pipeline and the data, then write config.json: (pipe, data). Run inside the trainer's claim of
     output_dir, so a failed start leaves nothing."""
     out = Path(cfg.output_dir)
-    pipe = load_pipeline(cfg.model.pretrained)
+    pipe = load_pipeline(cfg.model.pretrained, backend="torch")
     data, _ = build_datasets(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfg.to_dict(), out / "config.json")

@@ -45,7 +45,7 @@ def load_run(run_dir: str | Path, family: str):
         raise QuantuneError(f"{run_dir} was trained with method = {cfg.method!r}, not {family}: use {fix}")
     if not state_path.is_file():
         raise QuantuneError(missing)
-    pipe = load_pipeline(cfg.model.pretrained)
+    pipe = load_pipeline(cfg.model.pretrained, backend="torch")
     method = METHODS[cfg.method]()
     method.prepare(pipe, cfg)
     method.load_trainable_state(pipe, load_safetensors(state_path)[0])

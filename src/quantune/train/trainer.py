@@ -189,7 +189,7 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     out = Path(cfg.output_dir)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    pipe = load_pipeline(cfg.model.pretrained)
+    pipe = load_pipeline(cfg.model.pretrained, backend="torch")
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
     with accelerator.main_process_first():

@@ -1,0 +1,155 @@
+"""OpenVINO export of a quantune integer model: quantune's own integers and calibrated scales as an OpenVINO graph.
+
+OpenVINO's CPU plugin runs a layer in int8 when its graph shows the quantization explicitly (its low-precision
+transformations, LPT): a FakeQuantize on the activation and a dequantization of integer weights,
+    x_hat = FakeQuantize(x; lo = (0 - z_a) s_a, hi = (2^b - 1 - z_a) s_a, levels 2^b)       (uint8 on the CPU)
+    W     = Multiply(Convert(W_int: int8 constant), s_w[n])                                (int8 weights)
+    y     = Conv / MatMul(x_hat, W) + b
+which is exactly the integer layer of quant/kernels.py (the same (s_a, z_a), W_int and s_w), so OpenVINO runs
+quantune's calibration (EDA-DM, Q-Diffusion, minmax) on its own kernels; NNCF, OpenVINO's own PTQ, emits the same
+pattern from its calibration. The export swaps, for the duration of the trace only (`export_view`):
+- every integer layer (QuantLinear / QuantConv2d) for an `_ExportLayer`: torch.fake_quantize_per_tensor_affine on
+  its input (on x / s for a SmoothQuant-ed one, whose integers are of W diag(s); a split quantizer's layer is two
+  products, one per part, summed: OpenVINO would requantize a concat of the parts to one scale),
+  and its integers as an int8 buffer dequantized in the graph. Integers beyond int8 (asymmetric 8-bit, IntLoRA
+  SHIFT merges) are exported as their float weight (OpenVINO then runs that layer in float, as it would say);
+  weight-only layers (W4A16) have no FakeQuantize and keep int8 weights (OpenVINO decompresses them in its
+  FullyConnected kernel);
+- every quantized attention's q / k / v / p quantizers for FakeQuantize modules, and the product un-fused: the
+  calibrated product softmax(Q_hat K_hat^T) -> P_hat -> P_hat V_hat (quant/attention.py), whose two MatMuls OpenVINO
+  runs in int8.
+The view is undone when the trace ends; the model is unchanged. Traced by `openvino.convert_model` (TorchScript),
+so Python control flow on shapes is fixed by the example's shapes: quant/ov_runtime.py converts once per input
+signature. OpenVINO is optional (`pip install openvino`): `openvino_missing()` says why it cannot run.
+
+Written by hand: OpenVINO's converters read FakeQuantize and int8 constants, but nothing maps quantune's integer
+layers and attention quantizers onto them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+
+import torch
+from torch import nn
+
+from quantune.modules import set_module
+from quantune.quant.act import ActQuantizer
+from quantune.quant.attention import QuantAttnProcessor, attentions
+from quantune.quant.intlayer import _QuantWeight
+
+logger = logging.getLogger(__name__)
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here (not installed), or None."""
+    if importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install openvino)"
+    return None
+
+
+class _ExportAct(nn.Module):
+    """An ActQuantizer as FakeQuantize ops (per part when split); a smoothed one yields x / s quantized, its
+    layer's weight keeps diag(s) (module docstring)."""
+
+    def __init__(self, aq: ActQuantizer, keep_smooth: bool = False) -> None:
+        super().__init__()
+        self.split, self.qmax = aq.split, 2**aq.bits - 1
+        self.params = [(float(aq.scale[i]), int(aq.zero_point[i])) for i in range(aq.scale.shape[0])]
+        self.smooth = aq.smooth.detach().clone() if aq.smooth is not None else None
+        self.keep_smooth = keep_smooth  # a standalone quantizer gives x_hat back in x's units
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
+        parts = [x[:, : self.split], x[:, self.split :]] if self.split else [x]
+        out = [torch.fake_quantize_per_tensor_affine(p, s, z, 0, self.qmax) for p, (s, z) in zip(parts, self.params)]
+        y = torch.cat(out, 1) if self.split else out[0]
+        return y * self.smooth if self.smooth is not None and self.keep_smooth else y
+
+
+class _ExportLayer(nn.Module):
+    """An integer layer as OpenVINO reads it: FakeQuantize'd input, int8 weight dequantized in the graph, then the
+    layer's own `product` (F.linear, F.conv2d: any registered integer layer class exports through it)."""
+
+    def __init__(self, layer: _QuantWeight) -> None:
+        super().__init__()
+        self._product = layer.product  # the layer's own float op (a bound method: the layer is not a submodule)
+        self.act = _ExportAct(layer.act_quant) if layer.act_quant is not None else None
+        w = layer.int_weight()
+        shape = (-1,) + (1,) * (len(layer.weight_shape) - 1)
+        self.register_buffer("bias", layer.bias.detach().float().clone() if layer.bias is not None else None)
+        if int(w.min()) >= -128 and int(w.max()) <= 127:
+            self.register_buffer("w_int", w.to(torch.int8).view(layer.weight_shape))
+            self.register_buffer("w_scale", layer.scale.float().reshape(shape).clone())
+            self.register_buffer("w_float", None)
+        else:  # beyond int8 (module docstring): the float weight of the integers W diag(s)
+            logger.info("%s %s: integers beyond int8, exported as float", type(layer).__name__, layer.weight_shape)
+            self.register_buffer("w_int", None)
+            self.register_buffer("w_float", (layer.scale * w.float()).view(layer.weight_shape))
+
+    def weight(self) -> torch.Tensor:
+        return self.w_float if self.w_int is None else self.w_int.to(torch.float32) * self.w_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.act is None:
+            return self._product(x, self.weight(), self.bias)
+        x = self.act(x)
+        if not self.act.split:
+            return self._product(x, self.weight(), self.bias)
+        # a split quantizer: two products, each on its part's uint8 codes (one scale per part, as SplitKernel),
+        # where a concat of the two would be requantized to one scale by OpenVINO
+        c, w = self.act.split, self.weight()
+        return self._product(x[:, :c], w[:, :c], self.bias) + self._product(x[:, c:], w[:, c:], None)
+
+
+ATTENTION = ("calibrated", "fused", "float")
+
+
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@contextlib.contextmanager
+def export_view(model: nn.Module, attention: str = "calibrated"):
+    """Within the block, `model`'s integer layers and attention quantizers are their FakeQuantize forms (module
+    docstring); restored on exit. `attention`: "calibrated" (every quantized attention computes the un-fused
+    product with P quantized, as calibrated), "fused" (q / k / v quantized, one SDPA: PyTorch's deployed form) or
+    "float" (the products unquantized; benchmarks/openvino_export.py compares them). Yields the module to trace:
+    `model`, or its export layer when `model` is itself one integer layer."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+    if isinstance(model, _QuantWeight):
+        yield _ExportLayer(model)
+        return
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeight)}
+    procs = [a.processor for a in attentions(model).values() if isinstance(a.processor, QuantAttnProcessor)]
+    saved = [(p, p.fused, dict(p.quantizers.items())) for p in procs]
+    try:
+        for name, layer in layers.items():
+            set_module(model, name, _ExportLayer(layer))
+        for p in procs:
+            p.fused = attention == "fused"
+            for slot, q in list(p.quantizers.items()):
+                if isinstance(q, ActQuantizer):
+                    p.quantizers[slot] = _ExportAct(q, keep_smooth=True) if attention != "float" else _Identity()
+        yield model
+    finally:
+        for name, layer in layers.items():
+            set_module(model, name, layer)
+        for p, fused, quantizers in saved:
+            p.fused = fused
+            for slot, q in quantizers.items():
+                p.quantizers[slot] = q
+
+
+def export_counts(model: nn.Module) -> dict[str, int]:
+    """How the export maps `model`: integer layers with int8 activations, weight-only layers, quantized attentions."""
+    layers = [m for m in model.modules() if isinstance(m, _QuantWeight)]
+    procs = [a for a in attentions(model).values() if isinstance(a.processor, QuantAttnProcessor)]
+    act = sum(1 for m in layers if m.act_quant is not None)
+    return {"int8 activations": act, "weight-only": len(layers) - act, "quantized attentions": len(procs)}
