@@ -36,6 +36,7 @@ from quantune.formats.inspect import disk_size
 from quantune.io import check_output, human_size, make_grid, save_png
 from quantune.lora.weights import apply_lora
 from quantune.models import load_pipeline
+from quantune.models.deploy import describe_backend
 
 SUBJECT = "unicorn face"
 DEMO_MARKER = ".quantune-demo"  # the file every demo run writes first into its --out
@@ -169,7 +170,8 @@ def intlora(config: Path, out: Path, run: Path, extra: str, lora: Path, prompts:
     _cli(f"intlora merge {int_run} --out {out}/intlora_merged")
     merged = load_pipeline(str(out / "intlora_merged"))
     grid = side_by_side([with_lora(lora), merged], prompts, out / "lora_vs_intlora_w4a8.png")
-    _say(f"wrote {grid} (left: float LoRA; right: IntLoRA-MUL W4A8 merged integer model)")
+    _say(f"wrote {grid} (left: float LoRA; right: IntLoRA-MUL W4A8 merged integer model, run by "
+         f"{describe_backend(merged)})")  # fmt: skip
 
 
 def post_training_quantization(out: Path, prompts: list[str]) -> None:
@@ -182,7 +184,8 @@ def post_training_quantization(out: Path, prompts: list[str]) -> None:
     )
     ptq = load_pipeline(str(out / "ptq_w8a8"))
     grid = side_by_side([load_pipeline(str(out / "merged")), ptq], prompts, out / "merged_vs_ptq_w8a8.png")
-    _say(f"wrote {grid} (left: float LoRA-merged model; right: its EDA-DM W8A8 integer model)")
+    _say(f"wrote {grid} (left: float LoRA-merged model; right: its EDA-DM W8A8 integer model, run by "
+         f"{describe_backend(ptq)})")  # fmt: skip
 
 
 def summary(out: Path, run: Path, lora: Path, start: float) -> None:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -160,3 +162,22 @@ def test_ptq_quality_row_takes_any_pipeline(tmp_path):
     stats = quality_ptq.run_one(s, "eda-dm", "W4A8", tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 2
     assert 0 < stats["unet_mb"] < stats["fp32_unet_mb"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+def test_inference_row_on_openvino(tmp_path):
+    ref = str(tmp_path / "fp32.pt")
+    inference.run_variant("fp32", "zoo:tiny", "denoiser", 16, 2, 1, ref)
+    row = inference.run_variant("quantune W8A8 (openvino)", "zoo:tiny", "denoiser", 16, 2, 1, ref)
+    assert row["status"] == "ok" and 15 < row["sqnr_db"] < 100 and row["prepare_s"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="NNCF (a benchmark peer) is not installed")
+def test_ptq_quality_nncf_row(tmp_path):
+    """quality_ptq's NNCF run: nncf.quantize of the float UNet on quantune's calibration set, sampled in the
+    pipeline through OpenVINO."""
+    from quantune.bench import quality_ptq
+
+    s = quality_ptq.Settings(n=2, steps=2, calib_samples=2, iters=2, model="zoo:tiny")
+    stats = quality_ptq.run_one(s, "nncf smoothquant", "W8A8", tmp_path)
+    assert len(list(tmp_path.glob("*.png"))) == 2 and stats["fp32_unet_mb"] > 0

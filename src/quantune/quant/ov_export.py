@@ -15,9 +15,13 @@ pattern from its calibration. The export swaps, for the duration of the trace on
   SHIFT merges) are exported as their float weight (OpenVINO then runs that layer in float, as it would say);
   weight-only layers (W4A16) have no FakeQuantize and keep int8 weights (OpenVINO decompresses them in its
   FullyConnected kernel);
-- every quantized attention's q / k / v / p quantizers for FakeQuantize modules, and the product un-fused: the
-  calibrated product softmax(Q_hat K_hat^T) -> P_hat -> P_hat V_hat (quant/attention.py), whose two MatMuls OpenVINO
-  runs in int8.
+- every quantized attention's q / k / v quantizers for FakeQuantize modules and the product fused, one
+  scaled_dot_product_attention on Q_hat, K_hat, V_hat: the form PyTorch's kernels deploy (quant/attention.py; P is
+  not quantized). `attention="calibrated"` exports the calibrated product instead (P_hat through its quantizer,
+  two MatMuls OpenVINO runs in int8) and "float" leaves the products unquantized: on the SD-1.5 UNet at 256 px
+  they ran 838 / 680 / 648 ms (calibrated / fused / float) against NNCF INT8's 635 (defaults) and 683 (model_type
+  TRANSFORMER), with the same SQNR against PyTorch's kernels (27.2-27.3 dB; benchmarks/openvino_export.py,
+  benchmarks/results/openvino_export_256.md), hence "fused".
 The view is undone when the trace ends; the model is unchanged. Traced by `openvino.convert_model` (TorchScript),
 so Python control flow on shapes is fixed by the example's shapes: quant/ov_runtime.py converts once per input
 signature. OpenVINO is optional (`pip install openvino`): `openvino_missing()` says why it cannot run.
@@ -115,11 +119,10 @@ class _Identity(nn.Module):
 
 
 @contextlib.contextmanager
-def export_view(model: nn.Module, attention: str = "calibrated"):
+def export_view(model: nn.Module, attention: str = "fused"):
     """Within the block, `model`'s integer layers and attention quantizers are their FakeQuantize forms (module
-    docstring); restored on exit. `attention`: "calibrated" (every quantized attention computes the un-fused
-    product with P quantized, as calibrated), "fused" (q / k / v quantized, one SDPA: PyTorch's deployed form) or
-    "float" (the products unquantized; benchmarks/openvino_export.py compares them). Yields the module to trace:
+    docstring); restored on exit. `attention`: "fused" (q / k / v quantized, one SDPA: PyTorch's deployed form),
+    "calibrated" (the un-fused product with P quantized, as calibrated) or "float" (the products unquantized). Yields the module to trace:
     `model`, or its export layer when `model` is itself one integer layer."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")

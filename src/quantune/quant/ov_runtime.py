@@ -90,7 +90,7 @@ class _Compiled:
         return self.output_type(pred) if return_dict else (pred,)
 
 
-def export_converter(model: nn.Module, bound: dict, leaves: list[torch.Tensor], attention: str = "calibrated"):
+def export_converter(model: nn.Module, bound: dict, leaves: list[torch.Tensor], attention: str = "fused"):
     """(OpenVINO model, output class) of `model`'s export view (quant/ov_export.py) traced on one call."""
     import openvino as ov
 
