@@ -16,21 +16,10 @@ Writes CSV + Markdown (benchmarks/results/openvino_export*.{csv,md}).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from report import write_report
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+from report import median_ms, write_report
 
 
 def compiled_row(name: str, make, inputs, reference, reps: int) -> dict:

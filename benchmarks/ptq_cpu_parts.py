@@ -15,24 +15,12 @@ Medians of --reps; writes CSV + Markdown.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from report import write_report
+from report import median_ms, write_report
 
 PARTS = "attention,quantize,int4,profile"
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def attention_rows(reps: int) -> list[dict]:

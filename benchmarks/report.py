@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -12,6 +14,17 @@ import torch
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median wall time of `reps` calls of `fn` after one warm-up, in ms."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 def write_report(rows: list[dict], out_dir: str | Path, name: str, title: str, columns: dict[str, str]) -> None:

@@ -168,3 +168,23 @@ def test_the_cli_offers_every_writable_lora_format():
     from quantune.formats import WRITABLE
 
     assert LORA_FORMATS == WRITABLE
+
+
+def test_generate_says_which_backend_runs_an_integer_model(tmp_path, capsys, monkeypatch):
+    from quantune.quant.ov_export import openvino_missing
+
+    rc, out, err = _run(capsys, "quantize", "--model", "zoo:tiny", "--method", "minmax", "--calib-samples", "4",
+                        "--steps", "2", "--resolution", "16", "--out", tmp_path / "int")  # fmt: skip
+    assert rc == 0, err
+    argv = ["generate", "--model", tmp_path / "int", "--prompt", "red apple", "--steps", "2", "--size", "32"]
+    rc, out, err = _run(capsys, *argv, "--backend", "torch", "--out", tmp_path / "torch")
+    assert rc == 0 and "denoiser: PyTorch integer kernels" in out, err
+    if openvino_missing() is None:
+        rc, out, err = _run(capsys, *argv, "--out", tmp_path / "auto")  # auto: OpenVINO on the CPU
+        assert rc == 0 and "denoiser: OpenVINO (quantune's integers and scales)" in out, err
+    monkeypatch.setattr("quantune.models.deploy.openvino_missing", lambda: "OpenVINO is not installed (pip ...)")
+    rc, out, err = _run(capsys, *argv, "--backend", "openvino", "--out", tmp_path / "ov")
+    assert rc == 2 and err.count("\n") == 1 and "--backend openvino: OpenVINO is not installed" in err
+    assert not (tmp_path / "ov").exists()
+    rc, out, err = _run(capsys, *argv, "--out", tmp_path / "fallback")  # auto without OpenVINO: PyTorch, said
+    assert rc == 0 and "denoiser: PyTorch integer kernels" in out, err

@@ -172,7 +172,10 @@ def test_inference_row_on_openvino(tmp_path):
     assert row["status"] == "ok" and 15 < row["sqnr_db"] < 100 and row["prepare_s"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="NNCF (a benchmark peer) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None,
+    reason="NNCF (a benchmark peer) or OpenVINO is not installed",
+)
 def test_ptq_quality_nncf_row(tmp_path):
     """quality_ptq's NNCF run: nncf.quantize of the float UNet on quantune's calibration set, sampled in the
     pipeline through OpenVINO."""

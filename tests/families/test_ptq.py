@@ -44,6 +44,7 @@ def test_method_w8a8_save_load(name, method, tmp_path):
         # same integers and scales; OpenVINO runs the float ops in bf16 on this CPU, code flips at rounding
         # boundaries propagate: measured 27-38 dB on these random models
         assert sqnr_db(integer, deployed) > 20
+        assert family_of(loaded).denoiser_of(loaded).calls == {"openvino": 1, "torch": 0}  # no fallback
     kwargs = family_of(loaded).call_kwargs(loaded)
     with torch.no_grad():
         image = loaded(["cat"], num_inference_steps=2, height=32, width=32, output_type="np", **kwargs).images

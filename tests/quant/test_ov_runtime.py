@@ -27,7 +27,7 @@ LAYERS = {
 WIDTHS = [(8, True, 8), (4, False, 8), (4, False, None)]
 
 
-def _layer(kind: str, wbits: int, symmetric: bool, abits: int | None, smooth: bool = False):
+def _layer(kind: str, wbits: int, symmetric: bool, abits: int | None):
     torch.manual_seed(0)
     make, shape = LAYERS[kind]
     x = torch.randn(*shape) * 2 + 0.5
@@ -44,8 +44,10 @@ def test_layer_matches_the_integer_kernels(kind, wbits, symmetric, abits):
     with torch.no_grad():
         prepare_int_kernels(q)
         ref = q(x)
-        out = OpenVINOModule(q)(x)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
+        deployed = OpenVINOModule(q)
+        out = deployed(x)
+    assert deployed.calls == {"openvino": 1, "torch": 0}  # no fallback (PyTorch's output would pass the SQNR)
+    assert out.shape == ref.shape
     # same integers and scales; OpenVINO may write a conv's output (and run weight-only layers) in bf16 on CPUs
     # with native bf16: measured 44-146 dB, bf16's 8-bit mantissa bounds it near 50 dB
     assert sqnr_db(ref, out) > 40
@@ -91,7 +93,8 @@ def test_split_and_smoothed_layers():
     for layer, inp in ((split, x), (smoothed, xs)):
         with torch.no_grad():
             prepare_int_kernels(layer)
-            assert sqnr_db(layer(inp), OpenVINOModule(layer)(inp)) > 40
+            deployed = OpenVINOModule(layer)
+            assert sqnr_db(layer(inp), deployed(inp)) > 40 and deployed.calls == {"openvino": 1, "torch": 0}
 
 
 @pytest.fixture
@@ -117,7 +120,7 @@ def test_model_matches_the_integer_kernels_and_calls_like_the_unet(w8a8_tiny):
         out = ov_unet(x, t, encoder_hidden_states=ehs)
         again = ov_unet(x, t, ehs, return_dict=False)
     assert type(out).__name__ == "UNet2DConditionOutput" and isinstance(again, tuple)
-    assert len(ov_unet._compiled) == 1  # positional or keyword: one signature
+    assert len(ov_unet._compiled) == 1 and ov_unet.calls == {"openvino": 2, "torch": 0}  # positional or keyword
     torch.testing.assert_close(again[0], out.sample)
     # same integers and scales; OpenVINO's bf16 float ops and FakeQuantize arithmetic flip codes at rounding
     # boundaries, which propagate through the 83 layers: measured 27 dB on this random-weight model
@@ -143,3 +146,31 @@ def test_falls_back_to_pytorch_with_a_reason(w8a8_tiny, monkeypatch, caplog):
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="quantune"):
         out = ov_unet(x, t, ehs).sample
     assert torch.equal(out, ref) and "could not convert" in caplog.text and "unsupported op" in caplog.text
+
+
+class _Scaled(nn.Module):
+    """An integer layer times a Python float `multiplier` (what a LoRA strength is to a trace)."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.layer, self.multiplier = layer, 1.0
+
+    def forward(self, x):
+        return self.layer(x) * self.multiplier
+
+
+def test_a_new_strength_or_new_weights_convert_again():
+    q, x = _layer("linear", 8, True, 8)
+    model = _Scaled(q)
+    deployed = OpenVINOModule(model)
+    with torch.no_grad():
+        one = deployed(x)
+        model.multiplier = 2.0
+        two = deployed(x)
+        q.bias.add_(1.0)  # in place: a new version of the tensor
+        shifted = deployed(x)
+    assert len(deployed._compiled) == 3 and deployed.calls == {"openvino": 3, "torch": 0}
+    torch.testing.assert_close(two, 2 * one, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(shifted, two + 2.0, rtol=0.02, atol=0.05)
+    deployed.reset()
+    assert not deployed._compiled

@@ -98,6 +98,8 @@ def quantune_openvino(wbits: int, abits: int | None):
         runner = OpenVINOModule(quantune_int(model, calib, wbits, abits))
         with torch.no_grad():
             runner(**calib[0])
+        if runner.calls["openvino"] != 1:  # the row would time PyTorch's kernels under OpenVINO's name
+            raise QuantuneError("OpenVINO could not convert the integer model (its warning is above)")
         return runner
 
     return apply
@@ -255,33 +257,47 @@ def _group(model: str, kind: str, res: int, batch: int, reps: int) -> list[dict]
     return group
 
 
-def table(quick: bool) -> Table:
+DIT_MODELS = ("pixart-sigma", "sd3.5-medium")  # their rows are the inference_dit table
+COLUMNS = {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}", "variant": "{variant}",
+           "median ms": "{median_ms:.1f}", "vs fp32": "{speedup_vs_fp32:.2f}x",
+           "quantune W8A8 (default backend) ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
+           "prepare (s)": "{prepare_s:.1f}", "status": "{status}"}  # fmt: skip
+NOTES = [
+    "OpenVINO: the float model converted to IR, fp32 or INT8 by nncf.quantize (model_type TRANSFORMER) on the same "
+    "two calibration batches; torchao quantizes Linear layers only, with dynamic per-token activation scales; quanto "
+    "quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales calibrated on the same two batches; "
+    "quantune quantizes Linear and Conv2d (and attention's q / k / v) with static calibrated scales",
+    "quantune W8A8 / W4A8 / W4A16: PyTorch's oneDNN kernels (or weights dequantized per forward); (openvino): the "
+    "same integer model on OpenVINO (quantune's integers and scales as FakeQuantize and int8 constants; the default "
+    "CPU backend), conversion included in prepare",
+    "quantune's variants here are minmax-calibrated on two random input batches (an integer model's speed does not "
+    "depend on its calibration), so their SQNR is not what PTQ reaches: see quality_ptq",
+]
+
+
+def table(quick: bool) -> list[Table]:
+    """Two tables: `inference` (zoo:emoji and the SD-1.5 UNet) and `inference_dit` (the transformers), each
+    written when it has rows (QUANTUNE_INFERENCE_MODELS can leave one out)."""
     rows = [row for setting in settings(quick) for row in _group(*setting)]
-    return Table(
-        "inference",
-        "Inference latency: denoiser forward and whole pipeline (20 steps, guidance 4), fp32 vs integer models",
-        {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}", "variant": "{variant}",
-         "median ms": "{median_ms:.1f}", "vs fp32": "{speedup_vs_fp32:.2f}x",
-         "quantune W8A8 (default backend) ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
-         "prepare (s)": "{prepare_s:.1f}", "status": "{status}"},
-        rows,
-        Plot("{model} {kind} {res}px {variant}", {"speed-up vs fp32 (x)": "speedup_vs_fp32"}),
-        notes=["sd15 = the SD-1.5 UNet architecture, pixart-sigma = PixArt-Sigma XL/2 (0.6 B), sd3.5-medium = "
-               "SD3.5-medium's transformer (2.5 B), randomly initialised (speed is real, SQNR is not a quality "
-               "figure); zoo:emoji's SQNR is on its trained weights",
-               "OpenVINO: the float model converted to IR, fp32 or INT8 by nncf.quantize (model_type TRANSFORMER) "
-               "on the same two calibration batches; torchao quantizes Linear layers only, with dynamic per-token "
-               "activation scales; quanto quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales "
-               "calibrated on the same two batches; quantune quantizes Linear and Conv2d (and attention's q / k / v) "
-               "with static calibrated scales",
-               "quantune W8A8 / W4A8 / W4A16: PyTorch's oneDNN kernels (or weights dequantized per forward); "
-               "(openvino): the same integer model on OpenVINO (quantune's integers and scales as FakeQuantize and "
-               "int8 constants; the default CPU backend), conversion included in prepare",
-               "quantune's variants here are minmax-calibrated on two random input batches (an integer model's speed "
-               "does not depend on its calibration), so their SQNR is not what PTQ reaches: see quality_ptq",
-               "pipeline SQNR compares the final images (pixels in [0, 1]); sd3.5-medium has no weight-only peer rows "
-               "(torchao int8 weight-only, quanto W4: slower than fp32 on every other model, ~5 min a row there)"],
-    )  # fmt: skip
+    unet = [r for r in rows if r["model"] not in DIT_MODELS]
+    dit = [r for r in rows if r["model"] in DIT_MODELS]
+    title = "Inference latency: {}, fp32 vs integer models"
+    plot = Plot("{model} {kind} {res}px {variant}", {"speed-up vs fp32 (x)": "speedup_vs_fp32"})
+    unet_notes = ["sd15 = the SD-1.5 UNet architecture, randomly initialised (speed is real, SQNR is not a quality "
+                  "figure); zoo:emoji's SQNR is on its trained weights; pipeline rows: 20 steps, guidance 4, the "
+                  "final images' SQNR (pixels in [0, 1])"]  # fmt: skip
+    dit_notes = ["pixart-sigma = PixArt-Sigma XL/2 (0.6 B), sd3.5-medium = SD3.5-medium's transformer (2.5 B), "
+                 "randomly initialised (speed is real, SQNR is not a quality figure); sd3.5-medium has no weight-only "
+                 "peer rows (torchao int8 weight-only, quanto W4: slower than fp32 on every other model, ~5 min a "
+                 "row there)"]  # fmt: skip
+    out = []
+    if unet:
+        out.append(Table("inference", title.format("UNet forward and whole pipeline"), COLUMNS, unet, plot,
+                         notes=unet_notes + NOTES))  # fmt: skip
+    if dit:
+        out.append(Table("inference_dit", title.format("diffusion transformer forward at real size"), COLUMNS, dit,
+                         plot, notes=dit_notes + NOTES))  # fmt: skip
+    return out
 
 
 def _one(name, model, kind, res, batch, reps, ref) -> dict:

@@ -82,6 +82,7 @@ def run_nncf(s: Settings, method: str, work: Path) -> dict:
     steps as minmax / qdiffusion), run by OpenVINO inside the pipeline: images into `work`, stats returned."""
     from quantune.bench.openvino_peer import nncf_converter
     from quantune.data.prompts import default_prompts
+    from quantune.errors import QuantuneError
     from quantune.families import family_of
     from quantune.models import load_pipeline
     from quantune.ptq import PTQConfig
@@ -99,6 +100,8 @@ def run_nncf(s: Settings, method: str, work: Path) -> dict:
     runner = OpenVINOModule(model, converter=nncf_converter(items, NNCF[method]))
     setattr(pipe, family.denoiser, runner)
     images = samples(pipe, prompts_and_reference(s.n)[0], s)  # the first call converts and quantizes
+    if runner.calls["torch"] or not runner.calls["openvino"]:  # the row would be the float model's
+        raise QuantuneError(f"NNCF's model did not run ({runner.calls}): see the warning above")
     for i, im in enumerate(images):
         im.save(work / f"{i:04d}.png")
     return {"ptq_seconds": time.time() - start, "peak_mb": rss_peak_mb(), "unet_mb": float("nan"),

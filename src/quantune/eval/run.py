@@ -191,7 +191,8 @@ def evaluate(
     images = sample_images(pipe, prompts, cfg, size)
     pairs = None
     if cfg.compare_model:
-        compare = to_device(load_pipeline(cfg.compare_model, backend="torch"), device, cfg.backend)
+        backend = "torch" if cfg.backend == "torch" else "auto"  # a float comparison model runs in PyTorch
+        compare = to_device(load_pipeline(cfg.compare_model, backend="torch"), device, backend)
         pairs = sample_images(compare, prompts, cfg, size)
     figures, rows = score(images, prompts, cfg, reference, pairs)
     result = {"model": model, "loras": loras or [], "n_images": len(images), **figures,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.quant.ov_export import openvino_missing
@@ -53,6 +55,8 @@ def _torch_reason(model, backend: str) -> str | None:
         return "backend torch"
     if not quant_layers(model):
         return "a float model"
+    if getattr(model, "dtype", torch.float32) != torch.float32:
+        return f"the OpenVINO export takes an fp32 model, this one is {model.dtype}"
     if any(b.device.type != "cpu" for b in model.buffers()):
         return f"OpenVINO runs on the CPU here, the model is on {next(model.buffers()).device}"
     return openvino_missing()
@@ -67,5 +71,9 @@ def describe_backend(pipe) -> str:
     """What runs the pipeline's denoiser, in words (the CLI prints it)."""
     model = getattr(pipe, family_of(pipe).denoiser)
     if isinstance(model, OpenVINOModule):
-        return "OpenVINO (quantune's integers and scales)"
+        calls = model.calls
+        if calls["torch"] and not calls["openvino"]:
+            return "PyTorch integer kernels (OpenVINO could not run it: see the log)"
+        mixed = f", {calls['torch']} of {sum(calls.values())} calls in PyTorch" if calls["torch"] else ""
+        return f"OpenVINO (quantune's integers and scales{mixed})"
     return "PyTorch integer kernels" if quant_layers(model) else "PyTorch"

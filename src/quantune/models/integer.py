@@ -10,6 +10,7 @@ from pathlib import Path
 from quantune.families import FAMILIES
 from quantune.io import DIFFUSERS_FOLDER, atomic_dir
 from quantune.quant.kernels import prepare_int_kernels
+from quantune.quant.ov_runtime import OpenVINOModule
 from quantune.quant.quantize import is_quantized_folder, load_quantized_model, quant_layers, write_spec
 
 
@@ -23,14 +24,21 @@ def save_integer_pipeline(
 ) -> Path:
     """Write the pipeline (its denoiser holding integers) and its spec atomically; `extra`: JSON files to add.
     An existing `out` is replaced only with `overwrite` (and only if it is a pipeline folder)."""
-    with atomic_dir(out, DIFFUSERS_FOLDER, overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in denoiser_names():
-            model = getattr(pipe, name, None)
-            if model is not None and quant_layers(model):
-                write_spec(model, tmp / name)
-        for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=1))
+    wrapped = {n: m for n in denoiser_names() if isinstance(m := getattr(pipe, n, None), OpenVINOModule)}
+    try:
+        for name, wrapper in wrapped.items():  # a deployed denoiser is saved as its PyTorch model
+            setattr(pipe, name, wrapper.model)
+        with atomic_dir(out, DIFFUSERS_FOLDER, overwrite) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for name in denoiser_names():
+                model = getattr(pipe, name, None)
+                if model is not None and quant_layers(model):
+                    write_spec(model, tmp / name)
+            for name, obj in (extra or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=1))
+    finally:
+        for name, wrapper in wrapped.items():
+            setattr(pipe, name, wrapper)
     return Path(out)
 
 

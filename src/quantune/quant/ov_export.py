@@ -65,11 +65,15 @@ class _ExportAct(nn.Module):
         self.smooth = aq.smooth.detach().clone() if aq.smooth is not None else None
         self.keep_smooth = keep_smooth  # a standalone quantizer gives x_hat back in x's units
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The FakeQuantize'd input, one tensor per part (two for a split quantizer)."""
         if self.smooth is not None:
             x = x / self.smooth
         parts = [x[:, : self.split], x[:, self.split :]] if self.split else [x]
-        out = [torch.fake_quantize_per_tensor_affine(p, s, z, 0, self.qmax) for p, (s, z) in zip(parts, self.params)]
+        return [torch.fake_quantize_per_tensor_affine(p, s, z, 0, self.qmax) for p, (s, z) in zip(parts, self.params)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.quantized_parts(x)
         y = torch.cat(out, 1) if self.split else out[0]
         return y * self.smooth if self.smooth is not None and self.keep_smooth else y
 
@@ -101,13 +105,13 @@ class _ExportLayer(nn.Module):
         x = x.float()
         if self.act is None:
             return self._product(x, self.weight(), self.bias)
-        x = self.act(x)
+        parts = self.act.quantized_parts(x)
         if not self.act.split:
-            return self._product(x, self.weight(), self.bias)
+            return self._product(parts[0], self.weight(), self.bias)
         # a split quantizer: two products, each on its part's uint8 codes (one scale per part, as SplitKernel),
         # where a concat of the two would be requantized to one scale by OpenVINO
         c, w = self.act.split, self.weight()
-        return self._product(x[:, :c], w[:, :c], self.bias) + self._product(x[:, c:], w[:, c:], None)
+        return self._product(parts[0], w[:, :c], self.bias) + self._product(parts[1], w[:, c:], None)
 
 
 ATTENTION = ("calibrated", "fused", "float")
@@ -122,8 +126,8 @@ class _Identity(nn.Module):
 def export_view(model: nn.Module, attention: str = "fused"):
     """Within the block, `model`'s integer layers and attention quantizers are their FakeQuantize forms (module
     docstring); restored on exit. `attention`: "fused" (q / k / v quantized, one SDPA: PyTorch's deployed form),
-    "calibrated" (the un-fused product with P quantized, as calibrated) or "float" (the products unquantized). Yields the module to trace:
-    `model`, or its export layer when `model` is itself one integer layer."""
+    "calibrated" (the un-fused product with P quantized, as calibrated) or "float" (the products unquantized).
+    Yields the module to trace: `model`, or its export layer when `model` is itself one integer layer."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if isinstance(model, _QuantWeight):
@@ -131,12 +135,12 @@ def export_view(model: nn.Module, attention: str = "fused"):
         return
     layers = {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeight)}
     procs = [a.processor for a in attentions(model).values() if isinstance(a.processor, QuantAttnProcessor)]
-    saved = [(p, p.fused, dict(p.quantizers.items())) for p in procs]
+    saved = [(p, p.fused, p.sdpa_mode, dict(p.quantizers.items())) for p in procs]
     try:
         for name, layer in layers.items():
             set_module(model, name, _ExportLayer(layer))
         for p in procs:
-            p.fused = attention == "fused"
+            p.fused, p.sdpa_mode = attention == "fused", "input"  # fp32 in the graph whatever the host's bf16
             for slot, q in list(p.quantizers.items()):
                 if isinstance(q, ActQuantizer):
                     p.quantizers[slot] = _ExportAct(q, keep_smooth=True) if attention != "float" else _Identity()
@@ -144,8 +148,8 @@ def export_view(model: nn.Module, attention: str = "fused"):
     finally:
         for name, layer in layers.items():
             set_module(model, name, layer)
-        for p, fused, quantizers in saved:
-            p.fused = fused
+        for p, fused, mode, quantizers in saved:
+            p.fused, p.sdpa_mode = fused, mode
             for slot, q in quantizers.items():
                 p.quantizers[slot] = q
 

@@ -8,8 +8,11 @@ The conversion runs at the first call of a signature and is logged (like torch.c
 calls one signature for all its steps. Calls run the PyTorch model instead, with the reason logged once, when
 gradients are on, when an input or the model is not on the CPU, when OpenVINO is missing, or when the conversion
 of that signature failed. Attributes the module lacks (`config`, `dtype`, `device`, ...) are the model's, so
-diffusers' pipelines use it in the denoiser's place. Outputs: the model's output class (`.sample`), or a tuple
-with `return_dict=False`.
+diffusers' pipelines use it in the denoiser's place. What a trace bakes in besides the inputs is part of the
+signature too: every module's `multiplier` (LoRA strengths) and the tensors' version counters (in-place changes,
+`load_state_dict`), so a strength grid or new weights convert again; `reset()` forgets every conversion. `calls`
+counts the calls OpenVINO and PyTorch ran. Outputs: the model's output class (`.sample`), or a tuple with
+`return_dict=False`.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class OpenVINOModule(nn.Module):
         self._compiled: dict[tuple, _Compiled | None] = {}  # None: that signature's conversion failed
         self._noted: set[str] = set()
         self._core = None
+        self.calls = {"openvino": 0, "torch": 0}  # what ran each call (describe / tests / benchmarks read it)
 
     def __getattr__(self, name: str):
         try:
@@ -141,18 +145,30 @@ class OpenVINOModule(nn.Module):
         reason = self._torch_reason(args, kwargs)
         if reason is not None:
             self._note(f"the {type(self.model).__name__} runs in PyTorch: {reason}")
-            return self.model(*args, **extra, **kwargs)
+            return self._torch(args, kwargs, extra)
         bound = _bind(self._signature, args, kwargs)
         leaves, key = [], []
         _flatten(bound, "", leaves, key)
-        key = tuple(key)
+        key = (tuple(key), self._state())
         if key not in self._compiled:
             self._compiled[key] = self._convert(bound)
         compiled = self._compiled[key]
         if compiled is None:
-            return self.model(*args, **extra, **kwargs)
+            return self._torch(args, kwargs, extra)
+        self.calls["openvino"] += 1
         floats = [t.dtype for t in leaves if t.is_floating_point()]
         return compiled(leaves, getattr(self.model, "dtype", floats[0] if floats else torch.float32), return_dict)
+
+    def _torch(self, args, kwargs, extra):
+        self.calls["torch"] += 1
+        return self.model(*args, **extra, **kwargs)
+
+    def _state(self) -> tuple:
+        """What a trace bakes in besides the inputs: every module's `multiplier` (LoRA strengths: a float in the
+        graph) and the tensors' version counters (in-place changes, load_state_dict): a change converts again."""
+        multipliers = tuple(float(m.multiplier) for m in self.model.modules() if hasattr(m, "multiplier"))
+        versions = sum(t._version for t in self.model.buffers()) + sum(p._version for p in self.model.parameters())
+        return multipliers, versions
 
     def _torch_reason(self, args, kwargs) -> str | None:
         if (missing := openvino_missing()) is not None:
@@ -171,20 +187,24 @@ class OpenVINOModule(nn.Module):
             logger.info(message)
 
     def _convert(self, bound: dict) -> _Compiled | None:
-        import openvino as ov  # deferred: optional (ov_export.openvino_missing)
-
         start = time.perf_counter()
         leaves: list = []
         _flatten(bound, "", leaves, [])
+        training = self.model.training
         try:
+            import openvino as ov  # deferred: optional (ov_export.openvino_missing)
+
             ov_model, output_type = self.converter(self.model, bound, leaves)
             ov_model.reshape({i: ov.PartialShape(list(t.shape)) for i, t in enumerate(leaves)})
             self._core = self._core or ov.Core()
-            compiled = self._core.compile_model(ov_model, "CPU", self.ov_config)
+            compiled = _Compiled(self._core.compile_model(ov_model, "CPU", self.ov_config), output_type)
+            compiled(leaves, torch.float32, False)  # one inference now: a mismatch falls back here, not later
         except Exception as e:  # noqa: BLE001 - any converter / plugin failure: run PyTorch, say why
             logger.warning("OpenVINO could not convert the %s (%s: %s): it runs in PyTorch for these inputs",
                            type(self.model).__name__, type(e).__name__, e)  # fmt: skip
             return None
+        finally:
+            self.model.train(training)  # tracing ran it in eval mode
         what = ""
         if self.converter is export_converter:
             counts = ", ".join(f"{n} {k}" for k, n in export_counts(self.model).items())
@@ -192,7 +212,15 @@ class OpenVINOModule(nn.Module):
         shapes = ", ".join(str(list(t.shape)) for t in leaves)
         logger.info("OpenVINO: converted the %s for inputs %s in %.1f s%s", type(self.model).__name__, shapes,
                     time.perf_counter() - start, what)  # fmt: skip
-        return _Compiled(compiled, output_type)
+        return compiled
+
+    def reset(self) -> None:
+        """Forget the converted signatures (the next call converts again): after changing the model's weights."""
+        self._compiled.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        self.reset()  # .to() / .half(): the converted models hold the old tensors
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"signatures={len(self._compiled)}"
