@@ -7,7 +7,9 @@ of --reps after a warm-up):
   "fused" (q / k / v quantized, one SDPA) and "float" (products unquantized), SQNR against PyTorch's integer
   kernels (the eager reference);
 - NNCF (`nncf.quantize` of the float UNet on the same two batches): defaults, and model_type TRANSFORMER;
-- OpenVINO fp32 of the float UNet (the conversion without quantization).
+- OpenVINO's float UNet (the conversion without quantization) at OpenVINO's default inference precision, bf16 on a
+  CPU with native bf16 (this project's: the row of benchmarks/results/openvino_export_256.md labelled "openvino
+  fp32" ran so).
 Writes CSV + Markdown (benchmarks/results/openvino_export*.{csv,md}).
 
     python benchmarks/openvino_export.py [--res 256] [--reps 5] [--out benchmarks/results]
@@ -57,7 +59,7 @@ def main() -> None:
     inputs = flat_inputs(fp, kwargs)
     rows = []
     with torch.no_grad():
-        rows.append(compiled_row("openvino fp32 (float UNet)", lambda: ov.convert_model(
+        rows.append(compiled_row("openvino float UNet (default precision)", lambda: ov.convert_model(
             _Traced(fp, kwargs), example_input=tuple(inputs)), inputs, prediction(fp(**kwargs)), a.reps))  # fmt: skip
         for smooth in (False, True):
             convert = nncf_converter(calib, smooth)
