@@ -26,6 +26,7 @@ WRITERS = {
     "convert": Writer(("lora", "convert", "LORA", "--to", "kohya"), folder=False),
     "convert-peft": Writer(("lora", "convert", "LORA", "--to", "peft"), marker="unet/adapter_config.json"),
     "merge": Writer(("lora", "merge", "--model", "zoo:tiny", "--lora", "LORA")),
+    "embed": Writer(("lora", "embed", "--model", "zoo:tiny", "--lora", "LORA")),
     "mix": Writer(("lora", "mix", "LORA:1", "LORA:0.5", "--mode", "concat"), folder=False),
     "extract": Writer(("lora", "extract", "--base", "zoo:tiny", "--tuned", "zoo:tiny", "--rank", "2"), folder=False),
     "quantize": Writer(("quantize", "--model", "zoo:tiny", "--method", "minmax", "--steps", "1")),

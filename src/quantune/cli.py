@@ -93,10 +93,15 @@ def _add_lora(sub) -> None:
     x.add_argument("--model", help="for cloneofsimo / lora_wrapper inputs and a transformer's kohya / comfyui files")
     _add_out(x)
 
+    b = lora.add_parser("embed", help="a pipeline folder with the adapter in place (strength adjustable, trainable)")
+    b.add_argument("--model", required=True)
+    b.add_argument("--lora", required=True, help="FILE[:STRENGTH]")
+    _add_out(b)
+
     e = lora.add_parser("extract", help="extract a LoRA from two models (truncated SVD of the difference)")
-    e.add_argument("--base", required=True)
-    e.add_argument("--tuned", required=True)
-    e.add_argument("--rank", type=_count(1), required=True)
+    e.add_argument("--base", help="the base model (not needed when --tuned is a `lora embed` folder)")
+    e.add_argument("--tuned", required=True, help="the fine-tuned model, or a `lora embed` folder (exact)")
+    e.add_argument("--rank", type=_count(1), help="the LoRA's rank (SVD extraction)")
     e.add_argument("--clamp-quantile", type=_number, default=0.99)
     e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
     e.add_argument("--to", default="quantune", choices=LORA_FORMATS)
@@ -344,7 +349,17 @@ def cmd_inspect(a) -> None:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
     print(f"{info['path']}: {info['format']} LoRA, {human_size(info['size_bytes'])}")
-    for key in ("modules", "adapter_types", "components", "layer_kinds", "ranks", "alphas", "dtype", "parameters"):
+    for key in (
+        "modules",
+        "adapter_types",
+        "factors",
+        "components",
+        "layer_kinds",
+        "ranks",
+        "alphas",
+        "dtype",
+        "parameters",
+    ):
         print(f"  {key:12s} {info[key]}")
 
 
@@ -412,11 +427,36 @@ def cmd_mix(a) -> None:
         print("  note: sum mixes the factors (cloneofsimo), not the deltas; use concat or svd for the exact sum")
 
 
+def cmd_embed(a) -> None:
+    from quantune.formats import read_lora
+    from quantune.generate import LoraSpec
+    from quantune.io import DIFFUSERS_FOLDER, check_output
+    from quantune.models.embedded import save_embedded
+
+    check_output(a.out, a.overwrite, DIFFUSERS_FOLDER)
+    spec = LoraSpec.parse(a.lora)
+    if len(spec.scales) != 1:
+        raise QuantuneError("lora embed takes one strength (FILE:STRENGTH)")
+    pipe = _load(a.model)
+    weights = read_lora(spec.path, pipe)[0]
+    out = save_embedded(pipe, weights, a.out, spec.scales[0], a.overwrite)
+    kinds = ", ".join(sorted({getattr(m, "label", m.kind) for m in weights.values()}))
+    print(f"embedded {len(weights)} {kinds} modules at strength {spec.scales[0]:g}; wrote {out} ({_size(out)})")
+
+
 def cmd_extract(a) -> None:
     from quantune.formats import lora_output, write_lora
     from quantune.lora.merge import extract
+    from quantune.models.embedded import embedded_adapter, is_embedded
 
     lora_output(a.out, a.to, a.overwrite)
+    if is_embedded(a.tuned) and a.base is None:  # the adapter a `lora embed` folder keeps, exactly
+        weights, _ = embedded_adapter(a.tuned)
+        out = write_lora(weights, a.out, a.to, pipe=_load(a.tuned), overwrite=a.overwrite)
+        print(f"extracted the embedded adapter ({len(weights)} modules, exact); wrote {out} ({_size(out)})")
+        return
+    if a.base is None or a.rank is None:
+        raise QuantuneError("lora extract needs --base and --rank (or --tuned a `lora embed` folder, without --base)")
     base = _load(a.base)
     weights, report = extract(base, _load(a.tuned), a.rank, a.clamp_quantile, targets=a.targets)
     out = write_lora(weights, a.out, a.to, pipe=base, overwrite=a.overwrite)
@@ -432,6 +472,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "mix": cmd_mix,
     "extract": cmd_extract,
+    "embed": cmd_embed,
     "int-merge": cmd_int_merge,
     "quantize": cmd_quantize,
     "eval": cmd_eval,

@@ -14,8 +14,10 @@ from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.formats import read_lora
 from quantune.io import atomic_dir, check_output, make_grid
+from quantune.lora.bases import base_type
 from quantune.lora.inject import set_lora_multiplier
-from quantune.lora.merge import mix
+from quantune.lora.layers import LoraModule
+from quantune.lora.merge import merge_into, mix
 from quantune.lora.weights import apply_lora, components_of
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,20 @@ def attach_loras(pipe, specs: list[LoraSpec]) -> list[float]:
     if any(len(s.scales) > 1 for s in specs):
         raise QuantuneError("several scales per LoRA are only allowed with a single --lora (one row per scale)")
     loras = [(read_lora(s.path, pipe)[0], s.scales[0]) for s in specs]
-    combined, _ = mix(loras, "concat")  # exact: the sum of the weighted deltas
-    apply_lora(pipe, combined)
+    if all(isinstance(m, LoraModule) and not m.soft for weights, _ in loras for m in weights.values()):
+        combined, _ = mix(loras, "concat")  # exact: the sum of the weighted deltas
+        apply_lora(pipe, combined)
+    elif not _has_integer_layers(pipe):
+        merge_into(pipe, loras)  # other types (LoHa, LoKr, DoRA): merged into the float weights, exactly
+    else:
+        raise QuantuneError("several LoHa / LoKr / DoRA files on an integer model would be re-quantized: give one "
+                            "--lora, or merge them with `quantune lora merge` first")  # fmt: skip
     return [1.0]
+
+
+def _has_integer_layers(pipe) -> bool:
+    kinds = (base_type(m) for model in components_of(pipe).values() for m in model.modules())
+    return any(kind is not None and kind.stored for kind in kinds)
 
 
 MARKERS = ("grid.png",)  # an output folder `generate` wrote

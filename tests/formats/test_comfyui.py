@@ -47,8 +47,8 @@ def _write(tmp_path, sd: dict) -> str:
 def test_bad_comfyui_files_are_one_line(tmp_path):
     key = "diffusion_model.input_blocks.1.1.proj_in"
     cases = {
-        "only plain LoRA": {f"{key}.lora_down.weight": torch.zeros(2, 8), f"{key}.hada_w1_a": torch.zeros(2, 2)},
-        "lacks its lora_down or lora_up": {f"{key}.lora_down.weight": torch.zeros(2, 8)},
+        "several adapter types": {f"{key}.lora_down.weight": torch.zeros(2, 8), f"{key}.hada_w1_a": torch.zeros(2, 2)},
+        "no lora_up": {f"{key}.lora_down.weight": torch.zeros(2, 8)},
         "read it with --model of a FLUX.1 pipeline": {
             "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(2, 8),
             "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(24, 2),

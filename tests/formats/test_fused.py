@@ -63,14 +63,19 @@ def test_modules_outside_the_blocks_round_trip_with_alpha_equal_to_rank(tmp_path
         torch.testing.assert_close(back[key].delta(), mod.delta(), atol=1e-5, rtol=0)
 
 
-def test_other_adapter_tensors_are_refused():
+def test_other_adapter_types_pass_unfused_modules_and_are_refused_on_fused_ones():
     import pytest
 
     from quantune.errors import QuantuneError
 
     pipe = load_pipeline("zoo:tiny-flux")
-    key = "lora_unet_double_blocks_0_img_attn_proj"
+    key = "lora_unet_double_blocks_0_img_attn_proj"  # one diffusers module (attn.to_out.0)
     sd = {f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2),
           f"{key}.dora_scale": torch.ones(1, 32)}  # fmt: skip
-    with pytest.raises(QuantuneError, match="only plain LoRA"):
+    (mod,) = from_kohya(sd, {"transformer": pipe.transformer}).values()
+    assert mod.kind == "dora" and mod.inner.kind == "lora"
+    fused = "lora_unet_double_blocks_0_img_attn_qkv"  # q, k and v fused
+    sd = {f"{fused}.{n}": torch.zeros(s) for n, s in [("hada_w1_a", (96, 2)), ("hada_w1_b", (2, 32)),
+                                                      ("hada_w2_a", (96, 2)), ("hada_w2_b", (2, 32))]}  # fmt: skip
+    with pytest.raises(QuantuneError, match="cannot be split into its parts exactly"):
         from_kohya(sd, {"transformer": pipe.transformer})

@@ -82,6 +82,8 @@ def test_registry_groups_by_suffix_and_names_unknown_layouts():
     back = module_from_kohya(group_by_module(sd)["m.x"], "m.x")
     assert torch.equal(back.delta(), mod.delta())
     with pytest.raises(QuantuneError, match="no adapter type"):
+        module_from_kohya({"oft_blocks": torch.zeros(2, 2)}, "m.y")  # LyCORIS's OFT: not read
+    with pytest.raises(QuantuneError, match="m.y: LoHa factor.*missing"):
         module_from_kohya({"hada_w1_a": torch.zeros(2, 2)}, "m.y")
 
 

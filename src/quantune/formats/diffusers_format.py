@@ -3,8 +3,9 @@
 Writing: one safetensors file with peft naming, "unet.<path>.lora_A.weight" / ".lora_B.weight" and
 "text_encoder.<path>...", plus diffusers' `lora_adapter_metadata` (a JSON of peft LoraConfig fields per component,
 keys "<component>.r", "<component>.lora_alpha", "<component>.rank_pattern", ...), which diffusers >= 0.34 uses to
-rebuild the exact alphas; with it absent diffusers assumes alpha = r. Reading accepts both namings (lora_A/lora_B
-and the older lora.down/lora.up, "lora_linear_layer"), with or without that metadata.
+rebuild the exact alphas; with it absent diffusers assumes alpha = r. DoRA: "...lora_magnitude_vector" beside a
+LoRA's factors and use_dora in the metadata (diffusers' loader gives it to peft). Reading accepts both namings
+(lora_A/lora_B and the older lora.down/lora.up, "lora_linear_layer"), with or without that metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 import torch
 
 from quantune.errors import QuantuneError
+from quantune.lora.dora import DoraModule
 from quantune.lora.layers import LoraModule
 from quantune.lora.weights import LoraWeights
 from quantune.targets import pattern_value
@@ -52,15 +54,24 @@ def alpha_from_peft_config(cfg: dict, path: str, rank: int) -> float:
 def to_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd: dict[str, torch.Tensor] = {}
     by_component: dict[str, list[tuple[str, LoraModule]]] = {}
+    dora: dict[str, set[bool]] = {}
     for key, mod in weights.items():
         if getattr(mod, "soft", False):
             raise QuantuneError(f"{key} is a soft conv LoRA, which diffusers cannot load: train with conv_mode='hard'")
+        if mod.kind not in ("lora", "dora"):
+            raise QuantuneError(f"{key} is a {mod.kind} adapter: diffusers loads LoRA and DoRA only; write kohya "
+                                "(ComfyUI, A1111 and LyCORIS read it), peft or quantune")  # fmt: skip
+        dora.setdefault(key.partition(".")[0], set()).add(mod.kind == "dora")
         sd.update({f"{key}.{name}": t for name, t in mod.peft_tensors().items()})
         component, _, path = key.partition(".")
         by_component.setdefault(component, []).append((path, mod))
     meta = {}
     for component, items in by_component.items():
         cfg = peft_config_dict([p for p, _ in items], [m.rank for _, m in items], [m.alpha for _, m in items])
+        if len(dora[component]) > 1:
+            raise QuantuneError(f"the {component} LoRA has DoRA on some modules only: diffusers' use_dora is per "
+                                "component; write kohya or quantune")  # fmt: skip
+        cfg["use_dora"] = dora[component].pop()
         meta.update({f"{component}.{k}": v for k, v in cfg.items()})
     return sd, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
 
@@ -92,6 +103,10 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lor
             used.add(alpha_key)
         weights[key] = LoraModule(down=down, up=sd[up_name], alpha=alpha)
         used.update((name, up_name))
+        magnitude = f"{m.group(1)}.lora_magnitude_vector"
+        if magnitude in sd:  # DoRA (peft's use_dora)
+            weights[key] = DoraModule.from_peft(weights[key], sd[magnitude])
+            used.add(magnitude)
     unknown = [k for k in sd if k not in used]
     if unknown:
         raise QuantuneError(f"unknown keys in a diffusers LoRA file, e.g. {unknown[0]!r}: not a LoRA this reads")

@@ -43,6 +43,11 @@ def fuse(parts: list[LoraModule | None], dims: list[int]) -> LoraModule:
     present = [m for m in parts if m is not None]
     if len(parts) == 1:
         return present[0]
+    other = next((m for m in present if not isinstance(m, LoraModule)), None)
+    if other is not None:
+        label = getattr(other, "label", other.kind)
+        raise QuantuneError(f"a {label} adapter on a module the original checkpoint fuses with others has no exact "
+                            "fused form: write diffusers, peft or quantune")  # fmt: skip
     rank = max(m.rank for m in present)
     scale = Counter(m.scale for m in present).most_common(1)[0][0]
     ref = present[0].down
@@ -63,6 +68,9 @@ def split(paths: tuple[str, ...], dims: list[int], fused: LoraModule) -> dict[st
     """The parts' LoRAs of a LoRA on the fused Linear (see the module docstring for the two layouts)."""
     if len(paths) == 1:
         return {paths[0]: fused}
+    if not isinstance(fused, LoraModule):
+        raise QuantuneError(f"a {getattr(fused, 'label', fused.kind)} adapter on the fused {paths[0]}... cannot be "
+                            "split into its parts exactly: quantune reads LoRAs on fused modules")  # fmt: skip
     down, up, alpha = fused.down, fused.up, fused.alpha
     rank, n = down.shape[0], len(paths)
     if sum(dims) != up.shape[0]:

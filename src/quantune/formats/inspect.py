@@ -1,4 +1,5 @@
-"""A summary of a LoRA file: format, components, module count, ranks, alphas, dtype, size on disk."""
+"""A summary of a LoRA file: format, adapter types and their factors, components, module count, ranks, alphas,
+dtype, size on disk."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ def disk_size(path) -> int:
 def _layer_kind(mod) -> str:
     if getattr(mod, "soft", False):
         return "soft-conv"
-    return "conv" if any(t.dim() == 4 for t in mod.tensors()) else "linear"
+    shape = getattr(getattr(mod, "inner", mod), "shape", None)  # a LoHa / LoKr's base shape, when known
+    return "conv" if (shape and len(shape) == 4) or any(t.dim() == 4 for t in mod.tensors()) else "linear"
+
+
+def _factor_names(weights: LoraWeights) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    for m in weights.values():
+        names.setdefault(getattr(m, "label", m.kind), set()).update(m.factors)
+    return names
 
 
 def describe(weights: LoraWeights, fmt: str, path, metadata: dict | None = None) -> dict:
@@ -30,7 +39,8 @@ def describe(weights: LoraWeights, fmt: str, path, metadata: dict | None = None)
     params = sum(t.numel() for m in weights.values() for t in m.tensors())
     return {
         "format": fmt,
-        "adapter_types": dict(Counter(m.kind for m in weights.values())),
+        "adapter_types": dict(Counter(getattr(m, "label", m.kind) for m in weights.values())),
+        "factors": {label: sorted(names) for label, names in _factor_names(weights).items()},
         "path": str(path),
         "modules": len(weights),
         "components": dict(components),

@@ -168,11 +168,18 @@ def _metadata(every: LoraWeights, rest: LoraWeights, architecture: str) -> dict[
     ranks = Counter(m.rank for m in every.values()).most_common(1)[0][0]
     common_alpha = Counter(m.alpha for m in every.values()).most_common(1)[0][0]
     conv = any(t.dim() == 4 for m in rest.values() for t in m.tensors())
+    args = {"conv_dim": ranks, "conv_alpha": common_alpha} if conv else {}
+    kinds = Counter(getattr(m, "inner", m).kind for m in every.values())
+    lycoris = set(kinds) != {"lora"} or any(m.kind == "dora" for m in every.values())
+    if lycoris:  # LyCORIS's kohya network: its algo and DoRA flag, as lycoris.kohya writes them
+        algo = kinds.most_common(1)[0][0]
+        dora = any(m.kind == "dora" for m in every.values())
+        args.update({"algo": "locon" if algo == "lora" else algo, "dora_wd": dora})
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(ranks),
         "ss_network_alpha": str(common_alpha),
-        "ss_network_args": json.dumps({"conv_dim": ranks} if conv else {}),
+        "ss_network_args": json.dumps(args),
         "modelspec.architecture": architecture,
     }
 
@@ -229,7 +236,9 @@ def from_kohya(sd: dict[str, torch.Tensor], components: dict[str, nn.Module] | N
     grouped = group_by_module(sd)
     unknown = [k for k in sd if not any(k.startswith(m + ".") and k[len(m) + 1 :] in t for m, t in grouped.items())]
     if unknown:
-        raise QuantuneError(f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (LoHa/LoKr/DoRA are not read)")
+        raise QuantuneError(
+            f"unsupported keys in a kohya file, e.g. {unknown[0]!r} (quantune reads LoRA / LoCon, LoHa, LoKr, DoRA)"
+        )
     read_prefixes = [(T5_PREFIX, arch.t5_component)] if arch is not None else []
     for flat_full, tensors in grouped.items():
         match = next(((p, c) for p, c in read_prefixes + _READ_PREFIXES if flat_full.startswith(p)), None)

@@ -1,6 +1,7 @@
 """A diffusion transformer's LoRA under its original checkpoint's module names (formats/checkpoint_names), as kohya
 and ComfyUI files store it: fused modules through formats/fused.py, one "<key>.lora_down.weight" /
-".lora_up.weight" / ".alpha" triple per original module. `key_of` / `name_of` give the file's spelling of a name
+".lora_up.weight" / ".alpha" triple per original module (LoHa, LoKr and DoRA tensors where a name is one diffusers
+module: a fused one holds LoRAs only). `key_of` / `name_of` give the file's spelling of a name
 (kohya: "lora_unet_" + the name with "_"; ComfyUI: "diffusion_model." + the name).
 """
 
@@ -15,11 +16,11 @@ from torch import nn
 from quantune.errors import QuantuneError
 from quantune.formats.checkpoint_names import Architecture, architecture_of
 from quantune.formats.fused import from_original, to_original
+from quantune.lora.adapter import AdapterModule, group_by_module, module_from_kohya
 from quantune.lora.layers import LoraModule
 
 logger = logging.getLogger(__name__)
-SUFFIXES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "alpha": "alpha",
-            "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # fmt: skip
+ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # peft's names in some files
 
 
 def architecture(model: nn.Module | None, what: str) -> Architecture:
@@ -43,27 +44,28 @@ def to_tensors(
                        ", ".join(dropped))  # fmt: skip
     sd: dict[str, torch.Tensor] = {}
     for name, mod in modules.items():
-        if name in arch.rank_alpha:  # readers that ignore these modules' alpha (diffusers) get the update right too
+        if name in arch.rank_alpha and isinstance(mod, LoraModule):  # readers ignoring their alpha (diffusers) too
             mod = LoraModule((mod.down.float() * mod.scale).to(mod.down.dtype), mod.up, float(mod.rank))
         sd.update({f"{key_of(name)}.{suffix}": t for suffix, t in mod.kohya_tensors().items()})
     return sd
 
 
-def modules_of(sd: dict[str, torch.Tensor], name_of: Callable[[str], str], what: str) -> dict[str, LoraModule]:
-    """Plain LoRA tensors "<key>.<suffix>" -> {name_of(key): LoRA}; any other tensor is refused by name."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
+def modules_of(sd: dict[str, torch.Tensor], name_of: Callable[[str], str], what: str) -> dict[str, AdapterModule]:
+    """Adapter tensors "<key>.<suffix>" (kohya / LyCORIS suffixes; lora_A / lora_B as lora_down / lora_up) ->
+    {name_of(key): module}; any other tensor is refused by name."""
+    renamed = {}
     for key, tensor in sd.items():
-        suffix = next((s for s in SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None:
-            raise QuantuneError(
-                f"unsupported {what} tensor {key!r}: only plain LoRA (lora_down / lora_up / alpha) is read (LoHa, "
-                "LoKr, DoRA and Tucker are not)"
-            )
-        grouped.setdefault(key[: -len(suffix) - 1], {})[SUFFIXES[suffix]] = tensor
-    incomplete = next((k for k, t in grouped.items() if {"lora_down.weight", "lora_up.weight"} - set(t)), None)
+        alias = next((s for s in ALIASES if key.endswith("." + s)), None)
+        renamed[key[: -len(alias)] + ALIASES[alias] if alias else key] = tensor
+    grouped = group_by_module(renamed)
+    known = {f"{k}.{s}" for k, parts in grouped.items() for s in parts}
+    stray = next((k for k in renamed if k not in known), None)
+    if stray is not None:
+        raise QuantuneError(f"unsupported {what} tensor {stray!r}: quantune reads LoRA, LoHa, LoKr and DoRA tensors")
+    incomplete = next((k for k, t in grouped.items() if set(t) <= {"alpha", "dora_scale"}), None)
     if incomplete is not None:
-        raise QuantuneError(f"{incomplete} lacks its lora_down or lora_up weight: the file is incomplete")
-    return {name_of(key): LoraModule.from_kohya(tensors, key) for key, tensors in grouped.items()}
+        raise QuantuneError(f"{incomplete} has no adapter factors beside its alpha: the file is incomplete")
+    return {name_of(key): module_from_kohya(tensors, key) for key, tensors in grouped.items()}
 
 
 def from_tensors(

@@ -16,12 +16,17 @@ from typing import Literal
 from quantune.errors import QuantuneError
 from quantune.targets import pattern_value, select
 
+ADAPTER_TYPES = ("lora", "loha", "lokr", "dora")  # "dora": LoRA with DoRA's weight decomposition
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' DreamBooth LoRA, diffengine, IntLoRA
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
 
 
 @dataclass
 class LoraConfig:
+    """Which modules get an adapter, of which type (`type`: LoRA, LyCORIS's LoHa / LoKr, or DoRA; `dora` adds
+    DoRA's decomposition to LoHa / LoKr too), at what rank and scale, and how it is initialised."""
+
+    type: str = "lora"
     r: int = 4
     alpha: float | None = None  # None: alpha = r (scale 1), as diffusers' training scripts do
     targets: str | list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
@@ -34,8 +39,21 @@ class LoraConfig:
     init: Literal["kaiming", "gaussian"] = "kaiming"  # A init; B is always zero so the start is the base model
     conv_mode: Literal["hard", "soft"] = "hard"  # hard: mergeable LoCon; soft: parallel convs, not mergeable
     seed: int | None = None  # seeds the A init when given
+    dora: bool = False  # DoRA's magnitude / direction decomposition on top of the adapter (type "dora": LoRA + it)
+    factor: int = -1  # LoKr: the Kronecker factor's size (-1: as balanced as the dimension allows), LyCORIS's
+    decompose_both: bool = False  # LoKr: the small factor low-rank too
+    use_tucker: bool = False  # LoHa / LoKr on a conv with a kernel: a Tucker core per factor (LyCORIS's use_tucker)
 
     def __post_init__(self) -> None:
+        if self.type not in ADAPTER_TYPES:
+            raise QuantuneError(f"LoraConfig.type must be one of {', '.join(ADAPTER_TYPES)}, got {self.type!r}")
+        if self.type == "dora":
+            self.type, self.dora = "lora", True
+        if self.type != "lora" and (self.trainable_scale or self.conv_mode != "hard" or self.dropout):
+            raise QuantuneError(f"LoraConfig: trainable_scale, conv_mode 'soft' and dropout are LoRA options, not "
+                                f"{self.type}'s: unset them")  # fmt: skip
+        if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
+            raise QuantuneError(f"LoraConfig.factor must be -1 or a positive integer, got {self.factor!r}")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.adapter import AdapterLayer
+from quantune.lora.adapter import ADAPTERS, AdapterLayer
 from quantune.lora.bases import base_type
 from quantune.lora.config import LoraConfig
-from quantune.lora.layers import LoraLayer
+from quantune.lora.dora import decompose
 from quantune.modules import set_module
 
 logger = logging.getLogger(__name__)
@@ -56,26 +56,20 @@ def _close_names(model: nn.Module, targets: str | list[str]) -> str:
 
 
 def add_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -> list[str]:
-    """Wrap the targeted layers of `model` in LoraLayer (in place); returns the adapted module names."""
+    """Wrap the targeted layers of `model` in adapter layers of `config.type` (LoraLayer for "lora"; DoRA's
+    decomposition on top when `config.dora`), in place; returns the adapted module names."""
     names = find_targets(model, config)
+    adapter = ADAPTERS[config.type]
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     if freeze_base:
         model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        layer = LoraLayer(
-            base,
-            config.rank_for(name),
-            config.alpha_for(name),
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            trainable_scale=config.trainable_scale,
-            init=config.init,
-            conv_mode=config.conv_mode,
-            generator=generator,
-        )
+        layer = adapter.new_layer(base, config.rank_for(name), config.alpha_for(name), config, generator)
+        if config.dora:
+            decompose(layer)
         set_module(model, name, layer)
-    logger.info("added LoRA to %d modules (r=%d)", len(names), config.r)
+    logger.info("added %s%s to %d modules (r=%d)", config.type, " + DoRA" if config.dora else "", len(names), config.r)
     return names
 
 

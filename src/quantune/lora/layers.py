@@ -101,7 +101,7 @@ class LoraLayer(AdapterLayer):
         delta = (up @ down).view(self.weight_shape) * self.scale.float()
         return delta if self.quantized_base else delta.to(self.base_layer.weight.dtype)
 
-    def to_module(self) -> LoraModule:
+    def adapter_module(self) -> LoraModule:
         return LoraModule(self.lora_down.weight.detach().clone(), self.lora_up.weight.detach().clone(), self.alpha,
                           self.soft)  # fmt: skip
 
@@ -186,6 +186,12 @@ class LoraModule(AdapterModule):
         if alpha == self.alpha:
             return self
         return LoraModule(self.down, (self.up.float() * (self.alpha / alpha)).to(self.up.dtype), alpha, self.soft)
+
+    @classmethod
+    def new_layer(cls, base: nn.Module, rank: int, alpha: float, config, generator=None) -> LoraLayer:
+        return LoraLayer(base, rank, alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+                         trainable_scale=config.trainable_scale, init=config.init, conv_mode=config.conv_mode,
+                         generator=generator)  # fmt: skip
 
     def layer(self, base: nn.Module, multiplier: float = 1.0) -> LoraLayer:
         layer = LoraLayer(base, self.rank, self.alpha, conv_mode="soft" if self.soft else "hard")

@@ -15,6 +15,7 @@ extract (cloneofsimo lora_distill, kohya extract_lora_from_models): dW = W_tuned
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,7 @@ def merge_into(pipe_or_model, loras: list[tuple[LoraWeights, float]]) -> int:
             component, path = split_key(key)
             base = _module(components, component, path, key)
             check_shapes(key, mod, base)
-            d = mod.delta() * scale
+            d = mod.delta_for(base_type(base).weight(base).detach()) * scale  # DoRA's depends on the weight
             deltas[key] = deltas[key] + d if key in deltas else d
     for key, d in deltas.items():
         if not torch.isfinite(d).all():
@@ -99,7 +100,7 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
         parts = [(w[key], s) for w, s in loras if key in w]
         if any(getattr(m, "soft", False) for m, _ in parts):
             raise QuantuneError(f"{key} is a soft conv LoRA: it cannot be mixed")
-        shapes = {_update_shape(m) for m, _ in parts}
+        shapes = {_flat(_update_shape(m)) for m, _ in parts}
         if len(shapes) > 1:
             raise QuantuneError(
                 f"{key}: the LoRAs disagree on its weight shape ({', '.join(map(str, sorted(shapes)))}): they were "
@@ -124,16 +125,23 @@ def mix(loras: list[tuple[LoraWeights, float]], mode: str, rank: int | None = No
             down = torch.cat([m.down.float() for m, _ in parts], dim=0)
             out[key] = LoraModule(down=down, up=up, alpha=float(down.shape[0]))
         else:
-            delta = sum(m.delta() * s for m, s in parts)
+            shape = max((_update_shape(m) for m, _ in parts), key=len)  # a conv's kernel, if any part knows it
+            delta = sum(m.delta().reshape(shape) * s for m, s in parts)
             out[key], report.rel_errors[key] = factorize(delta, rank)
     return out, report
 
 
 def _update_shape(mod) -> tuple[int, ...]:
-    """The shape of the weight a module's update has (LoRA: from its factors, without forming the product)."""
+    """The shape of the weight a module's update has, from its factors (a LoHa / LoKr conv's may be flat)."""
     if isinstance(mod, LoraModule):
         return (mod.up.shape[0], *mod.down.shape[1:])
+    if hasattr(mod, "update_shape"):
+        return tuple(mod.update_shape())
     return tuple(mod.delta().shape)
+
+
+def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:]))
 
 
 def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = 1.0) -> tuple[LoraModule, float]:

@@ -71,6 +71,9 @@ def canonicalize(weights: LoraWeights, pipe_or_model) -> LoraWeights:
     for key, mod in weights.items():
         component, path = split_key(key)
         real = resolve_path(components[component], path) if component in components else None
+        base = components[component].get_submodule(real) if real else None
+        if isinstance(base, AdapterLayer) or base_type(base) is not None:  # a conv's kernel, for LoHa / LoKr
+            mod = mod.for_shape(weight_shape(base))
         out[f"{component}.{real}" if real else key] = mod
     return out
 

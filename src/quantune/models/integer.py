@@ -19,10 +19,9 @@ def denoiser_names() -> list[str]:
     return sorted({family.denoiser for family in FAMILIES.values()})
 
 
-def save_integer_pipeline(
-    pipe, out: str | Path, extra: dict[str, dict] | None = None, overwrite: bool = False
-) -> Path:
-    """Write the pipeline (its denoiser holding integers) and its spec atomically; `extra`: JSON files to add.
+def save_integer_pipeline(pipe, out: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the pipeline (its denoiser holding integers) and its spec atomically; `extra`: files to add, by name
+    (a dict is written as JSON, a callable is called with the file's path).
     An existing `out` is replaced only with `overwrite` (and only if it is a pipeline folder)."""
     wrapped = {n: m for n in denoiser_names() if isinstance(m := getattr(pipe, n, None), OpenVINOModule)}
     try:
@@ -35,7 +34,10 @@ def save_integer_pipeline(
                 if model is not None and quant_layers(model):
                     write_spec(model, tmp / name)
             for name, obj in (extra or {}).items():
-                (tmp / name).write_text(json.dumps(obj, indent=1))
+                if callable(obj):
+                    obj(tmp / name)
+                else:
+                    (tmp / name).write_text(json.dumps(obj, indent=1))
     finally:
         for name, wrapper in wrapped.items():
             setattr(pipe, name, wrapper)

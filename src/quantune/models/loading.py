@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from quantune.errors import QuantuneError
 from quantune.families import zoo
 from quantune.models.deploy import deploy, torch_denoiser
+from quantune.models.embedded import attach_embedded, is_embedded
 from quantune.models.integer import denoiser_names, load_integer_components
 from quantune.quant.kernels import prepare_int_kernels
 from quantune.quant.quantize import quant_layers
@@ -64,6 +65,8 @@ def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None, backend: str
         pipe = builders[name]()
     elif Path(ref).exists():
         pipe = _load_folder(Path(ref), torch_dtype)
+        if is_embedded(ref):  # an adapter kept in place (quantune lora embed)
+            attach_embedded(pipe, ref)
     elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise QuantuneError(f"no such model folder: {ref} (give a diffusers folder, a hub id 'org/name', or zoo:tiny)")
     else:

@@ -86,6 +86,14 @@ class DataConfig:
 
 @dataclass
 class LoraSection:
+    """The [lora] section: LoraConfig's fields (type lora / loha / lokr / dora and their options) plus the
+    text-encoder LoRA's."""
+
+    type: str = "lora"  # "loha", "lokr" (LyCORIS), "dora" (LoRA + DoRA); IntLoRA trains LoRA only
+    dora: bool = False  # DoRA's decomposition on a LoHa / LoKr too
+    factor: int = -1  # LoKr's Kronecker factor
+    decompose_both: bool = False  # LoKr: the small factor low-rank too
+    use_tucker: bool = False  # LoHa / LoKr: Tucker cores on convs with a kernel
     r: int = 4
     alpha: float | None = None
     targets: str | list[str] | None = None  # None: the model family's (quantune.families), e.g. attention q/k/v/out

@@ -80,8 +80,10 @@ def text_encoder_lora(pipe, cfg) -> list[dict]:
     groups = []
     family = family_of(pipe)
     for i, model in enumerate(trainable_text_encoders(pipe).values()):
-        add_lora(model, cfg.lora.text_encoder_config(family.text_encoder_targets, seed=cfg.train.seed + 1 + i))
-        groups.append({"params": lora_parameters(model), "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
+        if not lora_layers(model):  # else an embedded adapter, trained further
+            add_lora(model, cfg.lora.text_encoder_config(family.text_encoder_targets, seed=cfg.train.seed + 1 + i))
+        params = [p.requires_grad_(True) for p in lora_parameters(model)]
+        groups.append({"params": params, "lr": cfg.optim.text_encoder_lr or cfg.optim.lr})
     return groups
 
 
@@ -101,8 +103,13 @@ class LoraMethod(TrainingMethod):
         family = family_of(pipe)
         freeze_all(pipe)
         denoiser = family.denoiser_of(pipe)
-        add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
+        if lora_layers(denoiser):  # a `lora embed` folder's adapter: trained further, whatever its type
+            logger.info("training the embedded adapter of %d modules further", len(lora_layers(denoiser)))
+        else:
+            add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
         groups = [{"params": lora_parameters(denoiser), "lr": cfg.optim.lr}]
+        for p in groups[0]["params"]:
+            p.requires_grad_(True)
         if cfg.lora.text_encoder:
             groups += text_encoder_lora(pipe, cfg)
         return groups
@@ -111,8 +118,23 @@ class LoraMethod(TrainingMethod):
         weights = get_lora_weights(pipe)
         config = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets)
         q = write_lora(weights, out_dir / "lora.safetensors", "quantune", config.to_json(), overwrite=True)
-        d = write_lora(weights, out_dir / "pytorch_lora_weights.safetensors", "diffusers", overwrite=True)
-        return [q, d]
+        return [q, *interop_export(weights, out_dir, pipe)]
+
+
+INTEROP = [("pytorch_lora_weights.safetensors", "diffusers"), ("lora_kohya.safetensors", "kohya"), ("peft", "peft")]
+
+
+def interop_export(weights, out_dir: Path, pipe) -> list[Path]:
+    """The adapter in the first format other tools load that can hold it: diffusers' (LoRA, DoRA), else kohya's
+    (LoHa / LoKr, which ComfyUI, A1111 and LyCORIS read), else peft's (a LoHa / LoKr on a transformer's fused
+    modules); the reasons the others could not are logged."""
+    for name, fmt in INTEROP:
+        try:
+            return [write_lora(weights, out_dir / name, fmt, pipe=pipe, overwrite=True)]
+        except QuantuneError as e:
+            logger.info("no %s export of this adapter: %s", fmt, e)
+    logger.warning("the adapter is written in the quantune format only (no other format holds it)")
+    return []
 
 
 class FullMethod(TrainingMethod):

@@ -103,7 +103,7 @@ class QLoraMethod(_QuantBase, LoraMethod):
 def requantize(layer, search: str = "l2.4"):
     """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits)."""
     base = layer.base_layer
-    return base.with_weight(base.dequantize() + layer.get_delta_weight() * layer.multiplier, search)
+    return base.with_weight(base.dequantize() + layer.weight_update() * layer.multiplier, search)
 
 
 class IntLoraMethod(_QuantBase):
@@ -116,6 +116,10 @@ class IntLoraMethod(_QuantBase):
         q = cfg.quant
         if lc.conv_mode == "soft":
             raise QuantuneError("IntLoRA merges into the base: lora.conv_mode = 'soft' cannot be used, set 'hard'")
+        if lc.type != "lora" or lc.dora:
+            kind = f"{lc.type}{' + DoRA' if lc.dora else ''}"
+            raise QuantuneError(f"IntLoRA's integer merge is defined for LoRA's B A, not for {kind}: set lora.type = "
+                                "'lora' (or train qlora)")  # fmt: skip
         generator = torch.Generator().manual_seed(cfg.train.seed)
         shared = IntLoraConfig(mode=self.mode, weight=q.weight, lora_bits=q.lora_bits, act=q.act,
                                vmc_alpha=q.vmc_alpha, seed=cfg.train.seed, zero_fix=q.zero_fix,
