@@ -188,3 +188,38 @@ def test_generate_says_which_backend_runs_an_integer_model(tmp_path, capsys, mon
     assert not (tmp_path / "ov").exists()
     rc, out, err = _run(capsys, *argv, "--out", tmp_path / "fallback")  # auto without OpenVINO: PyTorch, said
     assert rc == 0 and "denoiser: PyTorch integer kernels" in out, err
+
+
+@pytest.fixture
+def loha_file(tiny, tmp_path):
+    """zoo:tiny's UNet attention + 3x3 conv1 with a trained-looking LoHa (DoRA on top), as a kohya file."""
+    from quantune.formats import write_lora
+    from quantune.lora import LoraConfig, add_lora, get_lora_weights
+    from tests.lora.test_lycoris import _perturb
+
+    add_lora(tiny.unet, LoraConfig(type="loha", dora=True, r=4, targets=r".*(to_q|to_v|conv1)", seed=0))
+    _perturb(tiny.unet, 0)
+    return write_lora(get_lora_weights(tiny), tmp_path / "loha.safetensors", "kohya", pipe=tiny)
+
+
+def test_lycoris_files_through_every_command(loha_file, tmp_path, capsys):
+    rc, out, err = _run(capsys, "lora", "inspect", loha_file, "--json", "--model", "zoo:tiny")
+    info = json.loads(out)
+    assert rc == 0 and info["format"] == "kohya" and info["adapter_types"] == {"loha+dora": info["modules"]}, err
+    assert info["factors"]["loha+dora"] == ["dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+    assert info["layer_kinds"]["conv"] > 0  # the 3x3 convs, their kernel known from --model
+    rc, _, err = _run(capsys, "lora", "convert", loha_file, "--to", "comfyui", "--model", "zoo:tiny", "--out",
+                      tmp_path / "comfy.safetensors")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "lora", "merge", "--model", "zoo:tiny", "--lora", f"{loha_file}:0.5", "--out",
+                      tmp_path / "merged")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "lora", "mix", f"{loha_file}:1", f"{loha_file}:1", "--mode", "concat", "--out",
+                      tmp_path / "mix.safetensors")  # fmt: skip
+    assert rc == 2 and err.startswith("error:") and "cannot be mixed" in err  # DoRA: W' - W needs W
+    rc, _, err = _run(capsys, "lora", "convert", loha_file, "--to", "diffusers", "--model", "zoo:tiny", "--out",
+                      tmp_path / "d.safetensors")  # fmt: skip
+    assert rc == 2 and "no peft / diffusers form" in err and not (tmp_path / "d.safetensors").exists()
+    assert _generate(capsys, tmp_path / "gen", "--lora", f"{loha_file}:0,1") == 0
+    row0, row1 = (Image.open(tmp_path / "gen" / f"scale{s}_seed0.png").tobytes() for s in (0, 1))
+    assert row0 != row1

@@ -172,6 +172,13 @@ def test_file_modules_merge_into_float_and_integer_models(kind):
         w = getattr(float_net, name).weight.detach()
         torch.testing.assert_close(getattr(merged, name).weight - w, weights[f"unet.{name}"].delta_for(w).float(),
                                    atol=1e-5, rtol=0)  # fmt: skip
+    int_merged = copy.deepcopy(int_net)
+    assert merge_into(int_merged, [(weights, 1.0)]) == 3  # re-quantized at the layer's own bits
+    for name in ("lin", "conv", "point"):
+        base, merged_layer = getattr(int_net, name), getattr(int_merged, name)
+        want = base.dequantize() + weights[f"unet.{name}"].delta_for(base.dequantize())
+        step = merged_layer.scale.max()  # within half a quantization step per entry
+        assert (merged_layer.dequantize() - want).abs().max() <= step / 2 + 1e-5
     apply_lora(int_net, weights)  # QDoRA / a LoHa on integer weights: the update on the dequantized weight
     for name, layer in lora_layers(int_net).items():
         assert layer.quantized_base

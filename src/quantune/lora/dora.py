@@ -170,10 +170,12 @@ class DoraModule(AdapterModule):
         return cls(inner, vector.reshape(-1, 1, 1, 1) if conv else vector.reshape(-1, 1))
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        if self.inner.kind != "lora" or not self.on_out:
-            axis = "row" if self.on_out else "column"
-            raise QuantuneError(f"a {self.label} adapter with its norm per {axis} has no peft / diffusers form "
-                                "(peft's DoRA is LoRA's, per output row): write kohya")  # fmt: skip
+        if self.inner.kind != "lora":
+            raise QuantuneError(f"a {self.label} adapter has no peft / diffusers form (their DoRA is LoRA's): "
+                                "write kohya or quantune")  # fmt: skip
+        if not self.on_out:
+            raise QuantuneError("a DoRA with its norm per input column has no peft / diffusers form (theirs is per "
+                                "output row): write kohya or quantune")  # fmt: skip
         m = self.magnitude
         vector = m.reshape(1, -1, 1, 1) if m.dim() == 4 else m.reshape(-1)
         return {**self.inner.peft_tensors(), "lora_magnitude_vector": vector}
