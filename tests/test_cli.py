@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -164,7 +165,7 @@ def test_lora_strengths_must_be_finite_numbers(spec, command, lora_file, capsys,
 
 
 def test_the_cli_offers_every_writable_lora_format():
-    from quantune.cli import LORA_FORMATS
+    from quantune.cli_args import LORA_FORMATS
     from quantune.formats import WRITABLE
 
     assert LORA_FORMATS == WRITABLE
@@ -223,3 +224,18 @@ def test_lycoris_files_through_every_command(loha_file, tmp_path, capsys):
     assert _generate(capsys, tmp_path / "gen", "--lora", f"{loha_file}:0,1") == 0
     row0, row1 = (Image.open(tmp_path / "gen" / f"scale{s}_seed0.png").tobytes() for s in (0, 1))
     assert row0 != row1
+
+
+def test_generate_sums_several_lycoris_files_and_refuses_them_on_integer_models(loha_file, tmp_path, capsys):
+    assert _generate(capsys, tmp_path / "two", "--lora", f"{loha_file}:0.5", "--lora", f"{loha_file}:0.5") == 0
+    assert _generate(capsys, tmp_path / "one", "--lora", f"{loha_file}:1") == 0
+    assert _generate(capsys, tmp_path / "none") == 0
+    two, one, none = (np.asarray(Image.open(tmp_path / d / "seed0.png"), dtype=float) for d in ("two", "one", "none"))
+    assert np.abs(two - one).max() <= 3 < np.abs(one - none).max()  # merged 0.5 + 0.5 of W' - W = applied at 1
+    rc, _, err = _run(capsys, "quantize", "--model", "zoo:tiny", "--method", "minmax", "--calib-samples", "4",
+                      "--steps", "2", "--resolution", "16", "--out", tmp_path / "int")  # fmt: skip
+    assert rc == 0, err
+    argv = ["generate", "--model", tmp_path / "int", "--prompt", "x", "--steps", "1", "--size", "32", "--backend",
+            "torch", "--lora", f"{loha_file}:0.5", "--lora", f"{loha_file}:0.5", "--out", tmp_path / "g"]  # fmt: skip
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "re-quantized" in err and not (tmp_path / "g").exists()

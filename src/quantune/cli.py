@@ -7,16 +7,14 @@ Every QuantuneError is printed as one line `error: ...` with exit status 2; noth
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import sys
 
+from quantune import cli_lora
+from quantune.cli_args import add_out, count, load_model, number, size_of
 from quantune.errors import QuantuneError, cause_chain
 from quantune.logs import quiet_libraries
-
-LORA_FORMATS = ("quantune", "diffusers", "peft", "kohya", "comfyui")  # = formats.WRITABLE (kept light to import)
 
 logger = logging.getLogger("quantune")
 
@@ -27,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_train(sub)
-    _add_lora(sub)
+    cli_lora.add_lora(sub)
     _add_quantize(sub)
     _add_eval(sub)
     _add_bench(sub)
@@ -40,15 +38,15 @@ def _add_generate(sub) -> None:
     g.add_argument("--model", required=True, help="zoo:tiny, a diffusers folder, or a hub id")
     g.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] or FILE:S1,S2,... (repeatable)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--steps", type=_count(1), default=20)
-    g.add_argument("--seed", type=_count(0), default=0)
-    g.add_argument("--size", type=_count(8), default=None, help="image side in px (default: the model's)")
-    g.add_argument("--num-images", type=_count(1), default=1)
-    g.add_argument("--guidance", type=_number, default=7.5)
+    g.add_argument("--steps", type=count(1), default=20)
+    g.add_argument("--seed", type=count(0), default=0)
+    g.add_argument("--size", type=count(8), default=None, help="image side in px (default: the model's)")
+    g.add_argument("--num-images", type=count(1), default=1)
+    g.add_argument("--guidance", type=number, default=7.5)
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     _add_backend(g)
-    _add_out(g)
+    add_out(g)
 
 
 def _add_backend(p) -> None:
@@ -61,78 +59,34 @@ def _add_train(sub) -> None:
     t.add_argument("config", nargs="?", help="a TOML file (configs/ has examples); defaults apply without one")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
     t.add_argument("--resume", help="latest, or a checkpoint folder name (step-000100)")
-    _add_out(t, "output_dir (a previous run there)")
-
-
-def _add_lora(sub) -> None:
-    lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
-        dest="lora_command", required=True
-    )
-    i = lora.add_parser("inspect", help="format, ranks, alphas, module count, dtype and size")
-    i.add_argument("file")
-    i.add_argument("--model", help="for cloneofsimo / lora_wrapper files and a transformer's kohya / comfyui files")
-    i.add_argument("--json", action="store_true", help="print JSON")
-
-    c = lora.add_parser("convert", help="convert between quantune, diffusers, peft, kohya and comfyui")
-    c.add_argument("input")
-    c.add_argument("--to", required=True, choices=LORA_FORMATS)
-    _add_out(c)
-    c.add_argument("--model", help="for cloneofsimo / lora_wrapper files, kohya names, any transformer's names")
-    c.add_argument("--component", default="unet", help="part a bare peft folder or cloneofsimo .pt is for")
-
-    m = lora.add_parser("merge", help="merge LoRAs into a base model and save a diffusers folder")
-    m.add_argument("--model", required=True)
-    m.add_argument("--lora", action="append", required=True, help="FILE[:SCALE] (repeatable)")
-    _add_out(m)
-
-    x = lora.add_parser("mix", help="mix several LoRAs into one")
-    x.add_argument("loras", nargs="+", help="FILE:WEIGHT")
-    x.add_argument("--mode", required=True, choices=["sum", "concat", "svd"])
-    x.add_argument("--rank", type=_count(1))
-    x.add_argument("--to", default="quantune", choices=LORA_FORMATS)
-    x.add_argument("--model", help="for cloneofsimo / lora_wrapper inputs and a transformer's kohya / comfyui files")
-    _add_out(x)
-
-    b = lora.add_parser("embed", help="a pipeline folder with the adapter in place (strength adjustable, trainable)")
-    b.add_argument("--model", required=True)
-    b.add_argument("--lora", required=True, help="FILE[:STRENGTH]")
-    _add_out(b)
-
-    e = lora.add_parser("extract", help="extract a LoRA from two models (truncated SVD of the difference)")
-    e.add_argument("--base", help="the base model (not needed when --tuned is a `lora embed` folder)")
-    e.add_argument("--tuned", required=True, help="the fine-tuned model, or a `lora embed` folder (exact)")
-    e.add_argument("--rank", type=_count(1), help="the LoRA's rank (SVD extraction)")
-    e.add_argument("--clamp-quantile", type=_number, default=0.99)
-    e.add_argument("--targets", nargs="*", help="module names or dotted suffixes to consider (default: all)")
-    e.add_argument("--to", default="quantune", choices=LORA_FORMATS)
-    _add_out(e)
+    add_out(t, "output_dir (a previous run there)")
 
 
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="post-training quantization of the denoiser into an integer model")
     q.add_argument("--model", required=True, help="zoo:emoji, a diffusers folder, or a hub id")
     q.add_argument("--method", default="eda-dm", help="eda-dm, qdiffusion, minmax (ptq/methods: any registered)")
-    q.add_argument("--wbits", type=_count(1), default=8, help="weight bits: 2..8 (8: symmetric int8)")
+    q.add_argument("--wbits", type=count(1), default=8, help="weight bits: 2..8 (8: symmetric int8)")
     q.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits, or none for weight-only")
     q.add_argument("--attn-bits", type=_bits_or_none, default=8, help="q/k/v/softmax bits, or none (float)")
-    q.add_argument("--smooth", type=_number, help="SmoothQuant's alpha in [0, 1] (0.5: the paper's); default off")
-    q.add_argument("--calib-samples", type=_count(1), default=256, help="calibration trajectories N")
-    q.add_argument("--steps", type=_count(1), default=20, help="sampler steps of the calibration trajectories")
-    q.add_argument("--iters", type=_count(0), default=1000, help="reconstruction iterations per block")
-    q.add_argument("--batch-size", type=_count(1), default=32)
+    q.add_argument("--smooth", type=number, help="SmoothQuant's alpha in [0, 1] (0.5: the paper's); default off")
+    q.add_argument("--calib-samples", type=count(1), default=256, help="calibration trajectories N")
+    q.add_argument("--steps", type=count(1), default=20, help="sampler steps of the calibration trajectories")
+    q.add_argument("--iters", type=count(0), default=1000, help="reconstruction iterations per block")
+    q.add_argument("--batch-size", type=count(1), default=32)
     q.add_argument("--keep-fp", action="append", default=[], help="layer name or regex left in float (repeatable)")
     q.add_argument("--prompts", help="calibration prompts, one per line (default: OpenMoji captions)")
-    q.add_argument("--resolution", type=_count(8), help="calibration image size in px (default: the model's)")
-    q.add_argument("--lr-w", type=_number, help="AdaRound learning rate (default by bits, docs/quantization.md)")
-    q.add_argument("--lr-a", type=_number, default=1e-3, help="activation step-size learning rate (relative)")
-    q.add_argument("--tdac-r", type=_number, default=0.3, help="TDAC radius: 0.3 LSUN / COCO, 3.0 CIFAR / ImageNet")
-    q.add_argument("--tdac-lambda", type=_number, default=5.0, help="TDAC variety weight: 5 COCO, 1 LSUN, 1.2 CIFAR")
-    q.add_argument("--add-loss", type=_number, default=0.8, help="FBR's inner-layer weight (eda-dm)")
-    q.add_argument("--qdrop", type=_number, default=0.5, help="QDrop probability (eda-dm)")
-    q.add_argument("--round-reg", type=_number, default=0.01, help="AdaRound regulariser weight (0: EDA-DM's ref.)")
-    q.add_argument("--guidance", type=_number, help="calibration sampler's guidance (default: the pipeline's own)")
-    q.add_argument("--seed", type=_count(0), default=0)
-    _add_out(q)
+    q.add_argument("--resolution", type=count(8), help="calibration image size in px (default: the model's)")
+    q.add_argument("--lr-w", type=number, help="AdaRound learning rate (default by bits, docs/quantization.md)")
+    q.add_argument("--lr-a", type=number, default=1e-3, help="activation step-size learning rate (relative)")
+    q.add_argument("--tdac-r", type=number, default=0.3, help="TDAC radius: 0.3 LSUN / COCO, 3.0 CIFAR / ImageNet")
+    q.add_argument("--tdac-lambda", type=number, default=5.0, help="TDAC variety weight: 5 COCO, 1 LSUN, 1.2 CIFAR")
+    q.add_argument("--add-loss", type=number, default=0.8, help="FBR's inner-layer weight (eda-dm)")
+    q.add_argument("--qdrop", type=number, default=0.5, help="QDrop probability (eda-dm)")
+    q.add_argument("--round-reg", type=number, default=0.01, help="AdaRound regulariser weight (0: EDA-DM's ref.)")
+    q.add_argument("--guidance", type=number, help="calibration sampler's guidance (default: the pipeline's own)")
+    q.add_argument("--seed", type=count(0), default=0)
+    add_out(q)
 
 
 def _add_eval(sub) -> None:
@@ -143,11 +97,11 @@ def _add_eval(sub) -> None:
     ev.add_argument("--lora", action="append", default=[], help="FILE[:SCALE] (repeatable)")
     ev.add_argument("--prompts", default="builtin", help="builtin (OpenMoji captions) or a file, one per line")
     ev.add_argument("--metrics", default="fid", help="comma-separated: fid,glyph,clip-t,clip-i,dino,lpips,psnr,ssim")
-    ev.add_argument("--n", type=_count(0), default=64, help="number of prompts (builtin: drawn with the seed; 0: all)")
-    ev.add_argument("--steps", type=_count(1), default=20)
-    ev.add_argument("--guidance", type=_number, default=7.5)
-    ev.add_argument("--size", type=_count(8), help="image side in px (default: the model's)")
-    ev.add_argument("--seed", type=_count(0), default=0, help="image i uses seed + i")
+    ev.add_argument("--n", type=count(0), default=64, help="number of prompts (builtin: drawn with the seed; 0: all)")
+    ev.add_argument("--steps", type=count(1), default=20)
+    ev.add_argument("--guidance", type=number, default=7.5)
+    ev.add_argument("--size", type=count(8), help="image side in px (default: the model's)")
+    ev.add_argument("--seed", type=count(0), default=0, help="image i uses seed + i")
     ev.add_argument("--reference", help="folder of real images for FID (builtin prompts: their glyphs)")
     ev.add_argument("--instance", help="folder of subject images for clip-i / dino")
     ev.add_argument("--compare-model", help="model whose same-seed samples psnr / ssim / lpips compare against")
@@ -156,7 +110,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--dino", help="local DINO / DINOv2 folder")
     ev.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     _add_backend(ev)
-    _add_out(ev)
+    add_out(ev)
 
 
 def _add_bench(sub) -> None:
@@ -166,7 +120,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--report-only", action="store_true", help="rewrite the report from the tables already in --out")
     b.add_argument("--readme", help="then write the report into this README's marked results section")
     b.add_argument("--link", help="the --out folder as the README links it (default: relative to the README)")
-    _add_out(b)
+    add_out(b)
 
 
 def _add_merges(sub) -> None:
@@ -176,44 +130,8 @@ def _add_merges(sub) -> None:
             "merge", help="write a diffusers folder whose UNet holds integer weights"
         )
         fm.add_argument("run_dir", help="the training run's output_dir")
-        _add_out(fm)
+        add_out(fm)
         fm.set_defaults(family=family)
-
-
-def _add_out(parser: argparse.ArgumentParser, what: str = "--out") -> None:
-    if what == "--out":
-        parser.add_argument("--out", required=True)
-    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (never done silently)")
-
-
-def _number(text: str) -> float:
-    """A finite float (argparse's `float` takes nan and inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-_number.numeric = True
-
-
-def _count(low: int):
-    """An integer of at least `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        return value
-
-    parse.numeric = True  # tests/test_bad_input.py finds every numeric option by this
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,13 +150,6 @@ def _bits_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bit width: give an integer or none") from None
 
 
-def _size(path) -> str:
-    from quantune.formats.inspect import disk_size
-    from quantune.io import human_size
-
-    return human_size(disk_size(path))
-
-
 def cmd_generate(a) -> None:
     from quantune.generate import MARKERS, LoraSpec, attach_loras, generate
     from quantune.io import check_output
@@ -254,7 +165,8 @@ def cmd_generate(a) -> None:
     paths = generate(
         pipe, a.prompt, a.out, scales, a.steps, a.seed, a.size, a.num_images, a.guidance, overwrite=a.overwrite
     )
-    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {scales}); "
+    strengths = "as loaded" if scales == [None] else scales
+    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]} ({len(scales)} row(s): strengths {strengths}); "
           f"denoiser: {describe_backend(pipe)}")  # fmt: skip
 
 
@@ -270,7 +182,7 @@ def cmd_train(a) -> None:
             f"peak memory {result.peak_memory_mb:.0f} MB)"
         )
         for path in result.outputs:
-            print(f"  {path} ({_size(path)})")
+            print(f"  {path} ({size_of(path)})")
 
 
 def cmd_quantize(a) -> None:
@@ -287,7 +199,7 @@ def cmd_quantize(a) -> None:
     )  # fmt: skip
     check_output(a.out, a.overwrite, DIFFUSERS_FOLDER)
     prompts = read_prompts(a.prompts) if a.prompts else None
-    pipe = _load(a.model)
+    pipe = load_model(a.model, merged=True)  # a `lora embed` folder: its tuned model
     report = quantize_pipeline(pipe, cfg, prompts)
     out = save_ptq_pipeline(pipe, a.out, report, a.overwrite)
     family = family_of(pipe)
@@ -299,7 +211,7 @@ def cmd_quantize(a) -> None:
     print(f"  integer kernels (CPU): {', '.join(f'{n} {k}' for k, n in sorted(ways.items()))}")
     print(
         f"  {family.denoiser} weights on disk: {_human(unet_bytes)} (fp32: {_human(report['fp32_unet_bytes'])}, "
-        f"{report['fp32_unet_bytes'] / unet_bytes:.2f}x smaller); wrote {out} ({_size(out)})"
+        f"{report['fp32_unet_bytes'] / unet_bytes:.2f}x smaller); wrote {out} ({size_of(out)})"
     )
 
 
@@ -337,142 +249,17 @@ def cmd_bench(a) -> None:
     print(f"wrote {report} and {report.with_suffix('.html')}" + (f"; updated {a.readme}" if a.readme else ""))
 
 
-def cmd_inspect(a) -> None:
-    from quantune.formats import read_lora
-    from quantune.formats.inspect import describe
-    from quantune.io import human_size
-
-    pipe = _load(a.model)
-    weights, fmt, meta = read_lora(a.file, pipe)
-    info = describe(weights, fmt, a.file, meta)
-    if a.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
-        return
-    print(f"{info['path']}: {info['format']} LoRA, {human_size(info['size_bytes'])}")
-    for key in (
-        "modules",
-        "adapter_types",
-        "factors",
-        "components",
-        "layer_kinds",
-        "ranks",
-        "alphas",
-        "dtype",
-        "parameters",
-    ):
-        print(f"  {key:12s} {info[key]}")
-
-
-def _load(ref):
-    if ref is None:
-        return None
-    from quantune.models import load_pipeline
-
-    return load_pipeline(ref, backend="torch")  # merged, inspected, quantized: the PyTorch model
-
-
-def cmd_convert(a) -> None:
-    from quantune.formats import lora_output, read_lora, write_lora
-
-    lora_output(a.out, a.to, a.overwrite)
-    pipe = _load(a.model)
-    weights, fmt, meta = read_lora(a.input, pipe, a.component)
-    out = write_lora(weights, a.out, a.to, meta.get("lora_config"), pipe, a.overwrite)
-    print(f"{fmt} -> {a.to}: {len(weights)} modules, wrote {out} ({_size(out)})")
-
-
 def cmd_int_merge(a) -> None:
     from quantune.train.merge_run import merge_run
 
     out, n = merge_run(a.run_dir, a.out, a.family, a.overwrite)
-    print(f"merged {n} {a.family} layers into integers; wrote diffusers folder {out} ({_size(out)})")
-
-
-def cmd_merge(a) -> None:
-    from quantune.formats import read_lora
-    from quantune.generate import LoraSpec
-    from quantune.io import DIFFUSERS_FOLDER, atomic_dir, check_output
-    from quantune.lora.merge import merge_into
-
-    check_output(a.out, a.overwrite, DIFFUSERS_FOLDER)
-    pipe = _load(a.model)
-    loras = []
-    for spec in map(LoraSpec.parse, a.lora):
-        if len(spec.scales) != 1:
-            raise QuantuneError("lora merge takes one scale per LoRA (FILE:SCALE)")
-        loras.append((read_lora(spec.path, pipe)[0], spec.scales[0]))
-    n = merge_into(pipe, loras)
-    with atomic_dir(a.out, DIFFUSERS_FOLDER, a.overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    print(f"merged {len(loras)} LoRA(s) into {n} modules; wrote diffusers folder {a.out} ({_size(a.out)})")
-
-
-def cmd_mix(a) -> None:
-    from quantune.formats import lora_output, read_lora, write_lora
-    from quantune.generate import LoraSpec
-    from quantune.lora.merge import mix
-
-    lora_output(a.out, a.to, a.overwrite)
-    pipe = _load(a.model)
-    specs = [LoraSpec.parse(s) for s in a.loras]
-    if any(len(s.scales) != 1 for s in specs):
-        raise QuantuneError("lora mix takes FILE:WEIGHT with one weight each")
-    mixed, report = mix([(read_lora(s.path, pipe)[0], s.scales[0]) for s in specs], a.mode, a.rank)
-    out = write_lora(mixed, a.out, a.to, pipe=pipe, overwrite=a.overwrite)
-    ranks = sorted({m.rank for m in mixed.values()})
-    print(f"mixed {len(specs)} LoRAs ({a.mode}): {len(mixed)} modules, rank(s) {ranks}; wrote {out} ({_size(out)})")
-    if a.mode == "svd":
-        print(f"  relative error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g}")
-    elif a.mode == "sum":
-        print("  note: sum mixes the factors (cloneofsimo), not the deltas; use concat or svd for the exact sum")
-
-
-def cmd_embed(a) -> None:
-    from quantune.formats import read_lora
-    from quantune.generate import LoraSpec
-    from quantune.io import DIFFUSERS_FOLDER, check_output
-    from quantune.models.embedded import save_embedded
-
-    check_output(a.out, a.overwrite, DIFFUSERS_FOLDER)
-    spec = LoraSpec.parse(a.lora)
-    if len(spec.scales) != 1:
-        raise QuantuneError("lora embed takes one strength (FILE:STRENGTH)")
-    pipe = _load(a.model)
-    weights = read_lora(spec.path, pipe)[0]
-    out = save_embedded(pipe, weights, a.out, spec.scales[0], a.overwrite)
-    kinds = ", ".join(sorted({getattr(m, "label", m.kind) for m in weights.values()}))
-    print(f"embedded {len(weights)} {kinds} modules at strength {spec.scales[0]:g}; wrote {out} ({_size(out)})")
-
-
-def cmd_extract(a) -> None:
-    from quantune.formats import lora_output, write_lora
-    from quantune.lora.merge import extract
-    from quantune.models.embedded import embedded_adapter, is_embedded
-
-    lora_output(a.out, a.to, a.overwrite)
-    if is_embedded(a.tuned) and a.base is None:  # the adapter a `lora embed` folder keeps, exactly
-        weights, _ = embedded_adapter(a.tuned)
-        out = write_lora(weights, a.out, a.to, pipe=_load(a.tuned), overwrite=a.overwrite)
-        print(f"extracted the embedded adapter ({len(weights)} modules, exact); wrote {out} ({_size(out)})")
-        return
-    if a.base is None or a.rank is None:
-        raise QuantuneError("lora extract needs --base and --rank (or --tuned a `lora embed` folder, without --base)")
-    base = _load(a.base)
-    weights, report = extract(base, _load(a.tuned), a.rank, a.clamp_quantile, targets=a.targets)
-    out = write_lora(weights, a.out, a.to, pipe=base, overwrite=a.overwrite)
-    print(f"extracted {len(weights)} modules at rank {a.rank}; wrote {out} ({_size(out)})")
-    print(f"  relative error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g}")
+    print(f"merged {n} {a.family} layers into integers; wrote diffusers folder {out} ({size_of(out)})")
 
 
 COMMANDS = {
+    **cli_lora.COMMANDS,
     "train": cmd_train,
     "generate": cmd_generate,
-    "inspect": cmd_inspect,
-    "convert": cmd_convert,
-    "merge": cmd_merge,
-    "mix": cmd_mix,
-    "extract": cmd_extract,
-    "embed": cmd_embed,
     "int-merge": cmd_int_merge,
     "quantize": cmd_quantize,
     "eval": cmd_eval,

@@ -15,7 +15,7 @@ from quantune.families import family_of
 from quantune.formats import read_lora
 from quantune.io import atomic_dir, check_output, make_grid
 from quantune.lora.bases import base_type
-from quantune.lora.inject import set_lora_multiplier
+from quantune.lora.inject import lora_layers, set_lora_multiplier
 from quantune.lora.layers import LoraModule
 from quantune.lora.merge import merge_into, mix
 from quantune.lora.weights import apply_lora, components_of
@@ -44,10 +44,14 @@ class LoraSpec:
         return cls(head, scales)
 
 
-def attach_loras(pipe, specs: list[LoraSpec]) -> list[float]:
-    """Wrap the pipeline with the LoRAs; returns the strengths to sweep (one row each)."""
+def attach_loras(pipe, specs: list[LoraSpec]) -> list[float | None]:
+    """Wrap the pipeline with the LoRAs; returns the strengths to sweep (one row each; None: one row as loaded, an
+    embedded adapter at its own strength)."""
     if not specs:
-        return [1.0]
+        return [None]
+    if any(lora_layers(model) for model in components_of(pipe).values()):
+        raise QuantuneError("this model carries an embedded adapter (a `lora embed` folder): generate with it alone, "
+                            "or embed the other adapter into its base model")  # fmt: skip
     if len(specs) == 1:
         weights, _, _ = read_lora(specs[0].path, pipe)
         apply_lora(pipe, weights)
@@ -95,7 +99,8 @@ def generate(
     names, rows = [], []
     for i, scale in enumerate(scales):
         for model in components_of(pipe).values():
-            set_lora_multiplier(model, scale)
+            if scale is not None:
+                set_lora_multiplier(model, scale)
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
         images = pipe(
             [prompt] * num_images,
@@ -109,7 +114,8 @@ def generate(
         rows.append(images)
         names += [f"scale{scale:g}_seed{seed + k}.png" if len(scales) > 1 else f"seed{seed + k}.png"
                   for k in range(num_images)]  # fmt: skip
-        logger.info("row %d: LoRA strength %g, %d image(s)", i, scale, num_images)
+        strength = "as loaded" if scale is None else f"{scale:g}"
+        logger.info("row %d: LoRA strength %s, %d image(s)", i, strength, num_images)
     with atomic_dir(out_dir, MARKERS, overwrite) as tmp:
         for name, image in zip(names, (img for row in rows for img in row)):
             image.save(tmp / name, format="PNG")

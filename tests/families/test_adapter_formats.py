@@ -38,5 +38,6 @@ def test_adapter_types_round_trip_or_refuse_in_every_format(family_ref, kind, tm
         for key, mod in weights.items():
             w = denoiser.get_submodule(key.split(".", 1)[1]).base_layer.weight.detach()
             torch.testing.assert_close(back[key].delta_for(w), mod.delta_for(w), atol=1e-5, rtol=0, msg=fmt)
-    assert "quantune" in written and "diffusers" not in written
-    assert ("peft" in written) == (kind == "lokr")  # peft's DoRA is LoRA's
+    unet = family.denoiser == "unet"  # a transformer's kohya / ComfyUI names fuse q / k / v (PixArt: no kohya ones)
+    expected = {"quantune", *(["kohya", "comfyui"] if unet else []), *(["peft"] if kind == "lokr" else [])}
+    assert set(written) == expected  # peft's DoRA is LoRA's; diffusers loads LoRA and DoRA only

@@ -24,6 +24,7 @@ TYPES = {  # id -> LoraConfig fields (layer sizes below make every LoKr layout o
     "lokr": dict(type="lokr", r=2),
     "lokr-full": dict(type="lokr", r=8),
     "lokr-both": dict(type="lokr", r=1, decompose_both=True, factor=4),
+    "lokr-f16": dict(type="lokr", r=1, factor=16),  # a factor above sqrt(dim): peft orders the pair otherwise
     "lokr-tucker": dict(type="lokr", r=2, use_tucker=True),
     "dora": dict(type="dora", r=4),
     "loha-dora": dict(type="loha", r=4, dora=True),
@@ -93,7 +94,10 @@ def _hand_update(layer, weight: torch.Tensor) -> torch.Tensor:
         return dw
     new = w + dw
     m = mod.magnitude.double()
-    norm = new.flatten(1).norm(dim=1).reshape(m.shape) if m.shape[1] == 1 else None
+    if m.shape[1] == 1:  # per output row
+        norm = new.flatten(1).norm(dim=1).reshape(m.shape)
+    else:  # per input column
+        norm = new.transpose(0, 1).flatten(1).norm(dim=1).reshape(m.shape)
     return m * new / norm - w
 
 
@@ -230,8 +234,14 @@ def test_lycoris_package_applies_quantune_modules(kind):  # Tucker LoKr: its loa
         _assert_outputs(net(*INPUTS), expected)
 
 
-LYCORIS_MADE = [("loha", {}), ("lokr", {"factor": 4}), ("lokr", {"decompose_both": True}),
-                ("locon", {"dora_wd": True}), ("loha", {"dora_wd": True})]  # fmt: skip
+LYCORIS_MADE = [
+    ("loha", {}),
+    ("lokr", {"factor": 4}),
+    ("lokr", {"decompose_both": True}),
+    ("locon", {"dora_wd": True}),
+    ("loha", {"dora_wd": True}),
+    ("locon", {"dora_wd": True, "wd_on_output": False}),
+]  # fmt: skip  (older files: the norm per column)
 
 
 @pytest.mark.parametrize(("algo", "options"), LYCORIS_MADE)
@@ -278,12 +288,13 @@ def _peft_configs():
         "loha-tucker": peft.LoHaConfig(r=4, alpha=3, target_modules=targets, use_effective_conv2d=True),
         "lokr-full": peft.LoKrConfig(r=4, alpha=3, target_modules=targets),
         "lokr-both": peft.LoKrConfig(r=1, alpha=3, target_modules=targets, decompose_both=True, decompose_factor=4),
+        "lokr-f16": peft.LoKrConfig(r=1, alpha=3, target_modules=targets, decompose_factor=16),
         "lokr-tucker": peft.LoKrConfig(r=2, alpha=3, target_modules=targets, use_effective_conv2d=True),
         "dora": peft.LoraConfig(r=4, lora_alpha=3, target_modules=targets, use_dora=True),
     }
 
 
-@pytest.mark.parametrize("name", ["loha", "loha-tucker", "lokr-full", "lokr-both", "lokr-tucker", "dora"])
+@pytest.mark.parametrize("name", ["loha", "loha-tucker", "lokr-full", "lokr-both", "lokr-f16", "lokr-tucker", "dora"])
 def test_quantune_reads_peft_adapters(name, tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -327,3 +338,29 @@ def test_refusals_name_the_type_and_the_way_out():
 
     with pytest.raises(QuantuneError, match="contradict"):
         module_from_kohya(broken, "lin")
+
+
+@pytest.mark.parametrize(("algo", "options"), [("loha", {}), ("lokr", {"factor": 4}), ("locon", {"dora_wd": True})])
+def test_quantune_reads_a_lycoris_kohya_file(algo, options, tmp_path):
+    """A file LyCORIS's kohya network writes (lora_unet_ / lora_te_ names, UNet attention, resnets and CLIP), read
+    and applied by quantune to a fresh model: the same UNet and text-encoder outputs."""
+    kohya = pytest.importorskip("lycoris.kohya")
+    from quantune.models import build_tiny
+    from tests.conftest import pipe_outputs
+
+    tiny = build_tiny()
+    preset = tmp_path / "preset.toml"  # LyCORIS 4.1.3's "full" preset names time_embedding.linear_1 twice on a
+    preset.write_text('unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]\nunet_target_name = []\n')
+    network = kohya.create_network(1.0, 4, 2.0, tiny.vae, tiny.text_encoder, tiny.unet, algo=algo, conv_dim=4,
+                                   conv_alpha=2.0, preset=str(preset), **options)  # fmt: skip  (diffusers UNet)
+    network.apply_to(tiny.text_encoder, tiny.unet, apply_text_encoder=True, apply_unet=True)
+    _perturb(network, 1)
+    expected = pipe_outputs(tiny)
+    network.save_weights(str(tmp_path / "lycoris.safetensors"), None, {"ss_network_module": "lycoris.kohya"})
+    fresh = build_tiny()
+    weights, fmt, _ = read_lora(tmp_path / "lycoris.safetensors", fresh)
+    assert fmt == "kohya" and {k.split(".")[0] for k in weights} == {"unet", "text_encoder"}
+    assert any(len(fresh.unet.get_submodule(k[5:]).weight.shape) == 4 for k in weights if k.startswith("unet."))
+    apply_lora(fresh, weights)
+    for got, want in zip(pipe_outputs(fresh), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -59,6 +59,7 @@ def test_diffusers_reads_the_base_and_training_continues(tiny, tmp_path, capsys)
     out = tmp_path / "embedded"
     assert main(["lora", "embed", "--model", "zoo:tiny", "--lora", f"{file}:0.7", "--out", str(out)]) == 0
     assert json.loads((out / "quantune_adapter.json").read_text())["strength"] == 0.7
+    assert {layer.multiplier for layer in lora_layers(load_pipeline(str(out)).unet).values()} == {0.7}
     base = StableDiffusionPipeline.from_pretrained(str(out))  # diffusers: the base model, files ignored
     torch.testing.assert_close(pipe_outputs(base)[1], pipe_outputs(tiny)[1], atol=1e-6, rtol=0)
     run = tmp_path / "run"

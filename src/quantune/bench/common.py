@@ -214,9 +214,10 @@ class Table:
 
     def cell(self, fmt: str, row: dict) -> str:
         try:
-            return fmt.format(**row)
+            text = fmt.format(**row)
         except (KeyError, ValueError, TypeError):
             return "-"  # the variant did not produce this figure (e.g. a peer that is not installed)
+        return "-" if text.strip().lower() == "nan" else text  # a figure the variant has none of (NaN)
 
     def markdown(self) -> str:
         head = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]

@@ -10,33 +10,24 @@ Benchmark requirements only (benchmarks/requirements.txt), imported in the varia
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 
-class _Positional(nn.Module):
-    """The denoiser with its tensor arguments positional (what tracing takes) and the others fixed; returns its
-    first output (the prediction)."""
-
-    def __init__(self, model: nn.Module, example: dict) -> None:
-        super().__init__()
-        self.model = model
-        self.keys = [k for k, v in example.items() if isinstance(v, torch.Tensor)]
-        self.fixed = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
-
-    def forward(self, *tensors):
-        out = self.model(**self.fixed, **dict(zip(self.keys, tensors, strict=True)), return_dict=False)
-        return out[0]
-
-
 class OpenVINODenoiser:
-    """A compiled OpenVINO model called like the denoiser: `(**kwargs) -> prediction tensor`."""
+    """A compiled OpenVINO model called like the denoiser: `(**kwargs) -> prediction tensor` (its tensors in the
+    order quant/ov_runtime.py's trace takes them)."""
 
-    def __init__(self, compiled, keys: list[str]) -> None:
-        self.compiled, self.keys = compiled, keys
+    def __init__(self, compiled, model: nn.Module) -> None:
+        self.compiled, self.model = compiled, model
+        self.signature = inspect.signature(model.forward)
 
     def __call__(self, **kwargs) -> torch.Tensor:
-        inputs = [kwargs[k].numpy() for k in self.keys]
+        from quantune.quant.ov_runtime import flat_inputs
+
+        inputs = [t.numpy() for t in flat_inputs(self.model, kwargs, self.signature)]
         return torch.from_numpy(self.compiled(inputs)[0].copy())
 
 
@@ -44,19 +35,21 @@ def openvino_variant(int8: bool):
     def apply(model: nn.Module, calib: list[dict]):
         import openvino as ov
 
+        from quantune.quant.ov_runtime import _Traced, flat_inputs
+
         if next(model.parameters()).device.type != "cpu":
             raise ModuleNotFoundError("OpenVINO runs on the CPU here", name="openvino (CPU only)")
-        wrapper = _Positional(model, calib[0]).eval()
-        example = tuple(calib[0][k] for k in wrapper.keys)
         with torch.no_grad():
-            ov_model = ov.convert_model(wrapper, example_input=example)
+            ov_model = ov.convert_model(
+                _Traced(model, calib[0]).eval(), example_input=tuple(flat_inputs(model, calib[0]))
+            )
         if int8:
             import nncf
 
-            data = nncf.Dataset([tuple(b[k].numpy() for k in wrapper.keys) for b in calib])
+            data = nncf.Dataset([tuple(t.numpy() for t in flat_inputs(model, b)) for b in calib])
             ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
         config = {} if int8 else {"INFERENCE_PRECISION_HINT": "f32"}  # INT8: OpenVINO's defaults (module docstring)
-        return OpenVINODenoiser(ov.Core().compile_model(ov_model, "CPU", config), wrapper.keys)
+        return OpenVINODenoiser(ov.Core().compile_model(ov_model, "CPU", config), model)
 
     return apply
 

@@ -80,7 +80,7 @@ def merge_error(run_dir: Path, family: str) -> float:
     if family == "qlora":
         for layer in lora_layers(family_of(pipe).denoiser_of(pipe)).values():
             w_base = layer.base_layer.dequantize()
-            w_train = w_base + layer.get_delta_weight()
+            w_train = w_base + layer.weight_update()
             w_merged = requantize(layer, cfg.quant.search).dequantize()
             err += float((w_merged - w_train).pow(2).sum())
             upd += float((w_train - w_base).pow(2).sum())

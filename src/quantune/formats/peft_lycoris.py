@@ -63,7 +63,11 @@ def config(kind: str, mods: dict[str, AdapterModule], shapes: dict[str, tuple[in
     paths = list(mods)
     alphas = [m.alpha if m.kind != "lokr" or LokrModule.low_rank(m.parts) else float(m.rank) for m in mods.values()]
     cfg = patterns(paths, [m.rank for m in mods.values()], alphas, "alpha")
-    convs = [p for p in paths if len(shapes[p]) == 4 and math.prod(shapes[p][2:]) > 1]
+    convs = [
+        p
+        for p in paths
+        if len(shapes[p]) == 4 and math.prod(shapes[p][2:]) > 1 and (kind == "loha" or "lokr_w2_b" in mods[p].parts)
+    ]  # fmt: skip  (a full LoKr W2 has no core)
     tucker = {any(k in mods[p].parts for k in ("hada_t1", "lokr_t2")) for p in convs}
     if len(tucker) > 1:
         raise QuantuneError(f"some of the {kind} convs have Tucker cores and some not: peft has one "
@@ -86,9 +90,17 @@ def _lokr_options(mods: dict[str, LokrModule], shapes: dict[str, tuple[int, ...]
                         "quantune instead")  # fmt: skip
 
 
+def peft_factorization(dimension: int, factor: int) -> tuple[int, int]:
+    """peft's rule: LyCORIS's (lora/lokr.py), except that a factor dividing the dimension comes first even when it
+    is the larger of the two."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    return factorization(dimension, factor)
+
+
 def _peft_builds(mod: LokrModule, shape: tuple[int, ...], factor: int, both: bool) -> bool:
     """Whether peft's LoKr layer for a base of `shape` has exactly this module's factor shapes."""
-    (a, b), (c, d) = factorization(shape[0], factor), factorization(shape[1], factor)
+    (a, b), (c, d) = peft_factorization(shape[0], factor), peft_factorization(shape[1], factor)
     r = mod.rank
     want = {}
     if both and r < max(a, c) / 2:

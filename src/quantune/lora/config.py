@@ -49,9 +49,7 @@ class LoraConfig:
             raise QuantuneError(f"LoraConfig.type must be one of {', '.join(ADAPTER_TYPES)}, got {self.type!r}")
         if self.type == "dora":
             self.type, self.dora = "lora", True
-        if self.type != "lora" and (self.trainable_scale or self.conv_mode != "hard" or self.dropout):
-            raise QuantuneError(f"LoraConfig: trainable_scale, conv_mode 'soft' and dropout are LoRA options, not "
-                                f"{self.type}'s: unset them")  # fmt: skip
+        self._check_type_options()
         if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
             raise QuantuneError(f"LoraConfig.factor must be -1 or a positive integer, got {self.factor!r}")
         if isinstance(self.targets, tuple):
@@ -79,6 +77,17 @@ class LoraConfig:
             _compile(key, "alpha_pattern")
             if not float(value) > 0:
                 raise QuantuneError(f"LoraConfig.alpha_pattern[{key!r}] must be > 0, got {value!r}")
+
+    def _check_type_options(self) -> None:
+        """Options of one adapter type given to another are refused, not ignored."""
+        lora_only = self.trainable_scale or self.conv_mode != "hard" or self.dropout or self.use_rslora
+        if self.type != "lora" and (lora_only or self.init != "kaiming"):
+            raise QuantuneError(f"LoraConfig: trainable_scale, conv_mode 'soft', dropout, use_rslora and init are "
+                                f"LoRA options, not {self.type}'s: unset them")  # fmt: skip
+        if self.type != "lokr" and (self.factor != -1 or self.decompose_both):
+            raise QuantuneError(f"LoraConfig: factor and decompose_both are LoKr options, not {self.type}'s")
+        if self.type == "lora" and self.use_tucker:
+            raise QuantuneError("LoraConfig.use_tucker is a LoHa / LoKr option: unset it for type 'lora'")
 
     # -- per-module choices ------------------------------------------------------------------------------------
     def is_target(self, name: str) -> bool:

@@ -95,6 +95,16 @@ def decompose(layer: AdapterLayer) -> AdapterLayer:
     return layer
 
 
+@torch.no_grad()
+def restart_magnitude(layer: AdapterLayer) -> None:
+    """m = ||W + dW|| of the layer's current base (a QDoRA's after its base was quantized): W' equals the base
+    again. A layer without a decomposition is left as it is."""
+    if layer.decomposition is not None:
+        weight = (layer.base_weight().float() + layer.get_delta_weight().float()).reshape(layer.weight_shape)
+        d = layer.decomposition
+        d.magnitude.copy_(weight_norm(weight, d.on_out))
+
+
 @register_adapter
 @dataclass
 class DoraModule(AdapterModule):

@@ -143,6 +143,15 @@ class LoraModule(AdapterModule):
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)
         return (up @ down).view(self.up.shape[0], *self.down.shape[1:]) * self.scale
 
+    def for_shape(self, shape: tuple[int, ...]) -> LoraModule:
+        """Flat factors (down [r, C_in * kh * kw], up [C_out, r], as an SVD of a flat conv update gives them) shaped
+        as LoCon's for a conv base of `shape`; any other module is returned as it is."""
+        flat = self.down.dim() == 2 and self.up.dim() == 2 and len(shape) == 4 and not self.soft
+        if not (flat and self.up.shape[0] == shape[0] and self.down.shape[1] == math.prod(shape[1:])):
+            return self
+        down = self.down.reshape(self.rank, *shape[1:])
+        return LoraModule(down, self.up.reshape(*self.up.shape, 1, 1), self.alpha)
+
     def problem_with(self, shape: tuple[int, ...]) -> str | None:
         ok = self.down.shape[1] == shape[1] and self.up.shape[0] == shape[0] and self.up.shape[1] == self.rank
         if len(shape) == 4:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quantune.errors import QuantuneError
-from quantune.lora.bases import base_type, with_delta
+from quantune.lora.bases import base_type, weight_shape, with_delta
 from quantune.lora.layers import LoraModule
 from quantune.lora.weights import (
     LoraWeights,
@@ -59,6 +59,7 @@ def merge_into(pipe_or_model, loras: list[tuple[LoraWeights, float]]) -> int:
         for key, mod in weights.items():
             component, path = split_key(key)
             base = _module(components, component, path, key)
+            mod = mod.for_shape(weight_shape(base))
             check_shapes(key, mod, base)
             d = mod.delta_for(base_type(base).weight(base).detach()) * scale  # DoRA's depends on the weight
             deltas[key] = deltas[key] + d if key in deltas else d

@@ -112,6 +112,7 @@ def apply_lora(pipe_or_model, weights: LoraWeights, multiplier: float = 1.0) -> 
                 f"{key} is a {type(base).__name__} in this model, which an adapter cannot wrap (Linear and Conv2d, "
                 "float or integer, can): this LoRA was made for another architecture"
             )
+        mod = mod.for_shape(weight_shape(base))
         check_shapes(key, mod, base)
         plan.append((model, real, base, mod))
     for model, path, base, mod in plan:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from quantune.errors import QuantuneError
 from quantune.formats.quantune_format import load_lora, save_lora
-from quantune.lora.weights import LoraWeights, apply_lora, canonicalize
+from quantune.lora.inject import lora_layers, remove_lora
+from quantune.lora.weights import LoraWeights, apply_lora, canonicalize, components_of
 from quantune.models.integer import save_integer_pipeline
 
 MARKER = "quantune_adapter.json"
@@ -34,6 +35,12 @@ def save_embedded(pipe, weights: LoraWeights, out, strength: float = 1.0, overwr
         raise QuantuneError(f"the adapter's strength must be a finite number, not {strength}")
     if not weights:
         raise QuantuneError("there is no adapter to embed")
+    if any(lora_layers(m) for m in components_of(pipe).values()):
+        raise QuantuneError("the pipeline already carries adapter layers: embed into its base model (a `lora embed` "
+                            "folder is merged first by the command line)")  # fmt: skip
+    apply_lora(pipe, weights)  # every module there and of the right shape, or one error line, before any write
+    for model in components_of(pipe).values():
+        remove_lora(model)
     extra = {ADAPTER: lambda path: save_lora(weights, path), MARKER: {"adapter": ADAPTER, "strength": strength}}
     return save_integer_pipeline(pipe, out, extra=extra, overwrite=overwrite)
 

@@ -65,14 +65,14 @@ def load_pipeline(ref: str, torch_dtype: torch.dtype | None = None, backend: str
         pipe = builders[name]()
     elif Path(ref).exists():
         pipe = _load_folder(Path(ref), torch_dtype)
-        if is_embedded(ref):  # an adapter kept in place (quantune lora embed)
-            attach_embedded(pipe, ref)
     elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise QuantuneError(f"no such model folder: {ref} (give a diffusers folder, a hub id 'org/name', or zoo:tiny)")
     else:
         pipe = _load_hub(ref, torch_dtype)
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
+    if Path(ref).is_dir() and is_embedded(ref):  # an adapter kept in place (quantune lora embed), in its own dtypes
+        attach_embedded(pipe, ref)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if any(quant_layers(getattr(pipe, n)) for n in denoiser_names() if getattr(pipe, n, None) is not None):

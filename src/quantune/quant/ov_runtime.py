@@ -110,10 +110,11 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     return {**bound.pop(var[0], {}), **bound} if var else bound
 
 
-def flat_inputs(model: nn.Module, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors of a call `model(**kwargs)` in the order an OpenVINOModule's converted model takes them."""
+def flat_inputs(model: nn.Module, kwargs: dict, signature: inspect.Signature | None = None) -> list[torch.Tensor]:
+    """The tensors of a call `model(**kwargs)` in the order an OpenVINOModule's converted model takes them
+    (`signature`: model.forward's, when the caller keeps it)."""
     leaves: list = []
-    _flatten(_bind(inspect.signature(model.forward), (), kwargs), "", leaves, [])
+    _flatten(_bind(signature or inspect.signature(model.forward), (), kwargs), "", leaves, [])
     return leaves
 
 
@@ -142,14 +143,15 @@ class OpenVINOModule(nn.Module):
     def forward(self, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True) if self._return_dict else None
         extra = {"return_dict": return_dict} if self._return_dict else {}
-        reason = self._torch_reason(args, kwargs)
+        multipliers, versions, off_cpu = self._scan()
+        reason = self._torch_reason(args, kwargs, off_cpu)
         if reason is not None:
             self._note(f"the {type(self.model).__name__} runs in PyTorch: {reason}")
             return self._torch(args, kwargs, extra)
         bound = _bind(self._signature, args, kwargs)
         leaves, key = [], []
         _flatten(bound, "", leaves, key)
-        key = (tuple(key), self._state())
+        key = (tuple(key), multipliers, versions)
         if key not in self._compiled:
             self._compiled[key] = self._convert(bound)
         compiled = self._compiled[key]
@@ -163,21 +165,30 @@ class OpenVINOModule(nn.Module):
         self.calls["torch"] += 1
         return self.model(*args, **extra, **kwargs)
 
-    def _state(self) -> tuple:
-        """What a trace bakes in besides the inputs: every module's `multiplier` (LoRA strengths: a float in the
-        graph) and the tensors' version counters (in-place changes, load_state_dict): a change converts again."""
-        multipliers = tuple(float(m.multiplier) for m in self.model.modules() if hasattr(m, "multiplier"))
-        versions = sum(t._version for t in self.model.buffers()) + sum(p._version for p in self.model.parameters())
-        return multipliers, versions
+    def _scan(self) -> tuple[tuple, int, bool]:
+        """What a trace bakes in besides the inputs, in one pass over the model per call (instance dicts, so it stays
+        well under a millisecond beside zoo:emoji's few-millisecond forward): every module's `multiplier` (LoRA
+        strengths: a float in the graph) and the tensors' version counters (in-place changes, load_state_dict: a
+        change converts again); and whether any tensor is off the CPU."""
+        multipliers, versions, off_cpu = [], 0, False
+        for module in self.model.modules():
+            state = module.__dict__
+            if "multiplier" in state:
+                multipliers.append(float(state["multiplier"]))
+            for t in (*state["_parameters"].values(), *state["_buffers"].values()):
+                if t is not None:
+                    versions += t._version
+                    off_cpu = off_cpu or not t.is_cpu
+        return tuple(multipliers), versions, off_cpu
 
-    def _torch_reason(self, args, kwargs) -> str | None:
+    def _torch_reason(self, args, kwargs, model_off_cpu: bool) -> str | None:
         if (missing := openvino_missing()) is not None:
             return missing
         if torch.is_grad_enabled():
             return "gradients are on (OpenVINO runs inference only)"
         tensors: list = []
         _flatten((args, kwargs), "", tensors, [])
-        if any(t.device.type != "cpu" for t in tensors) or any(b.device.type != "cpu" for b in self.model.buffers()):
+        if model_off_cpu or any(not t.is_cpu for t in tensors):
             return "the model or its inputs are not on the CPU"
         return None
 

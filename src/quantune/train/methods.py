@@ -94,6 +94,20 @@ def merge_text_encoder_loras(pipe) -> None:
             remove_lora(model, merge=True)
 
 
+def continue_embedded(model, cfg) -> None:
+    """Train a `lora embed` folder's adapter further: at strength 1 (the exported file is what trained), its own
+    type and ranks (the [lora] section's, if different, are not used: said once)."""
+    layers = lora_layers(model)
+    config = cfg.lora.denoiser_config()  # "dora" read as LoRA + DoRA
+    kinds = {(type(layer.adapter_module()).kind, layer.decomposition is not None) for layer in layers.values()}
+    if kinds != {(config.type, config.dora)}:
+        logger.warning("the model's embedded adapter (%s) is trained further as it is, not as lora.type = %r",
+                       ", ".join(f"{k}{' + DoRA' if d else ''}" for k, d in sorted(kinds)), cfg.lora.type)  # fmt: skip
+    for layer in layers.values():
+        layer.multiplier = 1.0
+    logger.info("training the embedded adapter of %d modules further (strength 1)", len(layers))
+
+
 class LoraMethod(TrainingMethod):
     """Float LoRA on the denoiser (and optionally the text encoders); base frozen."""
 
@@ -104,7 +118,7 @@ class LoraMethod(TrainingMethod):
         freeze_all(pipe)
         denoiser = family.denoiser_of(pipe)
         if lora_layers(denoiser):  # a `lora embed` folder's adapter: trained further, whatever its type
-            logger.info("training the embedded adapter of %d modules further", len(lora_layers(denoiser)))
+            continue_embedded(denoiser, cfg)
         else:
             add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
         groups = [{"params": lora_parameters(denoiser), "lr": cfg.optim.lr}]

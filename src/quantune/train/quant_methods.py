@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from quantune.errors import QuantuneError
 from quantune.families import family_of
 from quantune.io import atomic_path
+from quantune.lora.dora import restart_magnitude
 from quantune.lora.inject import find_targets, lora_layers
 from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
@@ -77,10 +78,15 @@ class QLoraMethod(_QuantBase, LoraMethod):
     name = "qlora"
 
     def prepare(self, pipe, cfg) -> list[dict]:
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        fresh = not lora_layers(denoiser)  # else a `lora embed` folder's adapter, trained further
         groups = LoraMethod.prepare(self, pipe, cfg)  # LoRA on the float layers (text encoder stays float)
         q = cfg.quant
         qc = _rest_config(cfg) if q.quantize_rest else _rest_config(cfg, targets=r".*\.base_layer")
-        n = len(quantize_(family_of(pipe).denoiser_of(pipe), qc))
+        n = len(quantize_(denoiser, qc))
+        if fresh:  # QDoRA starts from the integer model: m = ||W_q||, not the float weight's norm
+            for layer in lora_layers(denoiser).values():
+                restart_magnitude(layer)
         logger.info("qlora: %d denoiser layers in %d-bit integers under float LoRA", n, q.bits)
         return groups
 
