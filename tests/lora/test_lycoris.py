@@ -351,8 +351,19 @@ def test_quantune_reads_a_lycoris_kohya_file(algo, options, tmp_path):
     tiny = build_tiny()
     preset = tmp_path / "preset.toml"  # LyCORIS 4.1.3's "full" preset names time_embedding.linear_1 twice on a
     preset.write_text('unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]\nunet_target_name = []\n')
-    network = kohya.create_network(1.0, 4, 2.0, tiny.vae, tiny.text_encoder, tiny.unet, algo=algo, conv_dim=4,
-                                   conv_alpha=2.0, preset=str(preset), **options)  # fmt: skip  (diffusers UNet)
+    network = kohya.create_network(
+        1.0,
+        4,
+        2.0,
+        tiny.vae,
+        tiny.text_encoder,
+        tiny.unet,
+        algo=algo,
+        conv_dim=4,
+        conv_alpha=2.0,
+        preset=str(preset),
+        **options,
+    )  # fmt: skip  (diffusers UNet)
     network.apply_to(tiny.text_encoder, tiny.unet, apply_text_encoder=True, apply_unet=True)
     _perturb(network, 1)
     expected = pipe_outputs(tiny)
