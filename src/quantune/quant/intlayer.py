@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from quantune.quant import kernels
 from quantune.quant.act import ActQuantizer
 from quantune.quant.primitives import pack_int4, unpack_int4
+from quantune.quant.train_kernels import IntegerForward, integer_training_kernel
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,19 @@ class _QuantWeight(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # keep only x for the backward: no float weight, no x_q
+            kernel = integer_training_kernel(self)
+            if kernel is not None and x.device == kernel.device:  # a frozen base: the integer kernel forward
+                return IntegerForward.apply(x, self, kernel)
             return checkpoint(self._quant_run, x, use_reentrant=False)
         return self._quant_run(x)
+
+    def input_grad(self, grad: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        """dL/dx of `product(x, weight, None)` for the output gradient `grad` (quant/train_kernels.py); by autograd
+        here, a closed form in the layers that have one."""
+        with torch.enable_grad():
+            x = torch.zeros(x_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            (out,) = torch.autograd.grad(self.product(x, weight, None), x, grad)
+        return out
 
     def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_backend is not None and not torch.is_grad_enabled():

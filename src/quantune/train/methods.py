@@ -52,6 +52,9 @@ class TrainingMethod:
     def calibrate(self, pipe, run) -> None:
         """Calibrate what needs data before training (activation quantizers); `run()` does one forward."""
 
+    def ready(self, pipe) -> None:
+        """Called once the model is calibrated or restored from a checkpoint, before the first step."""
+
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
         raise NotImplementedError
 

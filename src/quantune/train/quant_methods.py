@@ -33,7 +33,7 @@ from quantune.lora.inject import find_targets, lora_layers
 from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.intlora import IntLoraConfig, IntLoraLayer
-from quantune.quant.quantize import calibrate, quantize_
+from quantune.quant.quantize import calibrate, quant_layers, quantize_
 from quantune.train.methods import (
     LoraMethod,
     TrainingMethod,
@@ -61,6 +61,12 @@ class _QuantBase(TrainingMethod):
 
     def calibrate(self, pipe, run) -> None:
         calibrate(family_of(pipe).denoiser_of(pipe), run)
+
+    def ready(self, pipe) -> None:
+        """The frozen integer layers' kernels, from the calibrated (or restored) activation scales: their training
+        forward runs on them (quant/train_kernels.py), the float path where they cannot."""
+        ways = Counter(layer.prepare_kernel() for layer in quant_layers(family_of(pipe).denoiser_of(pipe)).values())
+        logger.info("integer layers in training: %s", dict(ways))  # (quantized attention keeps its float product)
 
     def _save_state(self, pipe, out_dir: Path, cfg) -> Path:
         meta = {"format": "quantune-quant-run", "method": cfg.method, "config": json.dumps(cfg.to_dict())}

@@ -228,6 +228,7 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
         method.load_trainable_state(pipe, trainable)
         run.last_checkpoint = folder
         logger.info("resumed from %s at step %d", folder, run.ts.step)
+    method.ready(pipe)  # calibrated or restored: e.g. the integer layers' kernels
     if accelerator.is_main_process:  # last, so a failed (or failed resumed) start has not touched it
         out.mkdir(parents=True, exist_ok=True)
         write_json(cfg.to_dict(), out / "config.json")

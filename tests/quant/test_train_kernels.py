@@ -1,0 +1,91 @@
+"""A frozen integer base in training (QLoRA): the forward on the integer kernels, the backward by the fake
+quantizer's straight-through estimator (quant/train_kernels.py). Against the float path (dequantized weights,
+fake-quantized inputs): outputs within rounding, LoRA and input gradients equal to a stated tolerance, and the
+path falls back to the float one where it cannot run (weight-only, a trainable tensor in the layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantune.lora import LoraConfig, add_lora, lora_parameters
+from quantune.quant.config import QuantConfig, WeightQuant
+from quantune.quant.kernels import drop_int_kernels, onednn_available, prepare_int_kernels
+from quantune.quant.primitives import sqnr_db
+from quantune.quant.quantize import calibrate, quantize_
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN int8 kernels in this PyTorch build")
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.proj = nn.Linear(24, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = F.silu(self.conv(x)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        return self.out(F.gelu(self.proj(h)))
+
+
+def _qlora_block(act_bits: int | None = 8, weight: WeightQuant = WeightQuant(bits=4)) -> tuple[Block, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Block()
+    add_lora(model, LoraConfig(r=4, targets=["conv", "proj", "out"], seed=0))
+    with torch.no_grad():
+        for layer_params in lora_parameters(model):
+            layer_params.normal_(0, 0.1)
+    quantize_(model, QuantConfig(weight, act_bits=act_bits, targets=r".*\.base_layer"))
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    if act_bits:
+        with torch.no_grad():
+            calibrate(model, lambda: model(x))
+    return model, x
+
+
+def _step(model, x):
+    """Output, LoRA gradients and input gradient of one backward of a fixed loss."""
+    for p in lora_parameters(model):
+        p.grad = None
+    xin = x.clone().requires_grad_(True)
+    y = model(xin)
+    (y.square().mean() + y.mean()).backward()
+    return y.detach(), [p.grad.clone() for p in lora_parameters(model)], xin.grad.clone(), y.grad_fn
+
+
+@pytest.mark.parametrize("weight", [WeightQuant(bits=4), WeightQuant(bits=8, symmetric=True)], ids=["W4A8", "W8A8"])
+def test_integer_forward_matches_the_float_path_and_its_gradients(weight):
+    model, x = _qlora_block(weight=weight)
+    y_float, g_float, gx_float, _ = _step(model, x)  # no kernels prepared: the float path
+    prepare_int_kernels(model)
+    y_int, g_int, gx_int, _ = _step(model, x)
+    from quantune.quant.layers import QuantLinear
+
+    base = model.proj.base_layer
+    assert isinstance(base, QuantLinear)
+    probe = base(torch.randn(3, 24, requires_grad=True))
+    assert probe.grad_fn.name() == "IntegerForwardBackward"  # the integer kernel ran the training forward
+    assert sqnr_db(y_float, y_int) > 45.0
+    for a, b in zip(g_float + [gx_float], g_int + [gx_int]):
+        cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cosine > 0.9999 and (a - b).norm() / a.norm() < 1e-2  # equal up to the forward's rounding
+
+
+def test_the_float_path_runs_where_the_integer_one_cannot():
+    for act_bits, weight in ((None, WeightQuant(bits=4)), (8, WeightQuant(bits=8))):  # weight-only; W beyond int8
+        model, x = _qlora_block(act_bits, weight)
+        prepare_int_kernels(model)
+        probe = model.proj.base_layer(torch.randn(3, 24, requires_grad=True))
+        assert probe.grad_fn.name() != "IntegerForwardBackward"
+    model, x = _qlora_block()
+    prepare_int_kernels(model)
+    model.proj.base_layer.act_quant.scale.mul_(1.5)  # changed in place (a resume): the kernel is built again
+    with torch.no_grad():
+        want = model.proj.base_layer(torch.ones(1, 24))  # no-grad: the kernel prepared from the new scale too
+    got = model.proj.base_layer(torch.ones(1, 24, requires_grad=True))
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+    drop_int_kernels(model)
+    assert model.proj.base_layer(torch.ones(1, 24, requires_grad=True)).grad_fn.name() != "IntegerForwardBackward"
