@@ -59,9 +59,11 @@ def _quantune(bm, method: str, bits: int, x, t, cond) -> list:
     if bits < 32:
         sets += [f"quant.bits={bits}", "quant.act_bits=8", "quant.quantize_rest=true", "quant.search='minmax'"]
     cfg = resolve_config(None, sets)
-    groups = METHODS[method]().prepare(bm.pipe, cfg)
+    training = METHODS[method]()
+    groups = training.prepare(bm.pipe, cfg)
     denoiser = bm.denoiser.to(device())
-    METHODS[method]().calibrate(bm.pipe, lambda: bm.forward(denoiser, x, t, cond))
+    training.calibrate(bm.pipe, lambda: bm.forward(denoiser, x, t, cond))
+    training.ready(bm.pipe)  # as the trainer: the integer layers' kernels (quant/train_kernels.py)
     return [p for g in groups for p in g["params"]]
 
 
