@@ -89,3 +89,29 @@ def test_the_float_path_runs_where_the_integer_one_cannot():
     torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
     drop_int_kernels(model)
     assert model.proj.base_layer(torch.ones(1, 24, requires_grad=True)).grad_fn.name() != "IntegerForwardBackward"
+
+
+def test_calibration_observes_the_float_input_with_kernels_prepared():
+    """A model whose kernels are prepared is calibrated again: the quantizers see the input (not the kernel's), and
+    the kernels follow the new scales in both paths."""
+    model, x = _qlora_block()
+    prepare_int_kernels(model)
+    base = model.proj.base_layer
+    before = base.act_quant.scale.clone()
+    with torch.no_grad():
+        calibrate(model, lambda: model(x * 3.0))  # a wider input range
+    assert base.act_quant.scale.item() > before.item()
+    with torch.no_grad():
+        after = base(torch.full((1, 24), 2.0))
+    drop_int_kernels(model)
+    with torch.no_grad():
+        reference = base(torch.full((1, 24), 2.0))  # the float path with the new scales
+    torch.testing.assert_close(after, reference, atol=1e-4, rtol=0)
+
+
+def test_a_trainable_tensor_in_the_layer_keeps_the_float_path():
+    model, _ = _qlora_block()
+    prepare_int_kernels(model)
+    base = model.proj.base_layer
+    base.extra = torch.nn.Parameter(torch.zeros(1))  # e.g. a learned step size
+    assert base(torch.ones(1, 24, requires_grad=True)).grad_fn.name() != "IntegerForwardBackward"

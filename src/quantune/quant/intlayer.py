@@ -159,7 +159,8 @@ class _QuantWeight(nn.Module):
         return out
 
     def _quant_run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_backend is not None and not torch.is_grad_enabled():
+        observing = self.act_quant is not None and self.act_quant.observing  # calibration sees the float input
+        if self.kernel_backend is not None and not torch.is_grad_enabled() and not observing:
             kernel = self.current_kernel()
             if kernel is not None and x.device == kernel.device:
                 return kernel(x)
@@ -182,11 +183,21 @@ class _QuantWeight(nn.Module):
         self.kernel_backend = backend
         self.kernel, way = kernels.select_kernel(self, backend)
         self._kernel_device = self.qweight.device
+        self._kernel_act = self._act_state()
         return way
 
+    def _act_state(self) -> tuple | None:
+        """Which activation-quantizer tensors the kernel was built from (it holds (s_a, z_a) as numbers): a
+        calibration, a resume or a DDP buffer broadcast that changes them builds it again."""
+        aq = self.act_quant
+        if aq is None:
+            return None
+        return tuple((t.data_ptr(), t._version) for t in (aq.scale, aq.zero_point))
+
     def current_kernel(self):
-        """The kernel for the weight's current device, selected again when the layer moved since."""
-        if self._kernel_device != self.qweight.device:
+        """The kernel for the weight's current device and activation scales, selected again when either changed
+        since (a move; a calibration or resume)."""
+        if self._kernel_device != self.qweight.device or self._kernel_act != self._act_state():
             self.prepare_kernel(self.kernel_backend)
         return self.kernel
 

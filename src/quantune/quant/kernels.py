@@ -70,6 +70,8 @@ def unsupported_reason(layer) -> str | None:
         return "weight-only"
     if aq.bits != 8:
         return f"A{aq.bits}"
+    if not bool(aq.calibrated):
+        return "activation quantizer not calibrated"
     if layer.shift is not None:
         return "shift merge"
     w = layer.int_weight()

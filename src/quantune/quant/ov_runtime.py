@@ -173,11 +173,11 @@ class OpenVINOModule(nn.Module):
         multipliers, versions, off_cpu = [], 0, False
         for module in self.model.modules():
             state = module.__dict__
-            if "multiplier" in state:
-                multipliers.append(float(state["multiplier"]))
+            if "multiplier" in state or hasattr(type(module), "multiplier"):  # an attribute, or a property
+                multipliers.append(float(module.multiplier))
             for t in (*state["_parameters"].values(), *state["_buffers"].values()):
                 if t is not None:
-                    versions += t._version
+                    versions += t._version + t.data_ptr()  # a replaced tensor (another adapter) differs too
                     off_cpu = off_cpu or not t.is_cpu
         return tuple(multipliers), versions, off_cpu
 

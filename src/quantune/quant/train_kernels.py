@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def integer_training_kernel(layer: nn.Module):
@@ -25,13 +26,10 @@ def integer_training_kernel(layer: nn.Module):
     if getattr(layer, "kernel_backend", None) is None or layer.act_quant is None:
         return None
     aq = layer.act_quant
-    if aq.split or aq.smooth is not None or any(p.requires_grad for p in layer.parameters()):
+    if aq.split or aq.smooth is not None or aq.observing or any(p.requires_grad for p in layer.parameters()):
         return None
-    # the kernel holds (s_a, z_a) as numbers: a resume may change the buffers in place or replace them
-    versions = tuple((t.data_ptr(), t._version) for t in (aq.scale, aq.zero_point))
-    if getattr(layer, "_kernel_act_versions", None) != versions:
-        layer.prepare_kernel(layer.kernel_backend)
-        layer._kernel_act_versions = versions
+    if layer.qweight.is_cuda and len(layer.weight_shape) == 4:
+        return None  # torch._int_mm's conv is an im2col in fp32: not measured against cuDNN in training
     return layer.current_kernel()
 
 
@@ -46,6 +44,7 @@ class IntegerForward(torch.autograd.Function):
             return kernel(x).to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         layer = ctx.layer

@@ -98,8 +98,8 @@ def merge_text_encoder_loras(pipe) -> None:
 
 
 def continue_embedded(model, cfg) -> None:
-    """Train a `lora embed` folder's adapter further: at strength 1 (the exported file is what trained), its own
-    type and ranks (the [lora] section's, if different, are not used: said once)."""
+    """Train a `lora embed` folder's adapter further: at strength 1 (the exported file is what trained), with its
+    own type, ranks and targets (a [lora] type or DoRA flag that differs is said once, then not used)."""
     layers = lora_layers(model)
     config = cfg.lora.denoiser_config()  # "dora" read as LoRA + DoRA
     kinds = {(type(layer.adapter_module()).kind, layer.decomposition is not None) for layer in layers.values()}

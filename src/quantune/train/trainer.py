@@ -174,10 +174,12 @@ def _accelerator(cfg: TrainConfig):
     # a trained text encoder may have layers the conditioning never reads (SDXL: the last CLIP layer of the first
     # encoder, whose penultimate states it uses): DDP must then look for parameters without gradients
     unused = cfg.lora.text_encoder or cfg.train.train_text_encoder
+    # buffers are frozen and equal on every rank (activation quantizers calibrate on the same batch): broadcasting
+    # them each forward would only rebuild the integer layers' kernels (quant/train_kernels.py)
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, several processes (WORLD_SIZE > 1) run gloo (MULTI_CPU)
         mixed_precision=mixed,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused, broadcast_buffers=False)],
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / "logs"),
     )
