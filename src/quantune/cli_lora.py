@@ -9,7 +9,7 @@ from quantune.errors import QuantuneError
 
 
 def add_lora(sub) -> None:
-    lora = sub.add_parser("lora", help="inspect, convert, merge, mix and extract LoRAs").add_subparsers(
+    lora = sub.add_parser("lora", help="inspect, convert, merge, mix, extract, embed adapters").add_subparsers(
         dest="lora_command", required=True
     )
     i = lora.add_parser("inspect", help="format, ranks, alphas, module count, dtype and size")
