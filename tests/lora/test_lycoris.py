@@ -64,6 +64,16 @@ def _adapted(kind: str, seed: int = 0) -> Net:
     return net
 
 
+def _unadapted(kind: str):
+    """A Net whose adapters were taken out again, the outputs it gave with them, and their canonical weights."""
+    net = _adapted(kind)
+    with torch.no_grad():
+        expected = net(*INPUTS)
+    weights = get_lora_weights(net)
+    remove_lora(net)
+    return net, expected, weights
+
+
 def _perturb(model: nn.Module, seed: int) -> None:
     """Move every adapter tensor (factors, DoRA's magnitude) away from its start, so the update is not zero."""
     g = torch.Generator().manual_seed(seed)
@@ -221,11 +231,7 @@ def test_every_format_round_trips_or_refuses_by_name(kind, fmt, tiny, tmp_path):
 @pytest.mark.parametrize("kind", [k for k in TYPES if k != "lokr-tucker"])  # LyCORIS 4.1.3 misreads its own
 def test_lycoris_package_applies_quantune_modules(kind):  # Tucker LoKr: its loader takes the rank from lokr_w2_a
     lycoris = pytest.importorskip("lycoris")
-    net = _adapted(kind)
-    with torch.no_grad():
-        expected = net(*INPUTS)
-    weights = get_lora_weights(net)
-    remove_lora(net)
+    net, expected, weights = _unadapted(kind)
     sd = {f"lycoris_{k.split('.', 1)[1]}.{s}": t for k, m in weights.items() for s, t in m.kohya_tensors().items()}
     network, _ = lycoris.create_lycoris_from_weights(1.0, None, net, weights_sd=sd)
     network.apply_to()
@@ -269,11 +275,7 @@ def test_quantune_reads_lycoris_made_modules(algo, options):
 @pytest.mark.parametrize("kind", PEFT_TYPES)
 def test_peft_loads_quantune_peft_exports(kind, tmp_path):
     peft = pytest.importorskip("peft")
-    net = _adapted(kind)
-    with torch.no_grad():
-        expected = net(*INPUTS)
-    weights = get_lora_weights(net)
-    remove_lora(net)
+    net, expected, weights = _unadapted(kind)
     write_lora(weights, tmp_path / "p", "peft")
     model = peft.PeftModel.from_pretrained(net, str(tmp_path / "p" / "unet"))
     with torch.no_grad():

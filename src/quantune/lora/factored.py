@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,6 @@ class FactoredModule(AdapterModule):
     parts: dict[str, torch.Tensor]
     alpha: float
     shape: tuple[int, ...] | None = None  # the base weight's shape, when known
-    optional: ClassVar[tuple[str, ...]] = ()  # suffixes a valid layout may leave out
 
     # -- a type's math ----------------------------------------------------------------------------------------
     @staticmethod

@@ -27,7 +27,6 @@ class LohaModule(FactoredModule):
 
     kind = "loha"
     kohya_suffixes = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
-    optional = ("hada_t1", "hada_t2")
 
     @staticmethod
     def build(parts: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
