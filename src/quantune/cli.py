@@ -12,6 +12,7 @@ import os
 import sys
 
 from quantune import cli_lora
+from quantune.allocator import keep_freed_memory
 from quantune.cli_args import add_out, count, load_model, number, size_of
 from quantune.errors import QuantuneError, cause_chain
 from quantune.logs import quiet_libraries
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     quiet_libraries()
+    keep_freed_memory()  # training and generation reuse freed blocks instead of faulting pages in again
     command = {"lora": getattr(args, "lora_command", None), "intlora": "int-merge", "qlora": "int-merge"}.get(
         args.command, args.command
     )

@@ -25,6 +25,7 @@ from statistics import median
 
 import torch
 
+from quantune.allocator import keep_freed_memory
 from quantune.bench.common import (
     Plot,
     Table,
@@ -114,6 +115,8 @@ def weights_label(variant: str, bits: int) -> str:
 
 def run_variant(variant: str, bits: int, model: str, res: int, batch: int, reps: int, warmup: int) -> dict:
     row = {"model": model, "res": res, "batch": batch, "variant": variant, "weights": weights_label(variant, bits)}
+    if variant not in PEERS:
+        keep_freed_memory()  # as the `quantune` command does (allocator.py); the peers run as their scripts do
     bm = build(model)
     x, t, cond = _to_device(bm.batch(batch, res))
     start = time.perf_counter()

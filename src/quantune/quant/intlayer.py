@@ -90,6 +90,7 @@ class _QuantWeight(nn.Module):
         self.kernel = None  # the integer kernel selected for the weight's device (quant/kernels.py), never saved
         self.kernel_backend: str | None = None  # None: no kernel wanted (set by kernels.prepare_int_kernels)
         self._kernel_device: torch.device | None = None  # where `kernel` was selected; None: select again
+        self.backward_dtype = torch.float32  # of the input gradient's product in training (quant/train_kernels.py)
 
     # -- the weight ----------------------------------------------------------------------------------------------
     @property
@@ -111,6 +112,20 @@ class _QuantWeight(nn.Module):
         w = self.scale * self.int_weight().float()
         smooth = self.smoothing()
         return (w / smooth if smooth is not None else w).view(self.weight_shape)
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """W in `dtype`, converted from the stored codes without an int32 or fp32 copy of the whole weight (the
+        integers q + offset - z are exact in bf16 up to 256); equal to `dequantize()` in fp32."""
+        narrow = self.qweight.dtype in (torch.uint8, torch.int8) and self.shift is None
+        if not narrow or self.smoothing() is not None or dtype not in (torch.float32, torch.bfloat16):
+            return self.dequantize().to(dtype)
+        q = unpack_int4(self.qweight, self.cols) if self.packed else self.qweight
+        w = q.to(dtype)
+        if self.code_offset:
+            w.add_(self.code_offset)
+        if self.zero_point is not None:
+            w.sub_(self.zero_point.to(dtype))
+        return w.mul_(self.scale.to(dtype)).view(self.weight_shape)
 
     def smoothing(self) -> torch.Tensor | None:
         """SmoothQuant's s [cols] (its input quantizer's), or None."""

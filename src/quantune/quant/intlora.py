@@ -23,6 +23,9 @@ Zero-drop: where W_int = 0, W' = 0 (R* and B A are lost there, no gradient). `ze
 `zero_fix="midrise"` (quantune's fix) quantizes the base on a mid-rise grid, W_int = 2 (q - z) + 1 with scale s/2:
 the same 2^b levels, none of them zero, so nothing is dropped (W_int needs b + 1 bits).
 Activations: optional per-tensor fake quantization of the input (ActQuantizer, calibrated explicitly).
+Training: the forward / backward with gradients is one autograd function (quant/intlora_train.py: W' formed once
+from the integers, MUL on the step's int8 kernel where it fits, closed-form gradients); this file's float
+formulation (`adapted_weight`, `_run`) is the reference it is tested against and runs without gradients.
 Settings: one IntLoraConfig per layer (rank, alpha, the base's WeightQuant, lora_bits, ActQuant, VMC, seed, fixes).
 """
 
@@ -39,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from quantune.errors import QuantuneError
 from quantune.quant.config import ActQuant, WeightQuant
+from quantune.quant.intlora_train import IntLoraStep
 from quantune.quant.layers import ActQuantizer, _QuantWeight, from_int
 from quantune.quant.primitives import check_bits, pack_int4, quantize, round_ste, search_qparams, unpack_int4
 
@@ -139,6 +143,8 @@ class IntLoraLayer(nn.Module):
         self.act_quant = ActQuantizer(act.bits, act.search) if act is not None else None
         if self.mode == "mul":
             self._init_u_quantizer(W)
+        self.kernel_backend: str | None = None  # "auto" etc.: MUL steps on int8 kernels (set by the trainer's ready)
+        self.backward_dtype = torch.float32  # of dL/dx's product (quant/train_kernels.py)
 
     def _init_aux(self, W: torch.Tensor) -> torch.Tensor:
         """VMC: the per-row ratio is all that is kept of W's statistics; R itself is regenerated from the seed."""
@@ -219,9 +225,11 @@ class IntLoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # save x (and A, B) only; x_q and W' are rebuilt in the backward
+        if not torch.is_grad_enabled():
+            return self._run(x)
+        if self.act_quant is not None and self.act_quant.observing:  # calibration sees the float input
             return checkpoint(self._run, x, use_reentrant=False)
-        return self._run(x)
+        return IntLoraStep.apply(x, self.lora_A, self.lora_B, self)  # saves x only (quant/intlora_train.py)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:

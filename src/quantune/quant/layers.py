@@ -237,7 +237,8 @@ def from_int(
     """A layer shaped like float `layer` holding given integers [C_out, cols] with per-row `scale` (merges)."""
     lo, hi = int(int_weight.min()), int(int_weight.max())
     storage = Storage(bits, qdtype=smallest_int_dtype(min(lo, -1), hi), zero_point=False, shift=shift is not None)
-    q = _empty_like_float(layer, storage)
+    with torch.device(int_weight.device):  # built where the integers are (a training step's layer: on its device)
+        q = _empty_like_float(layer, storage)
     with torch.no_grad():
         q._store_codes(int_weight)
         q.scale.copy_(scale.reshape(-1, 1).float())

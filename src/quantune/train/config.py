@@ -141,6 +141,7 @@ class QuantSection:
     quantize_rest: bool = False  # also quantize every other UNet Linear / Conv2d at `bits` (as the reference)
     search: str = "l2.4"  # range search of weights and activations: l2.4 or minmax
     cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
+    backward_dtype: str = "auto"  # dL/dx through the frozen integer weights: auto (bf16 where native), fp32, bf16
 
     def __post_init__(self) -> None:
         self.act_bits = self.act_bits or None  # 0: the older spelling of weight-only
@@ -152,6 +153,7 @@ class QuantSection:
             check_bits(self.lora_bits, "quant.lora_bits")
         _choice("quant.zero_fix", self.zero_fix, ("none", "midrise"))
         _choice("quant.search", self.search, ("l2.4", "minmax"))
+        _choice("quant.backward_dtype", self.backward_dtype, ("auto", "fp32", "bf16"))
         _positive("quant.vmc_alpha", self.vmc_alpha)
         if not isinstance(self.shift_span, int) or not 1 <= self.shift_span <= 22:
             raise QuantuneError(f"quant.shift_span = {self.shift_span!r} must be an integer from 1 to 22")

@@ -34,6 +34,7 @@ from quantune.modules import set_module
 from quantune.quant.config import QuantConfig
 from quantune.quant.intlora import IntLoraConfig, IntLoraLayer
 from quantune.quant.quantize import calibrate, quant_layers, quantize_
+from quantune.quant.train_kernels import backward_dtype
 from quantune.train.methods import (
     LoraMethod,
     TrainingMethod,
@@ -51,6 +52,8 @@ def _rest_config(cfg, targets: str | None = None) -> QuantConfig:
 
 
 class _QuantBase(TrainingMethod):
+    backward = "auto"  # quant.backward_dtype, taken in prepare
+
     def trainable_state(self, pipe) -> dict[str, torch.Tensor]:
         state = super().trainable_state(pipe)
         family = family_of(pipe)
@@ -64,9 +67,16 @@ class _QuantBase(TrainingMethod):
 
     def ready(self, pipe) -> None:
         """The frozen integer layers' kernels, from the calibrated (or restored) activation scales: their training
-        forward runs on them (quant/train_kernels.py), the float path where they cannot."""
-        ways = Counter(layer.prepare_kernel() for layer in quant_layers(family_of(pipe).denoiser_of(pipe)).values())
-        logger.info("integer layers in training: %s", dict(ways))  # (quantized attention keeps its float product)
+        forward runs on them (quant/train_kernels.py), the float path where they cannot; IntLoRA layers build
+        their step's kernel (quant/intlora_train.py). Input gradients in `quant.backward_dtype`."""
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        ways = Counter(layer.prepare_kernel() for layer in quant_layers(denoiser).values())
+        dtype = backward_dtype(self.backward, next(denoiser.parameters()).device)
+        for layer in [*quant_layers(denoiser).values(), *intlora_layers(denoiser).values()]:
+            layer.backward_dtype = dtype
+        for layer in intlora_layers(denoiser).values():
+            layer.kernel_backend = "auto"
+        logger.info("integer layers in training: %s; input gradients in %s", dict(ways), dtype)
 
     def _save_state(self, pipe, out_dir: Path, cfg) -> Path:
         meta = {"format": "quantune-quant-run", "method": cfg.method, "config": json.dumps(cfg.to_dict())}
@@ -84,6 +94,7 @@ class QLoraMethod(_QuantBase, LoraMethod):
     name = "qlora"
 
     def prepare(self, pipe, cfg) -> list[dict]:
+        self.backward = cfg.quant.backward_dtype
         denoiser = family_of(pipe).denoiser_of(pipe)
         fresh = not lora_layers(denoiser)  # else a `lora embed` folder's adapter, trained further
         groups = LoraMethod.prepare(self, pipe, cfg)  # LoRA on the float layers (text encoder stays float)
@@ -122,6 +133,7 @@ class IntLoraMethod(_QuantBase):
     mode = "mul"
 
     def prepare(self, pipe, cfg) -> list[dict]:
+        self.backward = cfg.quant.backward_dtype
         freeze_all(pipe)
         denoiser = family_of(pipe).denoiser_of(pipe)
         lc = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets, seed=cfg.train.seed)
