@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean bench bench-quick peers
+.PHONY: demo test lint setup clean bench bench-quick peers gpu-check
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: peers
 
 bench-quick: peers
 	$(BIN)/quantune bench --quick --out outputs/bench_quick --overwrite
+
+# The GPU check (not part of `make test`): needs CUDA, says so and exits 0 without it. It uses the venv's python
+# when there is one, else python3 (a GPU machine's own PyTorch with the project's wheels installed).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -83,3 +83,20 @@ def test_a_bf16_backward_stays_within_its_rounding():
     _, g = _grads(layer, x, layer)
     _close(g_ref[:2], g[:2], 1e-8)  # A and B take G = dL/dy^T x in fp32: unchanged
     _close(g_ref[2:], g[2:], 1e-2)  # dL/dx through a bf16 product
+
+
+@pytest.mark.parametrize(("kind", "mode", "bits", "zero_fix"), CASES)
+def test_the_steps_u_is_the_layers_bit_for_bit(kind, mode, bits, zero_fix):
+    """So the integer merge (IntLoraLayer.merge, from the layer's own formulas) is exactly the trained weight."""
+    layer, _ = _layer(kind, mode, bits, zero_fix, None)
+    w_int, U = intlora_train.base_and_adaptation(layer)
+    assert torch.equal(w_int, layer.int_base())
+    assert torch.equal(U, layer._adaptation(layer.int_base(), layer.delta()))
+    with torch.no_grad():
+        torch.testing.assert_close(intlora_train.step_forward(layer, _input(kind)), layer._run(_input(kind)),
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def _input(kind: str) -> torch.Tensor:
+    return torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3)) if kind == "linear" else torch.randn(
+        2, 8, 6, 6, generator=torch.Generator().manual_seed(3))  # fmt: skip

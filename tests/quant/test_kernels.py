@@ -30,7 +30,7 @@ def _quantized(kind: str, bits: int, symmetric: bool, device="cpu"):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(LAYERS))
-@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, False)])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, False), (8, False)])
 def test_kernel_matches_fake_quantization(backend, kind, bits, symmetric):
     _, q, x = _quantized(kind, bits, symmetric)
     with torch.no_grad():
@@ -38,6 +38,9 @@ def test_kernel_matches_fake_quantization(backend, kind, bits, symmetric):
         ways = prepare_int_kernels(q, backend)
         assert ways == {f"int8 ({backend})": 1}
         out = q(x)
+    w = q.int_weight()
+    if bits == 8 and not symmetric:  # q - z in [-255, 255]: int8 product with q - 128 plus the row term
+        assert int(w.abs().max()) > 128 and q.kernel.row_offset is not None
     assert out.shape == ref.shape and out.dtype == ref.dtype
     # same integers, only float summation order differs: better than 60 dB (float32 rounding)
     assert sqnr_db(ref, out) > 60
@@ -45,7 +48,8 @@ def test_kernel_matches_fake_quantization(backend, kind, bits, symmetric):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_split_activation_kernel(backend, kernel):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_split_activation_kernel(backend, kernel, symmetric):
     """concat(h, skip) with one activation quantizer per part (the shortcut split): two integer products summed."""
     from quantune.quant.layers import ActQuantizer, from_codes
     from quantune.quant.primitives import quantize, search_qparams
@@ -54,7 +58,7 @@ def test_split_activation_kernel(backend, kernel):
     conv = nn.Conv2d(24, 16, kernel, padding=kernel // 2)
     x = torch.cat([torch.randn(2, 10, 7, 7) * 5, torch.randn(2, 14, 7, 7) * 0.3 + 1], 1)  # parts of unlike ranges
     rows = conv.weight.detach().reshape(16, -1)
-    qp = search_qparams(rows, 8, per_channel=True, symmetric=True)
+    qp = search_qparams(rows, 8, per_channel=True, symmetric=symmetric)
     q = from_codes(conv, quantize(rows, qp), qp, act_quant=ActQuantizer(8, split=10))
     calibrate(q, lambda: q(x))
     with torch.no_grad():
@@ -65,11 +69,14 @@ def test_split_activation_kernel(backend, kernel):
 
 
 def test_unsupported_layers_fall_back_and_are_counted():
-    _, q8asym, x = _quantized("conv3x3", 8, False)
-    assert unsupported_reason(q8asym) == "weight integers beyond int8"
+    from quantune.quant.layers import from_int
+
+    conv, q8asym, x = _quantized("conv3x3", 8, False)
+    wide = from_int(conv, q8asym.int_weight() * 3, q8asym.scale / 3, bits=8, act_quant=q8asym.act_quant)
+    assert unsupported_reason(wide) == "weight integers beyond int8"  # e.g. an IntLoRA W8 merge: no row split
     w_only = from_float(nn.Linear(8, 8), 4)
     assert unsupported_reason(w_only) == "weight-only"
-    model = nn.Sequential(q8asym)
+    model = nn.Sequential(wide)
     with torch.no_grad():
         ref = model(x)
         ways = prepare_int_kernels(model)

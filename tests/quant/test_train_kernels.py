@@ -56,7 +56,8 @@ def _step(model, x):
     return y.detach(), [p.grad.clone() for p in lora_parameters(model)], xin.grad.clone(), y.grad_fn
 
 
-@pytest.mark.parametrize("weight", [WeightQuant(bits=4), WeightQuant(bits=8, symmetric=True)], ids=["W4A8", "W8A8"])
+@pytest.mark.parametrize("weight", [WeightQuant(bits=4), WeightQuant(bits=8, symmetric=True), WeightQuant(bits=8)],
+                         ids=["W4A8", "W8A8 symmetric", "W8A8 asymmetric"])  # fmt: skip
 def test_integer_forward_matches_the_float_path_and_its_gradients(weight):
     model, x = _qlora_block(weight=weight)
     y_float, g_float, gx_float, _ = _step(model, x)  # no kernels prepared: the float path
@@ -75,7 +76,7 @@ def test_integer_forward_matches_the_float_path_and_its_gradients(weight):
 
 
 def test_the_float_path_runs_where_the_integer_one_cannot():
-    for act_bits, weight in ((None, WeightQuant(bits=4)), (8, WeightQuant(bits=8))):  # weight-only; W beyond int8
+    for act_bits, weight in ((None, WeightQuant(bits=4)), (6, WeightQuant(bits=4))):  # weight-only; A6
         model, x = _qlora_block(act_bits, weight)
         prepare_int_kernels(model)
         probe = model.proj.base_layer(torch.randn(3, 24, requires_grad=True))

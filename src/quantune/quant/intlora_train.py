@@ -15,7 +15,8 @@ Backward (U rebuilt from the integers, the layer's weight at a time; G = dL/dy^T
   SHIFT: dL/dΔ = G ⊙ 1[W_int ≠ 0, U ≠ 0] ⊙ 1[k_hi - span <= k <= k_hi] ⊙ 2^k / (|U| + 1e-16)
   dL/dB = s_lora dL/dΔ A^T,  dL/dA = s_lora B^T dL/dΔ   (Δ = s_lora B A)
   dL/dx = 1[x inside the input grid] ⊙ (dL/dy W')   in the layer's `backward_dtype` (quant/train_kernels.py)
-Written by hand: no library trains IntLoRA.
+U is formed by the same operations in the same order as IntLoraLayer's (the same bits: the merge still equals the
+training weight exactly), in place, with one finiteness check on a sum. Written by hand: no library trains IntLoRA.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from quantune.errors import QuantuneError
 from quantune.quant.kernels import select_kernel
 from quantune.quant.layers import from_int
+from quantune.quant.primitives import unpack_int4
 from quantune.quant.train_kernels import inside_grid
 
 
@@ -47,42 +50,85 @@ class IntLoraStep(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         layer = ctx.layer
         G = _weight_grad(layer, x, grad)
-        w_int = layer.int_base()
-        U = layer._adaptation(w_int, layer.delta())
-        d_delta = G.mul_(_mul_factor(layer, w_int, U) if layer.mode == "mul" else _shift_factor(layer, w_int, U))
+        w_int, U = base_and_adaptation(layer)
+        if layer.mode == "mul":
+            v = _u_codes(layer, U)
+            del U
+            clamped = v.clamp(0, 2**layer.lora_bits - 1)
+            G.mul_(_nonzero(w_int).mul_(_nonzero(clamped - v).neg_().add_(1)))  # W_int != 0, v not clamped
+            del v
+            weight = _mul_weight(layer, clamped, w_int) if ctx.needs_input_grad[0] else None
+        else:
+            weight = _shift_weight(layer, w_int, U) if ctx.needs_input_grad[0] else None
+            G.mul_(_shift_factor(layer, w_int, U))
+            del U
+        del w_int
         dA = dB = dx = None
-        if ctx.needs_input_grad[0]:
+        if weight is not None:
             dtype = layer.backward_dtype
-            weight = _weight(layer, w_int, U).to(dtype).view(layer.weight_shape)
-            dx = _input_grad(layer, grad.to(dtype), weight, x.shape).to(grad.dtype)
+            dx = _input_grad(layer, grad.to(dtype), weight.to(dtype).view(layer.weight_shape), x.shape)
+            dx = dx.to(grad.dtype)
             if layer.act_quant is not None:
                 dx.mul_(inside_grid(layer.act_quant, x))
-        del U, w_int
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            A, B = layer.lora_A.float(), layer.lora_B.float()
-            dB = (d_delta @ A.t()).mul_(layer.scaling).to(layer.lora_B.dtype)
-            dA = (B.t() @ d_delta).mul_(layer.scaling).to(layer.lora_A.dtype)
+        del weight
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # dL/dDelta = G now
+            dB = (G @ layer.lora_A.float().t()).mul_(layer.scaling).to(layer.lora_B.dtype)
+            dA = (layer.lora_B.float().t() @ G).mul_(layer.scaling).to(layer.lora_A.dtype)
         return dx, dA, dB, None
+
+
+def base_and_adaptation(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_int, U) as IntLoraLayer.int_base and _adaptation give them, bit for bit: U = s + (R* + Delta) / W_int
+    with W_int = 0 read as 1."""
+    q = unpack_int4(layer.codes, layer.lora_A.shape[1]) if layer.packed else layer.codes
+    w_int = q.float().sub_(layer.zero_point.float())  # q - z: exact integers
+    U = layer.delta()
+    U.add_(layer.r_star())  # R* + Delta
+    if layer.zero_fix == "midrise":
+        w_int.mul_(2).add_(1)  # never 0
+        U.div_(w_int)
+    else:  # W_int + 1 - 1[W_int != 0]: W_int, and 1 where it is 0
+        U.div_(_nonzero(w_int).neg_().add_(1).add_(w_int))
+    U.add_(layer.scale)
+    if not torch.isfinite(U.sum()):
+        raise QuantuneError("IntLoRA's adaptation term U has NaN or inf values: lower the learning rate")
+    return w_int, U
 
 
 def step_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's output for the current A, B: on the step's int8 kernel where it can run, else in fp32."""
-    w_int = layer.int_base()
-    U = layer._adaptation(w_int, layer.delta())
+    w_int, U = base_and_adaptation(layer)
     if layer.mode == "mul":
-        P = layer._u_int(U).mul_(w_int)
-        del U, w_int
+        v = _u_codes(layer, U)
+        del U
+        P = v.clamp_(0, 2**layer.lora_bits - 1).sub_(layer.u_zero.float()).mul_(w_int)  # U_int W_int
+        del w_int
         kernel = _step_kernel(layer, P)
         if kernel is not None:
             return kernel(x)
         weight = P.mul_(layer.u_scale)
     else:
-        weight = _weight(layer, w_int, U)
+        weight = _shift_weight(layer, w_int, U)
         del U, w_int
     x = layer.act_quant(x) if layer.act_quant is not None else x
     weight = weight.view(layer.weight_shape).to(x.dtype)
     bias = layer.bias.to(x.dtype) if layer.bias is not None else None
     return F.conv2d(x, weight, bias, **layer.conv) if layer.conv else F.linear(x, weight, bias)
+
+
+def _u_codes(layer: nn.Module, U: torch.Tensor) -> torch.Tensor:
+    """round(U / s_u) + z_u before the clamp (MUL)."""
+    return torch.div(U, layer.u_scale).round_().add_(layer.u_zero.float())
+
+
+def _mul_weight(layer: nn.Module, clamped: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    """W' = s_u (U_int W_int) from the clamped codes (in place)."""
+    return clamped.sub_(layer.u_zero.float()).mul_(w_int).mul_(layer.u_scale)
+
+
+def _shift_weight(layer: nn.Module, w_int: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """W' = sign(U) W_int 2^k (as IntLoraLayer.adapted_weight)."""
+    return torch.sign(U).mul_(w_int).mul_(torch.exp2(layer._shift_exponent(U)))
 
 
 def _step_kernel(layer: nn.Module, P: torch.Tensor):
@@ -91,7 +137,8 @@ def _step_kernel(layer: nn.Module, P: torch.Tensor):
     aq = layer.act_quant
     if layer.kernel_backend is None or aq is None or aq.bits != 8 or not bool(aq.calibrated) or aq.observing:
         return None
-    if P.is_cuda and layer.conv or int(P.min()) < -128 or int(P.max()) > 127:
+    lo, hi = torch.aminmax(P)
+    if P.is_cuda and layer.conv or int(lo) < -128 or int(hi) > 127:
         return None
     with torch.device(P.device):
         step = from_int(layer._like[0], P, layer.u_scale, bits=8, act_quant=aq, bias=layer.bias)
@@ -99,24 +146,19 @@ def _step_kernel(layer: nn.Module, P: torch.Tensor):
     return kernel
 
 
-def _weight(layer: nn.Module, w_int: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """W' [C_out, cols] fp32 (as IntLoraLayer.adapted_weight)."""
-    if layer.mode == "mul":
-        return layer._u_int(U).mul_(w_int).mul_(layer.u_scale)
-    return torch.sign(U).mul_(w_int).mul_(torch.exp2(layer._shift_exponent(U)))
-
-
-def _mul_factor(layer: nn.Module, w_int: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    v = torch.round(U / layer.u_scale).add_(layer.u_zero.float())
-    return (v >= 0) & (v <= 2**layer.lora_bits - 1) & (w_int != 0)
-
-
 def _shift_factor(layer: nn.Module, w_int: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """1[W_int != 0, U != 0, k not clamped] 2^k / (|U| + 1e-16)."""
     magnitude = U.abs().add_(1e-16)
     k = torch.round(torch.log2(magnitude))
-    hi = k.amax(1, keepdim=True)
-    keep = (k >= hi - layer.shift_span) & (w_int != 0) & (U != 0)
-    return torch.exp2(k.clamp_(min=hi - layer.shift_span)).div_(magnitude).mul_(keep)
+    clamped = k.clamp(min=k.amax(1, keepdim=True) - layer.shift_span)
+    keep = _nonzero(w_int).mul_(_nonzero(U)).mul_(_nonzero(clamped - k).neg_().add_(1))
+    return torch.exp2(clamped).div_(magnitude).mul_(keep)
+
+
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    """1.0 where `t` is not 0, else 0.0, as a float tensor (comparisons to bool and bool products ran ~3x slower
+    than these float passes on this project's CPU)."""
+    return t.sign().abs_()
 
 
 def _weight_grad(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,10 @@ reason ("dequantized (weight-only)"):
   write fp32. Measured: 3x3 convs ~20x faster than im2col + GEMM on this project's CPU (docs/quantization.md).
 - "int_mm" (CUDA, or CPUs without oneDNN): torch._int_mm (int8 x int8 -> int32); x_q - 128 makes the
   activations int8 and the correction uses z_a - 128; convs through im2col (F.unfold), 1x1 convs as a reshape.
-Neither covers weight-only layers (W4A16 / W8A16), activation bits other than 8, weights whose integers leave int8
-(asymmetric 8-bit), SHIFT merges, grouped convs (`unsupported_reason`). A split activation quantizer (the shortcut
+Asymmetric 8-bit weights (W_int = q - z in [-255, 255]) run as W_int = (q - 128) + (128 - z): the int8 product
+with q - 128 plus a row term s_a s_w[n] (128 - z[n]) sum_k (x_q[k] - z_a) (`int8_weight`, `IntKernel.offset_term`).
+Neither covers weight-only layers (W4A16 / W8A16), activation bits other than 8, other integers beyond int8 (IntLoRA
+W8 merges), SHIFT merges, grouped convs (`unsupported_reason`). A split activation quantizer (the shortcut
 split: one (s_a, z_a) for h and one for the skip in concat(h, skip)) runs as two integer products summed
 (SplitKernel). A new kernel is one KernelChoice added to KERNELS (`register_kernel`).
 
@@ -74,12 +76,27 @@ def unsupported_reason(layer) -> str | None:
         return "activation quantizer not calibrated"
     if layer.shift is not None:
         return "shift merge"
-    w = layer.int_weight()
-    if int(w.min()) < -128 or int(w.max()) > 127:
+    if int8_weight(layer) is None:
         return "weight integers beyond int8"
     if _is_conv(layer) and (layer.groups != 1 or isinstance(layer.padding, str)):
         return "grouped conv or string padding"
     return None
+
+
+def int8_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W_c int8 [C_out, cols], c int32 [C_out] or None) with W_int = W_c + c per row, or None when no such split
+    exists. Asymmetric 8-bit codes q in [0, 255] with zero points z give W_int = q - z in [-255, 255]: W_c = q - 128
+    and c = 128 - z (the kernel adds the row term, IntKernel.offset_term)."""
+    w = layer.int_weight()
+    if int(w.min()) >= -128 and int(w.max()) <= 127:
+        return w.to(torch.int8), None
+    if layer.zero_point is None:
+        return None
+    c = 128 - layer.zero_point.reshape(-1, 1)
+    w = w - c
+    if int(w.min()) < -128 or int(w.max()) > 127:
+        return None
+    return w.to(torch.int8), c.reshape(-1)
 
 
 class IntKernel:
@@ -94,11 +111,13 @@ class IntKernel:
         self.s_a_tensor = aq.scale.reshape(-1)[part : part + 1].float().clone()  # x / s as the fake quantizer does
         if aq.smooth is not None:  # SmoothQuant: x / (s_j s_a), the integers are of W diag(s) (quant/act.py)
             self.s_a_tensor = self.s_a_tensor * aq.smooth.float()
-        w = layer.int_weight().to(torch.int8).view(layer.weight_shape)
+        w, offset = int8_weight(layer)
+        w = w.view(layer.weight_shape)
         channels = w.shape[1]
         lo, hi = (0, channels) if not aq.split else ((0, aq.split) if part == 0 else (aq.split, channels))
         w = w[:, lo:hi].contiguous()  # not kept: the prepacked or transposed copy is (one int8 copy per layer)
         self.s_w = layer.scale.reshape(-1).float()
+        self.row_offset = self.s_a * self.s_w * offset.float() if offset is not None else None  # s_a s_w[n] c[n]
         self.bias = layer.bias.float() if layer.bias is not None and part == 0 else None
         self.out_features = layer.weight_shape[0]
         if self.is_conv:
@@ -125,7 +144,20 @@ class IntKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantize_input(x)
         y = self._onednn(xq) if self.backend == "onednn" else self._int_mm(xq)
+        if self.row_offset is not None:
+            y = y.add_(self.offset_term(xq))
         return y.to(x.dtype)
+
+    def offset_term(self, xq: torch.Tensor) -> torch.Tensor:
+        """s_a s_w[n] c[n] sum_k (x_q[k] - z_a) over each output's inputs (for W_int = W_c + c, int8_weight): a
+        row sum for a Linear, a ones-kernel conv of the channel sums for a conv (exact: integer sums in fp32)."""
+        if not self.is_conv:
+            sums = xq.sum(-1, keepdim=True, dtype=torch.int32).float() - xq.shape[-1] * self.z_a
+            return sums * self.row_offset
+        channel_sums = (xq.sum(1, keepdim=True, dtype=torch.int32) - xq.shape[1] * self.z_a).float()
+        ones = torch.ones(1, 1, *self.kernel_size, device=xq.device)
+        sums = F.conv2d(channel_sums, ones, None, self.stride, self.padding, self.dilation)  # zero-padded: x = 0
+        return sums * self.row_offset.view(1, -1, 1, 1)
 
     def _onednn(self, xq: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
