@@ -62,8 +62,8 @@ def _env() -> dict:
 def cuda_tests(budget: Budget) -> list[dict]:
     start = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", str(ROOT / "tests")]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=max(budget.left(), 1))
+    try:  # at most a third of the budget: the parts after it need the rest
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=max(budget.left() / 3, 1))
     except subprocess.TimeoutExpired:
         return [_row("CUDA tests", "pytest -k cuda", "timed out")]
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
@@ -115,7 +115,12 @@ def training_runs(budget: Budget) -> list[dict]:
                     f"train.mixed_precision={precision}", *sets]  # fmt: skip
             cmd = [sys.executable, "-m", "quantune", "train", str(ROOT / "configs" / config)]
             start = time.monotonic()
-            done = subprocess.run(cmd + [f"--set={s}" for s in sets], capture_output=True, text=True, env=_env())
+            try:
+                done = subprocess.run(cmd + [f"--set={s}" for s in sets], capture_output=True, text=True, env=_env(),
+                                      timeout=budget.left())  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rows.append(_row("mixed-precision training", f"{method} {precision}", "timed out"))
+                continue
             took = time.monotonic() - start
             error = (done.stderr.strip().splitlines() or [""])[-1][:160]
             status = "ok" if done.returncode == 0 and (Path(out) / "result.json").exists() else "failed"
@@ -168,10 +173,15 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=470.0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    if torch.version.cuda is None:
+        print(f"gpu-check: no CUDA device on this machine or this torch ({torch.__version__}) is a CPU build: "
+              "nothing to check (on a GPU machine, run it with a CUDA build of torch)")  # fmt: skip
+        return 0
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False): nothing to check")
         return 0
     sys.path.insert(0, str(ROOT / "src"))
+    os.environ.update(_env())  # the benchmark children (run_child) import quantune from src/ too
     budget = Budget(a.budget_s)
     rows = cuda_tests(budget)
     for part in (int_mm_kernels, training_runs, sd15_rows):

@@ -20,6 +20,7 @@ import os
 logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and go back to it
+FALLBACK = 32 << 20  # the largest mmap threshold older glibc accepts
 
 
 def keep_freed_memory() -> bool:
@@ -34,6 +35,11 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
         return False
-    done = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
-    logger.debug("malloc keeps freed blocks up to %d MB: %s", THRESHOLD >> 20, done)
-    return done
+    for threshold in (THRESHOLD, FALLBACK):  # glibc before 2.35 refuses an mmap threshold over 32 MiB
+        if mallopt(M_MMAP_THRESHOLD, threshold):
+            break
+    else:
+        return False
+    trimmed = bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    logger.debug("malloc keeps freed blocks up to %d MB (trim threshold set: %s)", threshold >> 20, trimmed)
+    return True

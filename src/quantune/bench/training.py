@@ -37,12 +37,16 @@ from quantune.bench.common import (
     timed,
 )
 from quantune.bench.models import TARGETS, build
+from quantune.quant.train_kernels import backward_dtype
 
 logger = logging.getLogger(__name__)
 RANK = 4
 QUANTUNE = [("full", 32), ("lora", 32)] + [(m, b) for b in (8, 4) for m in ("qlora", "intlora-mul", "intlora-shift")]
-QUANTUNE.append(("intlora-mul, R* regenerated", 4))  # quant.cache_aux = false: IntLoRA without its fp16 R* cache
-VARIANT_SETS = {"R* regenerated": ["quant.cache_aux=false"]}  # a variant's suffix after ", " -> its overrides
+QUANTUNE += [("intlora-mul, R* regenerated", 4), ("intlora-mul, gradient checkpointing", 4)]
+VARIANT_SETS = {
+    "R* regenerated": ["quant.cache_aux=false"],  # IntLoRA without its fp16 R* cache
+    "gradient checkpointing": ["train.gradient_checkpointing=true"],
+}  # a suffix after ", " -> overrides
 PEERS = ["diffusers+peft lora", "peft+bnb nf4 qlora", "peft+torchao int8wo lora"]
 
 
@@ -75,6 +79,8 @@ def _quantune(bm, variant: str, bits: int, x, t, cond) -> list:
     denoiser = bm.denoiser.to(device())
     training.calibrate(bm.pipe, lambda: bm.forward(denoiser, x, t, cond))
     training.ready(bm.pipe)  # as the trainer: the integer layers' kernels (quant/train_kernels.py)
+    if cfg.train.gradient_checkpointing:  # as the trainer does
+        denoiser.enable_gradient_checkpointing()
     return [p for g in groups for p in g["params"]]
 
 
@@ -204,8 +210,9 @@ def table(quick: bool) -> Table:
                "convs too; full fine-tuning trains every UNet weight (not run at 512 px on CPU: ~26 GB)",
                "quantune's rows run with malloc keeping freed blocks (allocator.py, as the `quantune` command sets "
                "it); the peers run as their own scripts do",
-               "quantized methods: frozen layers forward on int8 kernels, input gradients in bf16 on this CPU "
-               "(quant.backward_dtype = auto), IntLoRA steps as one autograd function (quant/intlora_train.py)"],
+               "quantized methods: frozen layers forward on int8 kernels, input gradients in "
+               f"{str(backward_dtype('auto', device())).removeprefix('torch.')} here (quant.backward_dtype = auto), "
+               "IntLoRA steps as one autograd function (quant/intlora_train.py)"],
     )  # fmt: skip
 
 

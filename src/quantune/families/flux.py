@@ -12,6 +12,13 @@ zoo:tiny-flux: the sizes of diffusers' FLUX pipeline tests (2 heads of 16, RoPE 
 pooled 32), one double- and one single-stream block, guidance embedding on (dev-style), zoo:tiny's VAE at 32 px
 (16 x 16 latents of 4 channels -> 64 tokens of 16), a 2-layer CLIP and a 2-layer T5 of width 32, the shipped
 tokenizer for both, FLUX.1-dev's scheduler settings (dynamic shifting).
+
+zoo:emoji-dit-init: the start of zoo:emoji-dit's pretraining recipe (configs/emoji_dit_pretrain*.toml): a FLUX.1
+transformer of zoo:emoji's size (6.25 M parameters: 2 double- and 6 single-stream blocks, 6 heads of 32, RoPE axes
+(8, 12, 12), no guidance embedding: classifier-free guidance comes from caption dropout, as zoo:emoji's), random, on
+zoo:emoji's trained VAE (32 px -> 8 x 8 x 4 latents -> 16 tokens of 16) and its trained 4-layer CLIP as both text
+encoders (its 16-token states stand in for T5's: the sequence FLUX attends to, width 128; its pooled output for
+CLIP's), rectified flow without shift (16 image tokens: FLUX's resolution-dependent shift is for thousands).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from quantune.assets import MAX_TOKENS, load_tokenizer
 from quantune.families.base import Conditioning, Family
 from quantune.families.encoders import t5_encoder
-from quantune.families.sd import clip_text_encoder, tiny_vae
+from quantune.families.sd import EMOJI_TOKENS, build_emoji, clip_text_encoder, tiny_vae
 
 
 class Flux(Family):
@@ -135,4 +142,24 @@ def build_tiny_flux():
     return pipe
 
 
-Flux.zoo = {"tiny-flux": build_tiny_flux}
+def build_emoji_dit_init():
+    """zoo:emoji-dit-init (module docstring): a random FLUX.1 transformer on zoo:emoji's VAE and text encoder."""
+    import copy
+
+    emoji = build_emoji()
+    emoji.vae.register_to_config(shift_factor=0.0)  # FLUX's latents are (z - shift) * scale; zoo:emoji's: z * scale
+    torch.manual_seed(60)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, attention_head_dim=32, num_attention_heads=6,
+        joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=emoji.vae, text_encoder=emoji.text_encoder,
+        tokenizer=emoji.tokenizer, text_encoder_2=copy.deepcopy(emoji.text_encoder),
+        tokenizer_2=load_tokenizer(EMOJI_TOKENS), transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+Flux.zoo = {"tiny-flux": build_tiny_flux, "emoji-dit-init": build_emoji_dit_init}

@@ -25,7 +25,8 @@ the same 2^b levels, none of them zero, so nothing is dropped (W_int needs b + 1
 Activations: optional per-tensor fake quantization of the input (ActQuantizer, calibrated explicitly).
 Training: the forward / backward with gradients is one autograd function (quant/intlora_train.py: W' formed once
 from the integers, MUL on the step's int8 kernel where it fits, closed-form gradients); this file's float
-formulation (`adapted_weight`, `_run`) is the reference it is tested against and runs without gradients.
+formulation (`adapted_weight`, `_run`) is the reference it is tested against and runs without gradients (and
+while calibration observes the input).
 Settings: one IntLoraConfig per layer (rank, alpha, the base's WeightQuant, lora_bits, ActQuant, VMC, seed, fixes).
 """
 

@@ -83,7 +83,7 @@ def base_and_adaptation(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     q = unpack_int4(layer.codes, layer.lora_A.shape[1]) if layer.packed else layer.codes
     w_int = q.float().sub_(layer.zero_point.float())  # q - z: exact integers
     U = layer.delta()
-    U.add_(layer.r_star())  # R* + Delta
+    U.add_(layer.r_star())  # R* + Delta (r_star() may be the cache itself: only ever read here)
     if layer.zero_fix == "midrise":
         w_int.mul_(2).add_(1)  # never 0
         U.div_(w_int)
@@ -140,8 +140,7 @@ def _step_kernel(layer: nn.Module, P: torch.Tensor):
     lo, hi = torch.aminmax(P)
     if P.is_cuda and layer.conv or int(lo) < -128 or int(hi) > 127:
         return None
-    with torch.device(P.device):
-        step = from_int(layer._like[0], P, layer.u_scale, bits=8, act_quant=aq, bias=layer.bias)
+    step = from_int(layer._like[0], P, layer.u_scale, bits=8, act_quant=aq, bias=layer.bias)  # on P's device
     kernel, _ = select_kernel(step, layer.kernel_backend)
     return kernel
 

@@ -154,10 +154,10 @@ class IntKernel:
         if not self.is_conv:
             sums = xq.sum(-1, keepdim=True, dtype=torch.int32).float() - xq.shape[-1] * self.z_a
             return sums * self.row_offset
-        channel_sums = (xq.sum(1, keepdim=True, dtype=torch.int32) - xq.shape[1] * self.z_a).float()
-        ones = torch.ones(1, 1, *self.kernel_size, device=xq.device)
+        channel_sums = (xq.sum(1, keepdim=True, dtype=torch.int32) - xq.shape[1] * self.z_a).double()
+        ones = torch.ones(1, 1, *self.kernel_size, dtype=torch.float64, device=xq.device)  # fp64: no TF32 on CUDA
         sums = F.conv2d(channel_sums, ones, None, self.stride, self.padding, self.dilation)  # zero-padded: x = 0
-        return sums * self.row_offset.view(1, -1, 1, 1)
+        return sums.float() * self.row_offset.view(1, -1, 1, 1)
 
     def _onednn(self, xq: torch.Tensor) -> torch.Tensor:
         if self.is_conv:

@@ -9,10 +9,12 @@ the epilogue), and the backward is the same straight-through estimator the fake 
 
 (W_deq^T dL/dy: a GEMM for a Linear, conv2d's input gradient for a Conv2d), with W dequantized from its integers
 for that one product and not kept; only x is saved. The product runs in the layer's `backward_dtype`: fp32, or bf16
-where it is faster (`backward_dtype("auto")`: CUDA and CPUs with AVX512-BF16 or AMX; on this project's CPU the
-SD-1.5 shapes' input gradients ran 1.8-3.7x faster in bf16, benchmarks/results/backward_gemm.md, for a relative
-error of the LoRA gradients of ~0.3 %, tests/quant/test_train_kernels.py). The forward agrees with the float path up
-to float rounding (the integer product is exact), the gradient is the same formula, so LoRA's gradients match.
+where it is faster (`backward_dtype("auto")`: CUDA and CPUs with AVX512-BF16 or AMX). Measured on this project's CPU
+(benchmarks/results/backward_gemm.md, SD-1.5 shapes, 256 and 512 px): bf16 1.3-2.4x faster than fp32 with a relative
+error of 3-4e-3 (cosine 0.999995) against float64; an int8 GEMM of the dynamically quantized gradient (OneTrainer's
+way) 1.05-2.3x, 7-8e-3, and none for convs: bf16 it is. The LoRA gradients through it stay within 1 % of the fp32
+path's (tests/quant/test_train_kernels.py). The forward agrees with the float path up to float rounding (the
+integer product is exact), the gradient is the same formula, so LoRA's gradients match.
 Written here because PyTorch's int8 ops (oneDNN's qlinear / qconv, torch._int_mm) have no autograd.
 """
 
