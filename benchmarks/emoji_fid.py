@@ -5,6 +5,7 @@ caption names (quantune.eval.glyph_recognition, top-1 / top-5). Prompts are the 
 row. Writes CSV + Markdown.
 
     python benchmarks/emoji_fid.py [--n 500] [--steps 25] [--models zoo:emoji,zoo:tiny] [--out benchmarks/results]
+                                   [--name emoji_fid]
 """
 
 from __future__ import annotations
@@ -16,21 +17,10 @@ import torch
 from report import write_report
 
 
-@torch.no_grad()
-def generate(pipe, prompts: list[str], steps: int, size: int, guidance: float, batch: int = 50) -> list:
-    images = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
-        images += pipe(
-            chunk, num_inference_steps=steps, height=size, width=size, generator=gens, guidance_scale=guidance
-        ).images
-    return images
-
-
 def main() -> None:
     from quantune.data import openmoji_dataset
     from quantune.eval import fid, glyph_recognition
+    from quantune.eval.run import EvalConfig, sample_images
     from quantune.models import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -39,6 +29,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--models", default="zoo:emoji,zoo:tiny", help="comma-separated: zoo names or pipeline folders")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="emoji_fid", help="the result files' name")
     a = p.parse_args()
     data = openmoji_dataset(size=32, subset="^(?!.*unicorn)")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: a.n].tolist()
@@ -55,19 +46,18 @@ def main() -> None:
     ]
     for ref in a.models.split(","):
         start = time.time()
-        pipe = load_pipeline(ref)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        images = generate(pipe, prompts, a.steps, size, a.guidance)
+        pipe = load_pipeline(ref)  # image i from seed i; guidance as the family spells it (FLUX: true CFG)
+        images = sample_images(pipe, prompts, EvalConfig(steps=a.steps, guidance_scale=a.guidance, batch=50), size=32)
         seconds = time.time() - start
         rows.append({"model": ref, "fid": fid(images, reference), **glyph_recognition(images, prompts),
                      "seconds": seconds})  # fmt: skip
     title = (
-        f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), DDIM {a.steps} steps, "
+        f"FID against {a.n} OpenMoji images (OpenMoji feature network, 32 px), {a.steps} sampler steps, "
         f"guidance {a.guidance}"
     )
     columns = {"model": "{model}", "FID": "{fid:.2f}", "glyph top-1": "{glyph_top1:.3f}",
                "glyph top-5": "{glyph_top5:.3f}", "generation time (s)": "{seconds:.0f}"}  # fmt: skip
-    write_report(rows, a.out, "emoji_fid", title, columns)
+    write_report(rows, a.out, a.name, title, columns)
 
 
 if __name__ == "__main__":

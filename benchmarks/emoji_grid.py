@@ -2,7 +2,7 @@
 glyph of the same name. Writes docs/emoji_grid.png, and per prompt how many of the 6 samples the OpenMoji network
 recognises as that glyph (top-1 / top-5, quantune.eval.recognition) to benchmarks/results/emoji_grid.{csv,md}.
 
-    python benchmarks/emoji_grid.py [--guidance 4] [--steps 25]
+    python benchmarks/emoji_grid.py [--guidance 4] [--steps 25] [--model zoo:emoji] [--out PNG] [--name emoji_grid]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ PROMPTS = [
 def main() -> None:
     from quantune.data import openmoji_dataset
     from quantune.eval.recognition import glyph_names, glyph_ranks
+    from quantune.families import family_of
     from quantune.io import make_grid, save_png
     from quantune.models import load_pipeline
 
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--model", default="zoo:emoji", help="zoo:emoji or a trained pipeline folder")
     p.add_argument("--out", default="docs/emoji_grid.png")
     p.add_argument("--results", default="benchmarks/results", help="where the recognition table goes")
+    p.add_argument("--name", default="emoji_grid", help="the recognition table's file name")
     a = p.parse_args()
     pipe = load_pipeline(a.model)
     glyphs = openmoji_dataset(size=32, subset=PROMPTS)
@@ -46,7 +48,9 @@ def main() -> None:
     rows, recognised = [], []
     for prompt in PROMPTS:
         gens = [torch.Generator().manual_seed(s) for s in range(6)]
-        images = pipe([prompt] * 6, num_inference_steps=a.steps, guidance_scale=a.guidance, generator=gens).images
+        family = family_of(pipe)  # guidance as the family spells it (zoo:emoji-dit: FLUX's true CFG)
+        images = pipe([prompt] * 6, num_inference_steps=a.steps, generator=gens, height=32, width=32,
+                      **family.guidance_kwargs(pipe, a.guidance, 6), **family.call_kwargs(pipe)).images  # fmt: skip
         rows.append([reference[prompt]] + [Image.new("RGB", (8, 32), "white")] + images)
         ranks = glyph_ranks(images, [prompt] * len(images))
         first = Counter(glyph_names(images)).most_common(1)[0]
@@ -56,10 +60,10 @@ def main() -> None:
     grid = make_grid([[im.resize((im.width * 2, 64), Image.NEAREST) for im in row] for row in rows])
     save_png(grid, Path(a.out))
     title = (f"Samples of {a.model} recognised by the OpenMoji network as their prompt's glyph (6 seeds, guidance "
-             f"{a.guidance}, {a.steps} DDIM steps)")  # fmt: skip
+             f"{a.guidance}, {a.steps} sampler steps)")  # fmt: skip
     columns = {"prompt": "{prompt}", "top-1": "{top1}/{n}", "top-5": "{top5}/{n}", "ranks": "{ranks}",
                "network's most frequent first choice": "{first_choice}"}  # fmt: skip
-    write_report(recognised, a.results, "emoji_grid", title, columns)
+    write_report(recognised, a.results, a.name, title, columns)
     print(f"wrote {a.out}: rows {PROMPTS}; first column the OpenMoji glyph, then 6 samples (guidance {a.guidance})")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 ASSET_DIR = Path(__file__).parent / "models" / "assets"
 TOKENIZER_DIR = ASSET_DIR / "tokenizer"
 EMOJI_DIR = ASSET_DIR / "emoji"
+EMOJI_DIT_DIR = ASSET_DIR / "emoji-dit"  # zoo:emoji-dit's transformer and scheduler (its VAE and CLIP: zoo:emoji's)
 FEATURES_FILE = ASSET_DIR / "features" / "openmoji_features.safetensors"
 MAX_TOKENS = 77
 

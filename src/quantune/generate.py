@@ -108,7 +108,7 @@ def generate(
             height=size,
             width=size,
             generator=generators,
-            guidance_scale=guidance_scale,
+            **family_of(pipe).guidance_kwargs(pipe, guidance_scale, num_images),
             **family_of(pipe).call_kwargs(pipe),
         ).images
         rows.append(images)

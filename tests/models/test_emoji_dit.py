@@ -1,14 +1,17 @@
 """zoo:emoji-dit-init, the start of zoo:emoji-dit's pretraining recipe: a FLUX.1 transformer of zoo:emoji's size
-on zoo:emoji's trained VAE and text encoder, and the recipe's first stage runs (two steps)."""
+on zoo:emoji's trained VAE and text encoder; the recipe's first stage runs (two steps) and its result packages as
+zoo:emoji-dit; guidance as the transformer was trained."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import FluxPipeline
 
+from quantune.errors import QuantuneError
 from quantune.models import load_pipeline
 from quantune.train.config import resolve_config
 from quantune.train.trainer import train
@@ -31,7 +34,7 @@ def test_emoji_dit_init_is_a_flux_pipeline_on_zoo_emojis_parts():
     assert image.size == (32, 32)
 
 
-def test_the_pretraining_recipe_runs(tmp_path):
+def test_the_pretraining_recipe_runs_and_packages(tmp_path, monkeypatch):
     sets = [f"output_dir={tmp_path}", "train.steps=2", "train.batch_size=4", "log.checkpoint_every=1",
             "log.validation_every=0", "log.validation_images=1", "log.validation_steps=2", "log.tensorboard=false",
             'data.subset="^(cat|dog) face$"']  # fmt: skip
@@ -40,3 +43,33 @@ def test_the_pretraining_recipe_runs(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["pretrained"] == "zoo:emoji-dit-init"
     pipe = load_pipeline(str(tmp_path / "pipeline"))
     assert isinstance(pipe, FluxPipeline) and pipe.transformer.config.num_single_layers == 6
+    # packaged as zoo:emoji-dit (the transformer in fp16; VAE and text encoders are zoo:emoji's) and loaded back
+    from quantune.families import flux
+    from quantune.models.package_emoji import package
+
+    shipped = tmp_path / "emoji-dit"
+    assert package(tmp_path / "pipeline", shipped, {"steps": 2}, zoo="emoji-dit") < 15 * 2**20
+    monkeypatch.setattr(flux, "EMOJI_DIT_DIR", shipped)
+    zoo = load_pipeline("zoo:emoji-dit")
+    assert zoo.transformer.dtype == torch.float32 and zoo.transformer.config["_classifier_free_guidance"]
+    for a, b in zip(zoo.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
+        torch.testing.assert_close(a, b.half().float(), rtol=0, atol=0)
+    monkeypatch.setattr(flux, "EMOJI_DIT_DIR", tmp_path / "nothing")
+    with pytest.raises(QuantuneError, match="zoo:emoji-dit's weights are missing"):
+        load_pipeline("zoo:emoji-dit")
+
+
+def test_guidance_follows_the_transformer():
+    """FLUX-dev's embedded guidance; true CFG for a transformer trained for it (zoo:emoji-dit's marker); none for
+    one without either (FLUX.1-schnell), as diffusers."""
+    from quantune.families import family_of
+    from quantune.families.flux import build_tiny_flux
+
+    dit = load_pipeline("zoo:emoji-dit-init")
+    family = family_of(dit)
+    assert family.guidance_kwargs(dit, 4.0, 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    assert family.guidance_kwargs(dit, 1.0, 2) == {} and family.guidance_kwargs(dit, None, 2) == {}
+    dev = build_tiny_flux()
+    assert family.guidance_kwargs(dev, 3.5, 1) == {"guidance_scale": 3.5}
+    dit.transformer.register_to_config(_classifier_free_guidance=False)
+    assert family.guidance_kwargs(dit, 4.0, 2) == {}

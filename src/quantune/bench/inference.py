@@ -179,7 +179,8 @@ def _caller(name: str, bm: BenchModel, kind: str, runner, batch: int, res: int):
         def call():
             gen.manual_seed(0)
             return bm.pipe("cat face", num_inference_steps=20, height=res, width=res, generator=gen,
-                           guidance_scale=4.0, output_type="pt", **bm.family.call_kwargs(bm.pipe)).images  # fmt: skip
+                           output_type="pt", **bm.family.guidance_kwargs(bm.pipe, 4.0, 1),
+                           **bm.family.call_kwargs(bm.pipe)).images  # fmt: skip
 
     return _autocast_bf16(call) if name == "bf16 autocast" else call
 

@@ -114,8 +114,10 @@ def sample_images(pipe, prompts: list[str], cfg: EvalConfig, size: int | None = 
     for i in range(0, len(prompts), cfg.batch):
         chunk = prompts[i : i + cfg.batch]
         gens = [torch.Generator().manual_seed(cfg.seed + i + j) for j in range(len(chunk))]
-        images += pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=size,
-                       width=size, generator=gens, **family_of(pipe).call_kwargs(pipe)).images  # fmt: skip
+        family = family_of(pipe)
+        images += pipe(chunk, num_inference_steps=cfg.steps, height=size, width=size, generator=gens,
+                       **family.guidance_kwargs(pipe, cfg.guidance_scale, len(chunk)),
+                       **family.call_kwargs(pipe)).images  # fmt: skip
     return images
 
 

@@ -84,6 +84,11 @@ class Family:
         tokenizer = getattr(pipe, self.t5_tokenizer, None)  # SD3 may ship without T5: the pipeline's default then
         return min(self.t5_tokens, int(tokenizer.model_max_length)) if tokenizer is not None else self.t5_tokens
 
+    def guidance_kwargs(self, pipe, scale: float | None, batch: int) -> dict:
+        """The pipeline-call arguments of classifier-free guidance at `scale` (None: the pipeline's default) for
+        `batch` prompts: `guidance_scale` here; a family whose pipeline spells it otherwise overrides this."""
+        return {} if scale is None else {"guidance_scale": scale}
+
     def call_kwargs(self, pipe) -> dict:
         """Extra keyword arguments every quantune call of this family's pipeline passes: T5's caption length, as
         training encodes it (and e.g. PixArt's `use_resolution_binning=False`)."""

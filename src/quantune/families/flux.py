@@ -27,7 +27,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-from quantune.assets import MAX_TOKENS, load_tokenizer
+from quantune.assets import EMOJI_DIT_DIR, MAX_TOKENS, load_tokenizer
+from quantune.errors import QuantuneError
 from quantune.families.base import Conditioning, Family
 from quantune.families.encoders import t5_encoder
 from quantune.families.sd import EMOJI_TOKENS, build_emoji, clip_text_encoder, tiny_vae
@@ -77,6 +78,18 @@ class Flux(Family):
             captions, None, device=device, max_sequence_length=self.max_tokens(pipe)
         )
         return {"encoder_hidden_states": states, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def guidance_kwargs(self, pipe, scale: float | None, batch: int) -> dict:
+        """FLUX.1-dev embeds its distilled guidance (`guidance_scale`); a transformer without that embedding runs
+        classifier-free guidance only when it was trained for it (caption dropout: zoo:emoji-dit, marked by
+        `_classifier_free_guidance` in its config), as FluxPipeline's true CFG (`true_cfg_scale`, an empty negative
+        prompt per image); else guidance is left out, as diffusers does for FLUX.1-schnell."""
+        config = self.denoiser_of(pipe).config
+        if scale is None or config.guidance_embeds:
+            return super().guidance_kwargs(pipe, scale, batch)
+        if config.get("_classifier_free_guidance", False) and scale > 1:
+            return {"true_cfg_scale": scale, "negative_prompt": [""] * batch}
+        return {}
 
     def latent_channels(self, model) -> int:
         return int(model.config.in_channels) // 4  # packed 2 x 2
@@ -144,22 +157,42 @@ def build_tiny_flux():
 
 def build_emoji_dit_init():
     """zoo:emoji-dit-init (module docstring): a random FLUX.1 transformer on zoo:emoji's VAE and text encoder."""
-    import copy
-
-    emoji = build_emoji()
-    emoji.vae.register_to_config(shift_factor=0.0)  # FLUX's latents are (z - shift) * scale; zoo:emoji's: z * scale
     torch.manual_seed(60)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, attention_head_dim=32, num_attention_heads=6,
         joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
     )  # fmt: skip
+    return _on_emoji(transformer, FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+
+def build_emoji_dit():
+    """zoo:emoji-dit: the pretrained transformer shipped in models/assets/emoji-dit (fp16 on disk, fp32 in memory)
+    on zoo:emoji's VAE and text encoder."""
+    if not (EMOJI_DIT_DIR / "transformer" / "config.json").is_file():
+        raise QuantuneError(
+            f"zoo:emoji-dit's weights are missing from {EMOJI_DIT_DIR}: reinstall quantune, or train them with "
+            "configs/emoji_dit_pretrain.toml and package them (python -m quantune.models.package_emoji --zoo "
+            "emoji-dit PIPELINE)"
+        )
+    transformer = FluxTransformer2DModel.from_pretrained(EMOJI_DIT_DIR / "transformer", torch_dtype=torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(EMOJI_DIT_DIR / "scheduler")
+    return _on_emoji(transformer, scheduler)
+
+
+def _on_emoji(transformer, scheduler):
+    """A FluxPipeline of `transformer` on zoo:emoji's VAE and its CLIP as both text encoders."""
+    import copy
+
+    emoji = build_emoji()
+    emoji.vae.register_to_config(shift_factor=0.0)  # FLUX's latents are (z - shift) * scale; zoo:emoji's: z * scale
+    transformer.register_to_config(_classifier_free_guidance=True)  # caption dropout: Flux.guidance_kwargs
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=emoji.vae, text_encoder=emoji.text_encoder,
-        tokenizer=emoji.tokenizer, text_encoder_2=copy.deepcopy(emoji.text_encoder),
-        tokenizer_2=load_tokenizer(EMOJI_TOKENS), transformer=transformer,
+        scheduler=scheduler, vae=emoji.vae, text_encoder=emoji.text_encoder, tokenizer=emoji.tokenizer,
+        text_encoder_2=copy.deepcopy(emoji.text_encoder), tokenizer_2=load_tokenizer(EMOJI_TOKENS),
+        transformer=transformer,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-Flux.zoo = {"tiny-flux": build_tiny_flux, "emoji-dit-init": build_emoji_dit_init}
+Flux.zoo = {"tiny-flux": build_tiny_flux, "emoji-dit-init": build_emoji_dit_init, "emoji-dit": build_emoji_dit}

@@ -96,7 +96,7 @@ def _run_chunk(pipe, prompts: list[str], cfg: PTQConfig, seed: int):
         with torch.no_grad():
             if _is_text_pipeline(pipe):
                 size = cfg.resolution or family.default_size(pipe)
-                guidance = {} if cfg.guidance_scale is None else {"guidance_scale": cfg.guidance_scale}
+                guidance = family.guidance_kwargs(pipe, cfg.guidance_scale, len(prompts))
                 pipe(prompts, num_inference_steps=cfg.steps, height=size, width=size, generator=generator,
                      output_type="latent", **guidance, **family.call_kwargs(pipe))  # fmt: skip
             else:
