@@ -47,7 +47,7 @@ def main() -> None:
     for ref in a.models.split(","):
         start = time.time()
         pipe = load_pipeline(ref)  # image i from seed i; guidance as the family spells it (FLUX: true CFG)
-        images = sample_images(pipe, prompts, EvalConfig(steps=a.steps, guidance_scale=a.guidance, batch=50), size=32)
+        images = sample_images(pipe, prompts, EvalConfig(steps=a.steps, guidance_scale=a.guidance, batch=50))
         seconds = time.time() - start
         rows.append({"model": ref, "fid": fid(images, reference), **glyph_recognition(images, prompts),
                      "seconds": seconds})  # fmt: skip

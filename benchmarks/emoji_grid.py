@@ -46,10 +46,11 @@ def main() -> None:
     glyphs = openmoji_dataset(size=32, subset=PROMPTS)
     reference = {glyphs.captions[i]: glyphs[i]["image"] for i in range(len(glyphs))}
     rows, recognised = [], []
+    family = family_of(pipe)  # guidance as the family spells it (zoo:emoji-dit: FLUX's true CFG)
+    size = family.default_size(pipe)
     for prompt in PROMPTS:
         gens = [torch.Generator().manual_seed(s) for s in range(6)]
-        family = family_of(pipe)  # guidance as the family spells it (zoo:emoji-dit: FLUX's true CFG)
-        images = pipe([prompt] * 6, num_inference_steps=a.steps, generator=gens, height=32, width=32,
+        images = pipe([prompt] * 6, num_inference_steps=a.steps, generator=gens, height=size, width=size,
                       **family.guidance_kwargs(pipe, a.guidance, 6), **family.call_kwargs(pipe)).images  # fmt: skip
         rows.append([reference[prompt]] + [Image.new("RGB", (8, 32), "white")] + images)
         ranks = glyph_ranks(images, [prompt] * len(images))

@@ -3,6 +3,7 @@ feature network. Everything that reads them asks here, so no module walks up the
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 ASSET_DIR = Path(__file__).parent / "models" / "assets"
@@ -20,3 +21,12 @@ def load_tokenizer(max_tokens: int = MAX_TOKENS):
     return CLIPTokenizer(
         str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_tokens
     )
+
+
+EMOJI_PARTS = ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+
+
+def emoji_parts(folder: Path = EMOJI_DIR) -> dict[str, str]:
+    """sha256 of zoo:emoji's VAE and text encoder files in `folder`: the parts zoo:emoji-dit borrows when it loads,
+    recorded beside it when it is packaged (models/package_emoji.py) and checked when it loads (families/flux.py)."""
+    return {part: hashlib.sha256((folder / part).read_bytes()).hexdigest() for part in EMOJI_PARTS}

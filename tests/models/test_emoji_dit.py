@@ -54,6 +54,9 @@ def test_the_pretraining_recipe_runs_and_packages(tmp_path, monkeypatch):
     assert zoo.transformer.dtype == torch.float32 and zoo.transformer.config["_classifier_free_guidance"]
     for a, b in zip(zoo.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
         torch.testing.assert_close(a, b.half().float(), rtol=0, atol=0)
+    monkeypatch.setattr(flux, "emoji_parts", lambda: {"vae": "another"})  # zoo:emoji repackaged since
+    with pytest.raises(QuantuneError, match="another zoo:emoji VAE / text encoder"):
+        load_pipeline("zoo:emoji-dit")
     monkeypatch.setattr(flux, "EMOJI_DIT_DIR", tmp_path / "nothing")
     with pytest.raises(QuantuneError, match="zoo:emoji-dit's weights are missing"):
         load_pipeline("zoo:emoji-dit")
@@ -73,3 +76,11 @@ def test_guidance_follows_the_transformer():
     assert family.guidance_kwargs(dev, 3.5, 1) == {"guidance_scale": 3.5}
     dit.transformer.register_to_config(_classifier_free_guidance=False)
     assert family.guidance_kwargs(dit, 4.0, 2) == {}
+
+
+def test_sampling_with_true_cfg_runs_through_the_eval_path():
+    from quantune.eval.run import EvalConfig, sample_images
+
+    pipe = load_pipeline("zoo:emoji-dit-init")
+    images = sample_images(pipe, ["cat face", "rocket"], EvalConfig(steps=2, guidance_scale=4.0, batch=2))
+    assert [im.size for im in images] == [(32, 32), (32, 32)]

@@ -23,11 +23,13 @@ CLIP's), rectified flow without shift (16 image tokens: FLUX's resolution-depend
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-from quantune.assets import EMOJI_DIT_DIR, MAX_TOKENS, load_tokenizer
+from quantune.assets import EMOJI_DIT_DIR, MAX_TOKENS, emoji_parts, load_tokenizer
 from quantune.errors import QuantuneError
 from quantune.families.base import Conditioning, Family
 from quantune.families.encoders import t5_encoder
@@ -168,11 +170,16 @@ def build_emoji_dit_init():
 def build_emoji_dit():
     """zoo:emoji-dit: the pretrained transformer shipped in models/assets/emoji-dit (fp16 on disk, fp32 in memory)
     on zoo:emoji's VAE and text encoder."""
-    if not (EMOJI_DIT_DIR / "transformer" / "config.json").is_file():
+    if not (EMOJI_DIT_DIR / "parts.json").is_file():
         raise QuantuneError(
             f"zoo:emoji-dit's weights are missing from {EMOJI_DIT_DIR}: reinstall quantune, or train them with "
             "configs/emoji_dit_pretrain.toml and package them (python -m quantune.models.package_emoji --zoo "
             "emoji-dit PIPELINE)"
+        )
+    if json.loads((EMOJI_DIT_DIR / "parts.json").read_text()) != emoji_parts():
+        raise QuantuneError(
+            "zoo:emoji-dit was trained on another zoo:emoji VAE / text encoder than the installed ones: reinstall "
+            "quantune, or package zoo:emoji-dit again from its run"
         )
     transformer = FluxTransformer2DModel.from_pretrained(EMOJI_DIT_DIR / "transformer", torch_dtype=torch.float32)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(EMOJI_DIT_DIR / "scheduler")

@@ -232,6 +232,7 @@ class LogConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["cat face", "red apple", "rocket"])
     validation_images: int = 2  # per prompt
     validation_steps: int = 20  # sampler steps
+    validation_guidance: float | None = None  # classifier-free guidance scale; None: the pipeline's default
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
     tensorboard: bool = True

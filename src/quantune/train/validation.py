@@ -23,6 +23,7 @@ def save_validation_grid(pipe, cfg, path: Path) -> Path:
             height=cfg.data.resolution,
             width=cfg.data.resolution,
             generator=generators,
+            **family_of(pipe).guidance_kwargs(pipe, cfg.log.validation_guidance, k),
             **family_of(pipe).call_kwargs(pipe),
         ).images
         rows.append(images)
