@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -x
+	$(BIN)/python -m pytest -x --durations=15
 
 # The benchmark report (not part of `make test`): the peers first (torchao, optimum-quanto, bitsandbytes).
 peers: $(STAMP)
