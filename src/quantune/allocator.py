@@ -5,8 +5,9 @@ dequantized weights every step pays for them again in page faults (each 4 KiB pa
 `keep_freed_memory()` raises the mmap and trim thresholds (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, as
 jemalloc or tcmalloc preloaded would behave), so freed blocks are reused by the next step. The peak does not grow:
 the same bytes are live at the worst moment; only what is freed stays mapped until the process ends. Measured on
-the SD-1.5 UNet at 256 px, batch 1, 2 threads (docs/training.md): float LoRA step 4.90 -> 3.68 s, QLoRA W4A8
-8.29 -> 4.24 s, peak within 2 %. The `quantune` command calls it; set QUANTUNE_KEEP_FREED=0 to leave malloc as it is.
+the SD-1.5 UNet at 256 px, batch 1, 2 threads (`QUANTUNE_KEEP_FREED=0|1 python -m quantune.bench.training --one
+lora 32 sd15 256 1 2 1`): float LoRA step 4.77 -> 3.50 s, QLoRA W4A8 3.58 -> 3.51 s (its steps allocate little),
+peak within 3 %. The `quantune` command calls it; set QUANTUNE_KEEP_FREED=0 to leave malloc as it is.
 Nothing else in PyTorch does this (its CPU allocator has no caching), hence written here.
 """
 
