@@ -205,16 +205,17 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     benchmarks/results/ptq_cpu_parts.md)."""
     if torch.device(device).type == "cuda":
         return True
-    return _cpu_has_amx_bf16()
+    return "amx_bf16" in cpu_flags()
 
 
 @functools.cache
-def _cpu_has_amx_bf16() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo's first `flags` line; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return " amx_bf16" in f.read()
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return frozenset()
 
 
 def prepare_attention(model: nn.Module, attn_dtype: str = "auto") -> int:

@@ -20,13 +20,12 @@ Written here because PyTorch's int8 ops (oneDNN's qlinear / qconv, torch._int_mm
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from quantune.errors import QuantuneError
+from quantune.quant.kernels import cpu_flags
 
 BACKWARD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,20 +34,11 @@ def backward_dtype(setting: str = "auto", device: torch.device | str = "cpu") ->
     """The dtype of the frozen weight's activation-gradient product: "fp32", "bf16", or "auto" (bf16 on CUDA and on
     CPUs with native bf16 dot products, fp32 elsewhere)."""
     if setting == "auto":
-        fast = torch.device(device).type == "cuda" or bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        fast = torch.device(device).type == "cuda" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
         return torch.bfloat16 if fast else torch.float32
     if setting not in BACKWARD_DTYPES:
         raise QuantuneError(f"backward dtype {setting!r} is unknown: use auto, fp32 or bf16")
     return BACKWARD_DTYPES[setting]
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
 
 
 def integer_training_kernel(layer: nn.Module):
