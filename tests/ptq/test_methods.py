@@ -22,7 +22,7 @@ SMALL = dict(calib_samples=8, steps=4, iters=20, batch_size=8, resolution=16)
 
 
 def test_registry_and_the_configs_vocabulary():
-    assert list(METHODS) == ["minmax", "qdiffusion", "eda-dm"] and quantune.ptq.METHODS is METHODS
+    assert list(METHODS) == ["minmax", "qdiffusion", "eda-dm", "eda-dm-reference"] and quantune.ptq.METHODS is METHODS
     from quantune.families.sd import StableDiffusion
 
     cfg = PTQConfig(method="qdiffusion", wbits=4, abits=8, attn_bits=6).for_family(StableDiffusion())
@@ -45,6 +45,25 @@ def test_method_options():
     with pytest.raises(QuantuneError, match="tdac_r"):
         PTQConfig(tdac_r=0.0)
     assert PTQConfig(method="minmax", qdrop=0.0).options is not None  # eda-dm's options do not bind minmax
+
+
+@pytest.mark.parametrize("wbits, lr_w", [(8, 5e-4), (4, 3e-2)])
+def test_eda_dm_reference_preset(wbits, lr_w):
+    cfg = PTQConfig(method="eda-dm-reference", wbits=wbits, lr_w=0.5, round_reg=0.01)
+    method = method_for(cfg)
+    assert cfg.weight.search == "l2.4-full" and cfg.act.search == "l2.4-full"  # candidates down to 1 % of the range
+    assert (method.recon_cfg.round_reg, method.recon_cfg.lr_w) == (0.0, lr_w)  # the reference's, not the flags'
+    assert method.recipe() == method_for(PTQConfig(method="eda-dm")).recipe()  # TDAC + FBR + QDrop as eda-dm
+
+
+def test_the_full_search_reaches_ranges_below_a_fifth_of_the_max():
+    from quantune.quant.primitives import search_qparams
+
+    x = torch.cat([torch.linspace(-1, 1, 100001), torch.tensor([20.0])])  # one outlier 20x the bulk
+    short = search_qparams(x, 4, per_channel=False, symmetric=True)
+    full = search_qparams(x, 4, per_channel=False, symmetric=True, search="l2.4-full")
+    assert float(short.scale) * 7 / 20 == pytest.approx(0.21, rel=1e-5)  # the 80-candidate search stops at 21 %
+    assert float(full.scale) * 7 / 20 == pytest.approx(0.05, rel=1e-5)  # the full one clips the outlier, fits the bulk
 
 
 def test_no_method_name_checks_outside_the_methods_files():

@@ -26,7 +26,7 @@ from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, table_mai
 
 logger = logging.getLogger(__name__)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
-METHODS = ["minmax", "qdiffusion", "eda-dm"]
+METHODS = ["minmax", "qdiffusion", "eda-dm", "eda-dm-reference"]
 # NNCF (OpenVINO's PTQ) of the same float model at W8A8 on the same calibration data: its defaults, and model_type
 # TRANSFORMER (SmoothQuant on); it has no W4A8 (its INT4 is weight compression with float activations)
 NNCF = {"nncf": False, "nncf smoothquant": True}
@@ -195,8 +195,8 @@ def table(quick: bool, out: Path) -> Table:
                "its PSNR is capped at 99 dB",
                "the OpenMoji row gives FID's scale: n other real glyphs against the reference glyphs (not a floor: "
                "the samples are paired with the reference glyphs by caption, so a model can come closer)",
-               "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm / nncf / nncf smoothquant, then W4A8 "
-               "minmax / qdiffusion / eda-dm",
+               "grid rows: FP, then W8A8 minmax / qdiffusion / eda-dm / eda-dm-reference / nncf / nncf smoothquant, "
+               "then W4A8 minmax / qdiffusion / eda-dm / eda-dm-reference",
                "quantune's rows: the saved integer model loaded with `load_pipeline` and its default backend "
                "(OpenVINO on the CPU when installed); nncf rows: nncf.quantize (defaults; model_type TRANSFORMER "
                "with SmoothQuant) of the float model on the uniform calibration set of minmax / qdiffusion, run by "

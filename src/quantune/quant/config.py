@@ -21,12 +21,12 @@ from quantune.errors import QuantuneError
 from quantune.quant.primitives import check_bits
 from quantune.targets import select
 
-SEARCHES = ("l2.4", "minmax")
+SEARCHES = ("l2.4", "l2.4-full", "minmax")  # quant/primitives.py: search_qparams
 
 
 def check_search(search: str, what: str = "search") -> str:
     if search not in SEARCHES:
-        raise QuantuneError(f"{what} = {search!r} is not supported: use 'l2.4' or 'minmax'")
+        raise QuantuneError(f"{what} = {search!r} is not supported: use one of {', '.join(SEARCHES)}")
     return search
 
 

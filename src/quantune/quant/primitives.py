@@ -5,7 +5,8 @@ Uniform affine quantization of a tensor x with b bits (per output channel = per 
     symmetric:   q = clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1),     x_hat = s q
 Range search (`search="l2.4"`, IntLoRA's and q-diffusion's "L2.4 search"): for i = 0..79 shrink the range to
 [min (1 - 0.01 i), max (1 - 0.01 i)] (symmetric: max|x| (1 - 0.01 i)), quantize, and keep per row the candidate
-with the smallest mean |x_hat - x|^2.4. `search="minmax"` takes i = 0 only.
+with the smallest mean |x_hat - x|^2.4. `search="l2.4-full"` runs i = 0..99, down to 1 % of the range (EDA-DM's
+reference code: candidates (i / 100) max|x|, i = 1..100). `search="minmax"` takes i = 0 only.
 `offset=0.5` gives a mid-rise grid x_hat = s (q - z + 1/2) (no level at zero; used by IntLoRA's zero-drop fix).
 Asymmetric candidates widen [lo, hi] to hold 0 (zero point in [0, 2^b - 1]: weights, activations) unless
 `include_zero=False`: then z = round(-lo / s) may leave [0, 2^b - 1] (IntLoRA-MUL's U; IntLoRA, Guo et al. 2024,
@@ -27,6 +28,7 @@ import torch
 from quantune.errors import QuantuneError
 
 SEARCH_STEPS = 80
+SEARCH_CANDIDATES = {"l2.4": SEARCH_STEPS, "l2.4-full": 100, "minmax": 1}  # range candidates of each search
 SEARCH_NORM = 2.4
 EPS = 1e-8
 
@@ -105,14 +107,14 @@ def search_qparams(
     z = round(-lo / s) unclamped: the L2.4 search of the IntLoRA paper (arXiv 2410.21759) as IntLoRA-MUL's U quantizer
     and the reference code use it (a row of U that is all positive then gets a zero point <= 0)."""
     check_bits(bits, high=16)
-    if search not in ("l2.4", "minmax"):
-        raise QuantuneError(f"search = {search!r} is not supported: use 'l2.4' or 'minmax'")
+    if search not in SEARCH_CANDIDATES:
+        raise QuantuneError(f"search = {search!r} is not supported: use one of {', '.join(SEARCH_CANDIDATES)}")
     x2 = _rows(x.detach().float(), per_channel)
     xmin, xmax = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
     if search == "minmax":  # one candidate: no error to compare
         return _candidate(xmin, xmax, bits, symmetric, offset, include_zero)
     best, best_err = None, None
-    for i in range(SEARCH_STEPS if search == "l2.4" else 1):
+    for i in range(SEARCH_CANDIDATES[search]):
         shrink = 1.0 - 0.01 * i
         qp = _candidate(xmin * shrink, xmax * shrink, bits, symmetric, offset, include_zero)
         err = (dequantize(quantize(x2, qp), qp) - x2).abs().pow(SEARCH_NORM).mean(1, keepdim=True)
