@@ -52,7 +52,7 @@ def test_eda_dm_reference_preset(wbits, lr_w):
     cfg = PTQConfig(method="eda-dm-reference", wbits=wbits, lr_w=0.5, round_reg=0.01)
     method = method_for(cfg)
     assert cfg.weight.search == "l2.4-full" and cfg.act.search == "l2.4-full"  # candidates down to 1 % of the range
-    assert (method.recon_cfg.round_reg, method.recon_cfg.lr_w) == (0.0, lr_w)  # the reference's, not the flags'
+    assert (method.cfg.round_reg, method.cfg.lr_w) == (0.0, lr_w)  # the reference's, not the flags'
     assert method.recipe() == method_for(PTQConfig(method="eda-dm")).recipe()  # TDAC + FBR + QDrop as eda-dm
 
 

@@ -18,10 +18,10 @@ import dataclasses
 from dataclasses import InitVar, dataclass, field
 
 from quantune.errors import QuantuneError
-from quantune.quant.primitives import check_bits
+from quantune.quant.primitives import SEARCH_CANDIDATES, check_bits
 from quantune.targets import select
 
-SEARCHES = ("l2.4", "l2.4-full", "minmax")  # quant/primitives.py: search_qparams
+SEARCHES = tuple(SEARCH_CANDIDATES)  # quant/primitives.py: search_qparams
 
 
 def check_search(search: str, what: str = "search") -> str:

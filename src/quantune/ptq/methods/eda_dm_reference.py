@@ -18,7 +18,6 @@ import dataclasses
 
 from quantune.ptq.methods.base import register_method
 from quantune.ptq.methods.eda_dm import EdaDm
-from quantune.ptq.reconstruct import reconstruct_unit
 
 REFERENCE_LR_W = {8: 5e-4, 4: 3e-2}  # scripts/for_coco.sh, W8A8 and W4A8 (W5..W7: the W8 value)
 
@@ -35,9 +34,5 @@ class EdaDmReference(EdaDm):
     search = "l2.4-full"
 
     def __init__(self, cfg) -> None:
-        super().__init__(cfg)
         # the reconstruction's settings: the reference's, whatever the run's flags say for them
-        self.recon_cfg = dataclasses.replace(cfg, round_reg=0.0, lr_w=reference_lr_w(cfg.wbits))
-
-    def reconstruct(self, unit, fp_in, q_in, generator) -> float:
-        return reconstruct_unit(unit, fp_in, q_in, self.recon_cfg, generator, self.recipe())
+        super().__init__(dataclasses.replace(cfg, round_reg=0.0, lr_w=reference_lr_w(cfg.wbits)))
