@@ -184,3 +184,26 @@ def test_ptq_quality_nncf_row(tmp_path):
     s = quality_ptq.Settings(n=2, steps=2, calib_samples=2, iters=2, model="zoo:tiny")
     stats = quality_ptq.run_one(s, "nncf smoothquant", "W8A8", tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 2 and stats["fp32_unet_mb"] > 0
+
+
+def test_ptq_quality_table_resumes_from_its_cells(tmp_path, monkeypatch):
+    """quality_ptq's table on a tiny transformer: every cell in its own process, written to the cell cache; a
+    second run reads every cell back and runs nothing."""
+    from quantune.bench import quality_ptq
+
+    s = quality_ptq.Settings(n=2, steps=2, calib_samples=2, iters=2, model="zoo:tiny-flux", seeds=2)
+    monkeypatch.setattr(quality_ptq, "settings", lambda quick: s)
+    monkeypatch.setattr(quality_ptq, "variants", lambda denoiser, bits: {"minmax": None, "eda-dm": None})
+    monkeypatch.setattr(quality_ptq, "BITS", {"W8A8": (8, 8)})
+    first = quality_ptq.table(False, tmp_path)
+    assert [r["method"] for r in first.rows] == ["-", "minmax", "eda-dm"] and first.rows[1]["seeds"] == 2
+    assert 0 <= first.rows[1]["p_psnr"] <= 1 and "p_psnr" not in first.rows[2]
+    assert len(list((tmp_path / "cells" / "quality_ptq_tiny_flux").glob("*.json"))) == 4
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a cached cell ran again")
+
+    monkeypatch.setattr(quality_ptq, "run_child", no_child)
+    again = quality_ptq.table(False, tmp_path)
+    assert again.rows[1]["psnr_db_ms"] == first.rows[1]["psnr_db_ms"]
+    assert (tmp_path / first.images[0]).exists()

@@ -1,0 +1,38 @@
+"""The table helpers: mean +- sd, the paired permutation test, and the resumable cell cache."""
+
+import math
+
+import pytest
+
+from quantune.bench.cells import CellCache
+from quantune.bench.stats import format_ms, mean_sd, paired_p
+from quantune.errors import QuantuneError
+
+
+def test_mean_sd_skips_nan_and_uses_n_minus_1():
+    assert mean_sd([1.0, 3.0, float("nan")]) == (2.0, math.sqrt(2.0))
+    assert mean_sd([5.0]) == (5.0, 0.0)
+    assert all(math.isnan(v) for v in mean_sd([float("nan")]))
+    assert format_ms([1.0, 3.0], 1) == "2.0 ± 1.4" and format_ms([2.0], 2) == "2.00" and format_ms([], 1) == "-"
+
+
+def test_paired_p_separates_a_shift_from_noise():
+    noise = [((i * 37) % 11 - 5) / 10 for i in range(60)]  # mean about 0, paired items
+    shifted = [v + 0.5 for v in noise]
+    assert paired_p(shifted, noise) < 0.001  # a constant shift on every item
+    mixed = [v + (0.3 if i % 2 else -0.3) for i, v in enumerate(noise)]
+    assert paired_p(mixed, noise) > 0.5  # +- the same amount: no mean difference
+    assert paired_p(noise, noise) == 1.0
+    with pytest.raises(ValueError):
+        paired_p([1.0], [1.0, 2.0])
+
+
+def test_cell_cache_reuses_only_cells_of_the_same_settings(tmp_path):
+    cache = CellCache(tmp_path / "t", {"n": 2})
+    assert cache.get("W8A8_minmax_s0") is None
+    cache.put("W8A8_minmax_s0", {"fid": 1.5})
+    assert cache.get("W8A8_minmax_s0") == {"fid": 1.5}
+    assert CellCache(tmp_path / "t", {"n": 3}).get("W8A8_minmax_s0") is None  # other settings: run again
+    assert not list((tmp_path / "t").glob("*.tmp"))
+    with pytest.raises(QuantuneError, match="cell key"):
+        cache.path("../x")
