@@ -127,7 +127,7 @@ def run_one(s: Settings, variant: str, bits: str, work: Path, seed: int = 0) -> 
 
     if variant in NNCF:
         return run_nncf(s, variant, work, seed)
-    method, smooth = ("eda-dm", 0.5) if variant == SMOOTHED else (variant, None)
+    method, smooth = variants("transformer", bits)[variant]  # the smoothed row is eda-dm with SmoothQuant
     start = time.time()
     pipe = load_pipeline(s.model)
     wbits, abits = BITS[bits]
