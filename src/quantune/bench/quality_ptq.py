@@ -40,6 +40,8 @@ SMOOTHED = "eda-dm smoothed"  # eda-dm with SmoothQuant (alpha 0.5), on diffusio
 NNCF = {"nncf": False, "nncf smoothquant": True}
 GRID_COLUMNS = 8
 MODEL_VARIABLE = "QUANTUNE_PTQ_MODEL"  # the pipeline the table quantizes (default zoo:emoji)
+# a smaller run than the full protocol, stated in the table's caption: e.g. "n=100,calib_samples=64,iters=100"
+SETTINGS_VARIABLE = "QUANTUNE_PTQ_SETTINGS"
 
 
 @dataclass
@@ -58,7 +60,20 @@ class Settings:
 
 def settings(quick: bool) -> Settings:
     model = os.environ.get(MODEL_VARIABLE, "zoo:emoji")
-    return Settings(24, 10, 16, 10, model=model, seeds=1) if quick else Settings(200, 20, 128, 200, model=model)
+    s = Settings(24, 10, 16, 10, model=model, seeds=1) if quick else Settings(200, 20, 128, 200, model=model)
+    return override(s, os.environ.get(SETTINGS_VARIABLE, ""))
+
+
+def override(s: Settings, text: str) -> Settings:
+    """`s` with the `name=value` pairs of `text` (comma-separated) replaced, each cast to the field's type."""
+    from dataclasses import fields, replace
+
+    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    unknown = [k for k, *_ in pairs if k.strip() not in types]
+    if unknown or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{SETTINGS_VARIABLE}: expected name=value pairs of {sorted(types)}, got {text!r}")
+    return replace(s, **{k.strip(): types[k.strip()](v) for k, v in pairs})
 
 
 def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:

@@ -30,6 +30,7 @@ from quantune.errors import QuantuneError
 SEARCH_STEPS = 80
 SEARCH_CANDIDATES = {"l2.4": SEARCH_STEPS, "l2.4-full": 100, "minmax": 1}  # range candidates of each search
 SEARCH_NORM = 2.4
+SEARCH_CHUNK = 2**22  # elements of x per candidate chunk of the vectorised search (memory: a few of these)
 EPS = 1e-8
 
 
@@ -113,20 +114,25 @@ def search_qparams(
     xmin, xmax = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
     if search == "minmax":  # one candidate: no error to compare
         return _candidate(xmin, xmax, bits, symmetric, offset, include_zero)
-    best, best_err = None, None
-    for i in range(SEARCH_CANDIDATES[search]):
-        shrink = 1.0 - 0.01 * i
-        qp = _candidate(xmin * shrink, xmax * shrink, bits, symmetric, offset, include_zero)
-        err = (dequantize(quantize(x2, qp), qp) - x2).abs().pow(SEARCH_NORM).mean(1, keepdim=True)
-        if best is None:
-            best, best_err = qp, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best.scale = torch.where(better, qp.scale, best.scale)
-        if not symmetric:
-            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
-    return best
+    shrink = 1.0 - 0.01 * torch.arange(SEARCH_CANDIDATES[search], dtype=torch.float64)
+    shrink = shrink.to(torch.float32)
+    errors = torch.cat([_search_errors(x2, xmin, xmax, k, bits, symmetric, offset, include_zero)
+                        for k in shrink.split(max(1, SEARCH_CHUNK // x2.numel()))])  # fmt: skip
+    best = shrink[errors.argmin(0)].reshape(-1, 1)  # per row, the first candidate of the smallest error
+    return _candidate(xmin * best, xmax * best, bits, symmetric, offset, include_zero)
+
+
+def _search_errors(x2, xmin, xmax, shrink, bits, symmetric, offset, include_zero) -> torch.Tensor:
+    """mean |x_hat - x|^2.4 per row of x2 [rows, n] for each candidate range [min k, max k] of `shrink` (k):
+    [candidates, rows]. All candidates of a chunk at once (the same elementwise steps as quantize / dequantize)."""
+    k = shrink.reshape(-1, 1, 1)
+    qp = _candidate(xmin * k, xmax * k, bits, symmetric, offset, include_zero)  # scale [candidates, rows, 1]
+    v = torch.round(x2 / qp.scale - offset) if offset else torch.round(x2 / qp.scale)
+    if qp.zero_point is not None:
+        v = (v + qp.zero_point).clamp(qp.qmin, qp.qmax) - qp.zero_point
+    else:
+        v = v.clamp(qp.qmin, qp.qmax)
+    return ((v + offset) * qp.scale - x2).abs().pow(SEARCH_NORM).mean(-1)
 
 
 def _shape(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
