@@ -36,3 +36,14 @@ def test_cell_cache_reuses_only_cells_of_the_same_settings(tmp_path):
     assert not list((tmp_path / "t").glob("*.tmp"))
     with pytest.raises(QuantuneError, match="cell key"):
         cache.path("../x")
+
+
+def test_ptq_table_settings_take_a_stated_smaller_run(monkeypatch):
+    from quantune.bench import quality_ptq as q
+
+    monkeypatch.setenv(q.SETTINGS_VARIABLE, "calib_samples=64, iters=100,seeds=2")
+    s = q.settings(quick=False)
+    assert (s.n, s.steps, s.calib_samples, s.iters, s.seeds) == (200, 20, 64, 100, 2) and isinstance(s.iters, int)
+    for bad in ("iters", "lr=1", "iters=x"):
+        with pytest.raises(ValueError):
+            q.override(s, bad)

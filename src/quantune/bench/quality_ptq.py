@@ -14,6 +14,7 @@ once, so a stopped run continues where it was. zoo:emoji's table is quality_ptq,
 quality_ptq_<model> (e.g. QUANTUNE_PTQ_MODEL=zoo:emoji-dit: quality_ptq_emoji_dit, with the smoothed eda-dm row).
 
     python -m quantune.bench.quality_ptq [--quick] --out DIR
+    QUANTUNE_PTQ_SETTINGS="calib_samples=64,iters=100" ...  # a smaller run, stated in the table's caption
 """
 
 from __future__ import annotations
