@@ -52,10 +52,11 @@ def _cli(command: str) -> None:
         raise SystemExit(f"demo step failed: quantune {command}")
 
 
-def instance_images(folder: Path) -> list[Path]:
-    """4 views of the held-out subject: the glyph at 4 scales/offsets, as a photographer would vary a subject."""
+def instance_images(folder: Path, subject: str = SUBJECT) -> list[Path]:
+    """4 views of a subject the model never saw (the held-out unicorn, or an OpenMoji sequence by its id such as
+    '1F43B-200D-2744-FE0F'): the glyph at 4 scales/offsets, as a photographer would vary a subject."""
 
-    glyph = openmoji_dataset(size=128, subset=[SUBJECT])[0]["image"]
+    glyph = openmoji_dataset(size=128, subset=[subject], include_sequences="-" in subject)[0]["image"]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (scale, dx, dy) in enumerate([(1.0, 0, 0), (0.85, 6, 4), (0.9, -5, 3), (0.8, 0, -6)]):

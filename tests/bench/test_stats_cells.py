@@ -5,6 +5,7 @@ import math
 import pytest
 
 from quantune.bench.cells import CellCache
+from quantune.bench.common import override
 from quantune.bench.stats import format_ms, mean_sd, paired_p
 from quantune.errors import QuantuneError
 
@@ -46,4 +47,4 @@ def test_ptq_table_settings_take_a_stated_smaller_run(monkeypatch):
     assert (s.n, s.steps, s.calib_samples, s.iters, s.seeds) == (200, 20, 64, 100, 2) and isinstance(s.iters, int)
     for bad in ("iters", "lr=1", "iters=x"):
         with pytest.raises(ValueError):
-            q.override(s, bad)
+            override(s, bad, q.SETTINGS_VARIABLE)

@@ -167,6 +167,27 @@ def table_main(doc: str, tables: Callable, one: Callable | None = None, one_args
     finish_table(tables(a.quick, Path(a.out)), a.out, a.quick)
 
 
+def override(settings, text: str, variable: str):
+    """The dataclass `settings` with the `name=value` pairs of `text` (comma-separated, from the environment
+    variable `variable`) replaced, each cast to the field's type: a smaller run than a table's full protocol."""
+    from dataclasses import fields, replace
+
+    types = {f.name: type(getattr(settings, f.name)) for f in fields(settings)}
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    unknown = [k for k, *_ in pairs if k.strip() not in types]
+    if unknown or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{variable}: expected name=value pairs of {sorted(types)}, got {text!r}")
+    return replace(settings, **{k.strip(): types[k.strip()](v) for k, v in pairs})
+
+
+def model_table_name(prefix: str, model: str) -> str:
+    """`prefix` for zoo:emoji (the tables' first model), `prefix`_<model> for any other (zoo:emoji-dit:
+    PREFIX_emoji_dit)."""
+    if model == "zoo:emoji":
+        return prefix
+    return f"{prefix}_" + "".join(c if c.isalnum() else "_" for c in model.removeprefix("zoo:")).strip("_")
+
+
 def run_child(module: str, args: list, timeout: float | None = None) -> dict:
     """Run `python -m module *args` in a fresh process and return its RESULT row; a failure raises with the
     child's last stderr lines."""

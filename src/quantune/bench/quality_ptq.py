@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from quantune.bench.cells import CellCache
-from quantune.bench.common import Plot, Table, rss_peak_mb, run_child, table_main
+from quantune.bench.common import Plot, Table, model_table_name, override, rss_peak_mb, run_child, table_main
 from quantune.bench.stats import format_ms, mean_sd, paired_p
 
 logger = logging.getLogger(__name__)
@@ -62,19 +62,7 @@ class Settings:
 def settings(quick: bool) -> Settings:
     model = os.environ.get(MODEL_VARIABLE, "zoo:emoji")
     s = Settings(24, 10, 16, 10, model=model, seeds=1) if quick else Settings(200, 20, 128, 200, model=model)
-    return override(s, os.environ.get(SETTINGS_VARIABLE, ""))
-
-
-def override(s: Settings, text: str) -> Settings:
-    """`s` with the `name=value` pairs of `text` (comma-separated) replaced, each cast to the field's type."""
-    from dataclasses import fields, replace
-
-    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
-    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-    unknown = [k for k, *_ in pairs if k.strip() not in types]
-    if unknown or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"{SETTINGS_VARIABLE}: expected name=value pairs of {sorted(types)}, got {text!r}")
-    return replace(s, **{k.strip(): types[k.strip()](v) for k, v in pairs})
+    return override(s, os.environ.get(SETTINGS_VARIABLE, ""), SETTINGS_VARIABLE)
 
 
 def prompts_and_reference(n: int, draw: int = 0) -> tuple[list[str], list]:
@@ -160,7 +148,7 @@ def run_one(s: Settings, variant: str, bits: str, work: Path, seed: int = 0) -> 
             "fp32_unet_mb": report["fp32_unet_bytes"] / 2**20}  # fmt: skip
 
 
-METRICS = {"fid_vs_fp": 2, "fid_vs_openmoji": 2, "psnr_db": 1, "ssim": 3, "top1": 3, "top5": 3}  # digits
+METRICS = {"fid_vs_fp": 2, "fid_vs_openmoji": 2, "psnr_db": 1, "ssim": 3, "glyph_top1": 3, "glyph_top5": 3}  # digits
 
 
 def scores(images, fp_images, reference, prompts: list[str]) -> dict:
@@ -237,9 +225,7 @@ def fp_row(fp_images, reference, prompts) -> dict:
 
 def table_name(model: str) -> str:
     """quality_ptq for zoo:emoji (its name since the first table), quality_ptq_<model> for any other."""
-    if model == "zoo:emoji":
-        return "quality_ptq"
-    return "quality_ptq_" + "".join(c if c.isalnum() else "_" for c in model.removeprefix("zoo:")).strip("_")
+    return model_table_name("quality_ptq", model)
 
 
 def table(quick: bool, out: Path) -> Table:
@@ -280,8 +266,8 @@ def table(quick: bool, out: Path) -> Table:
 
 COLUMNS = {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp_ms}",
            "FID vs OpenMoji": "{fid_vs_openmoji_ms}", "PSNR vs FP (dB)": "{psnr_db_ms}",
-           "p (PSNR vs eda-dm)": "{p_psnr:.3g}", "SSIM vs FP": "{ssim_ms}", "top-1": "{top1_ms}",
-           "top-5": "{top5_ms}", "denoiser on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}",
+           "p (PSNR vs eda-dm)": "{p_psnr:.3g}", "SSIM vs FP": "{ssim_ms}", "top-1": "{glyph_top1_ms}",
+           "top-5": "{glyph_top5_ms}", "denoiser on disk (MB)": "{unet_mb:.2f}", "PTQ time (s)": "{ptq_seconds:.0f}",
            "PTQ peak RSS (MB)": "{peak_mb:.0f}"}  # fmt: skip
 NOTES = [
     "FID with quantune's OpenMoji feature network; the FP row's FID vs FP is 0 by construction and its PSNR is "

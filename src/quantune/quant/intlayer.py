@@ -131,15 +131,17 @@ class _QuantWeight(nn.Module):
         """SmoothQuant's s [cols] (its input quantizer's), or None."""
         return self.act_quant.smooth if self.act_quant is not None else None
 
-    def with_weight(self, weight: torch.Tensor, search: str = "l2.4") -> _QuantWeight:
+    def with_weight(self, weight: torch.Tensor, search: str = "l2.4", per_channel: bool = True) -> _QuantWeight:
         """A layer of this shape, bits, grid (symmetric when it stores no zero point), packing and activation
-        quantizer holding `weight` quantized again (the adapter seam's merge into an integer base: QLoRA + PTQ)."""
+        quantizer holding `weight` quantized again (the adapter seam's merge into an integer base: QLoRA + PTQ);
+        `per_channel` False: one scale for the whole tensor (the coarsest re-quantization)."""
         from quantune.quant.layers import from_float  # layers.py subclasses this module's IntLayer
 
         symmetric = self.zero_point is None
         smooth = self.smoothing()
         weight = weight * smooth.view(1, -1) if smooth is not None else weight  # the integers are of W diag(s)
-        merged = from_float(self, self.bits, symmetric=symmetric, pack=self.packed, search=search, weight=weight)
+        grid = {"per_channel": per_channel, "symmetric": symmetric, "pack": self.packed, "search": search}
+        merged = from_float(self, self.bits, weight=weight, **grid)
         merged.act_quant = self.act_quant
         return merged
 

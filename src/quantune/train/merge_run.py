@@ -45,11 +45,17 @@ def load_run(run_dir: str | Path, family: str):
         raise QuantuneError(f"{run_dir} was trained with method = {cfg.method!r}, not {family}: use {fix}")
     if not state_path.is_file():
         raise QuantuneError(missing)
+    return cfg, *prepare_run(cfg, state_path)
+
+
+def prepare_run(cfg, state_path: str | Path) -> tuple:
+    """(pipeline with `cfg`'s training method applied, method), the trainable tensors of `state_path` loaded
+    (a run's final state, or a checkpoint's trainable.safetensors)."""
     pipe = load_pipeline(cfg.model.pretrained, backend="torch")
     method = METHODS[cfg.method]()
     method.prepare(pipe, cfg)
     method.load_trainable_state(pipe, load_safetensors(state_path)[0])
-    return cfg, pipe, method
+    return pipe, method
 
 
 def merge_run(run_dir: str | Path, out: str | Path, family: str, overwrite: bool = False) -> tuple[Path, int]:

@@ -123,10 +123,11 @@ class QLoraMethod(_QuantBase, LoraMethod):
         return len(layers)
 
 
-def requantize(layer, search: str = "l2.4"):
-    """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits)."""
+def requantize(layer, search: str = "l2.4", per_channel: bool = True):
+    """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits; one
+    scale per output row, or per tensor)."""
     base = layer.base_layer
-    return base.with_weight(base.dequantize() + layer.weight_update() * layer.multiplier, search)
+    return base.with_weight(base.dequantize() + layer.weight_update() * layer.multiplier, search, per_channel)
 
 
 class IntLoraMethod(_QuantBase):
