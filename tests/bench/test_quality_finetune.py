@@ -25,7 +25,7 @@ def test_protocol_plan_and_a_stated_subset(monkeypatch):
     assert (p.lr_list(), p.subjects, p.workers, len(qf.plan(p))) == ([2e-4], 2, 2, 2 * 3 * 11)
     assert "a stated subset: lrs 2e-4 of 2e-4 1e-3 6e-5, subjects 2 of 4" in qf.caption(p)
     assert p.shared() == full.shared()  # the subset reuses the full protocol's cells
-    for bad in ({"lrs": "fast"}, {"lrs": "-1"}, {"bits": "W3A3"}, {"subjects": 5}, {"seeds": 0}):
+    for bad in ({"lrs": "fast"}, {"lrs": "-1"}, {"bits": "W3A3"}, {"subjects": 5}, {"seeds": 0}, {"calib_samples": 4}):
         with pytest.raises(QuantuneError):
             fr.Protocol(**bad)
 

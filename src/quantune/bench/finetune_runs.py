@@ -70,6 +70,8 @@ class Protocol:
     def __post_init__(self) -> None:
         if not 1 <= self.subjects <= len(SUBJECTS) or self.seeds < 1 or self.workers < 1:
             raise QuantuneError(f"subjects 1..{len(SUBJECTS)}, seeds >= 1 and workers >= 1 (got {self})")
+        if self.calib_samples < self.sample_steps:  # TDAC: at least one calibration sample per step
+            raise QuantuneError(f"calib_samples = {self.calib_samples} < sample_steps = {self.sample_steps}: raise it")
         try:
             lrs = self.lr_list()
         except ValueError:

@@ -33,7 +33,6 @@ from quantune.bench.common import Plot, Table, model_table_name, override, run_c
 from quantune.bench.finetune_runs import (
     CONFIG,
     PROMPT,
-    QLORA_MERGES,
     SUBJECTS,
     Context,
     Protocol,
@@ -55,7 +54,7 @@ METRICS = {"subject_similarity": 4, "best_similarity": 4, "glyph_top1": 3, "glyp
 
 def protocol(quick: bool) -> Protocol:
     model = os.environ.get(MODEL_VARIABLE, "zoo:emoji")
-    p = Protocol(model, 20, 16, 4, 8, 4.0, 4, 4, "1e-3", 1, 1, "W4A8") if quick else Protocol(model)
+    p = Protocol(model, 20, 16, 4, 8, 4.0, 8, 4, "1e-3", 1, 1, "W4A8") if quick else Protocol(model)
     return override(p, os.environ.get(SETTINGS_VARIABLE, ""), SETTINGS_VARIABLE)
 
 
@@ -270,10 +269,10 @@ def notes(p: Protocol) -> list[str]:
         "best of 10: the highest subject similarity over the run's checkpoints (every tenth of the steps) and its "
         "final state, scored in memory: the reference's selection by the test metric, optimistic; none for the "
         "EDA-DM baseline",
-        f"QLoRA rows share one training run per unit; {', '.join(QLORA_MERGES)}: per-tensor min-max "
-        "re-quantization of W_q + B A; per-channel L2.4 re-quantization (quantune's `qlora merge`); B A added to "
-        f"the float weights, then EDA-DM ({p.calib_samples} calibration trajectories, {p.iters} iterations per "
-        "block)",
+        "QLoRA rows share one training run per unit, put back into an integer model three ways: W_q + B A "
+        "re-quantized with one min-max scale per tensor; re-quantized per output channel with the L2.4 search "
+        "(quantune's `qlora merge`); B A added to the float weights, then EDA-DM "
+        f"({p.calib_samples} calibration trajectories, {p.iters} iterations per block)",
         "merge error / update: |W_merged - W_train| / |W_train - W_base| over the adapted layers (0: the merged "
         "integer model is the trained one); IntLoRA diagnostics, means over layers and units (per layer: the "
         "_layers.csv): zero-dropped, the share of W_int = 0 (R* + B A lost there); |R*| / |W|; U clipped, the "
