@@ -8,19 +8,22 @@ A run is one method (and bits, zero fix) at one learning rate, subject and seed.
   output channel with the L2.4 search (quantune's `qlora merge`); merged into the *float* weights, then quantized
   by EDA-DM (W?A8, its own calibration);
 - intlora-mul / intlora-shift: the integer product / shift (`intlora merge`: exactly the training weight W').
-Every integer model is saved and loaded back as a user would (`load_pipeline`, its default backend). Metrics:
+Every integer model is saved and loaded back (`load_pipeline`, on the torch backend's integer kernels: the same
+numbers as the in-memory models of the checkpoints below, and no OpenVINO conversion per model). Metrics:
 - subject similarity: the mean cosine of `n_subject` samples of "a sks emoji" to the instance images (the
-  OpenMoji feature network: the offline stand-in for DINO / CLIP-I), at the final step; and the best over the
-  run's 10 checkpoints by that same test metric (the reference's selection: optimistic, reported apart; scored
-  in memory, not saved and reloaded; not for the EDA-DM baseline, which would need a PTQ run per checkpoint);
+  OpenMoji feature network: the offline stand-in for DINO / CLIP-I), at the final step; and the best of the run's
+  10 states (9 checkpoints, every tenth of the steps, and the final one) by that same test metric (the
+  reference's selection: optimistic, reported apart; not for the EDA-DM baseline: a PTQ run per checkpoint);
 - retention of the base model: glyph recognition top-1 / top-5 and FID vs OpenMoji of `n` OpenMoji captions;
-- merge error |W_merged - W_train| / |W_train - W_base| over the adapted layers (W_train: what the training
-  forward used; W_base: the same with B = 0), and IntLoRA's per-layer diagnostics (IntLoraLayer.diagnostics).
+- merge error |W_merged - W_train| / |W_train - W_base| over the adapted layers of the reloaded model (W_train:
+  what the training forward used; W_base: the same with B = 0), and IntLoRA's per-layer diagnostics
+  (IntLoraLayer.diagnostics).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +35,7 @@ import torch
 from quantune.bench.quality_ptq import BITS, Settings, prompts_and_reference, samples
 from quantune.errors import QuantuneError
 from quantune.families import family_of
+from quantune.train.quant_methods import intlora_layers, requantize_layers
 
 logger = logging.getLogger(__name__)
 CONFIG = Path("configs") / "emoji_intlora_protocol.toml"  # from the repository root, as `make bench` runs
@@ -45,6 +49,7 @@ QLORA_MERGES = {  # label -> (search, per_channel) of the re-quantization; None:
     "QLoRA, float merge + EDA-DM": None,
 }
 GRID_COLUMNS = 8
+DIAGNOSTICS = ("zero_share", "aux_ratio", "u_clipped")  # IntLoraLayer.diagnostics
 
 
 @dataclass
@@ -87,8 +92,14 @@ class Protocol:
         return self.bits.split()
 
     def shared(self) -> dict:
+        """The settings every run shares (handed to each run's process)."""
         names = ("model", "steps", "n", "n_subject", "sample_steps", "guidance", "calib_samples", "iters")
         return {k: v for k, v in asdict(self).items() if k in names}
+
+    def cell_settings(self) -> dict:
+        """What a cell depends on: the shared settings, the subjects, the prompt and the recipe file's text."""
+        recipe = hashlib.sha256(CONFIG.read_bytes()).hexdigest()[:16] if CONFIG.exists() else "missing"
+        return self.shared() | {"subjects": SUBJECTS, "prompt": PROMPT, "recipe": recipe}
 
     def sampling(self) -> Settings:
         return Settings(self.n, self.sample_steps, self.calib_samples, self.iters, self.guidance, self.model)
@@ -108,9 +119,9 @@ def training_sets(p: Protocol, method: str, bits: str, zero_fix: str, lr: float,
 
 def run_one(p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subject: int, seed: int, work: Path):
     """Train, then score every model the run yields: {label: figures}, the training time and IntLoRA's per-layer
-    diagnostics. The first grid columns of each model's subject samples are saved under work/<label>/."""
+    diagnostics. The first grid columns of each model's subject samples are saved under work/grid/<label>/."""
     from quantune.demo import instance_images
-    from quantune.train.config import resolve_config
+    from quantune.train.config import config_from_dict, resolve_config
     from quantune.train.trainer import train
 
     if not CONFIG.exists():
@@ -120,10 +131,15 @@ def run_one(p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subje
     train(resolve_config(str(CONFIG), training_sets(p, method, bits, zero_fix, lr, seed, work)))
     out = {"train_s": time.time() - start, "models": {}}
     ctx = Context(p, work, [_rgb(f) for f in instance], *prompts_and_reference(p.n))
-    best = best_of_checkpoints(ctx, method)
-    for label, (pipe, err, diag) in final_models(ctx, method, bits).items():
-        row = {**ctx.evaluate(pipe, label), "merge_error": err}
-        out["models"][label] = row | {"best": _with_final(best.get(label), row, label, p.steps)}
+    cfg = config_from_dict(json.loads((work / "run" / "config.json").read_text()))
+    best = best_of_checkpoints(ctx, cfg)
+    for label, (pipe, weights, diag) in final_models(ctx, cfg, bits).items():
+        denoiser = family_of(pipe).denoiser_of(pipe)
+        row = {**ctx.evaluate(pipe, label), "merge_error": merge_error(weights, denoiser) if weights else float("nan")}
+        if method == "lora":  # its final state is scored by the final row only (diffusers' loader, float)
+            final = {"subject_similarity": row["subject_similarity"], "step": p.steps}
+            best[label] = max([b for b in (best.get(label), final) if b], key=lambda b: b["subject_similarity"])
+        out["models"][label] = row | {"best": best.get(label)}
         if diag:
             out["layers"] = diag
     return out
@@ -145,26 +161,19 @@ class Context:
         images = samples(pipe, [PROMPT] * self.p.n_subject, self.p.sampling())
         return subject_similarity(images, self.instance), images
 
-    def evaluate(self, pipe, label: str) -> dict:
-        from quantune.eval import fid, glyph_recognition
+    def evaluate(self, pipe, label: str, subject: bool = True) -> dict:
+        """Subject similarity (`subject`: against this run's instance images) and retention; the first grid
+        columns of the subject samples into work/grid/<label>/."""
+        from quantune.eval import fid, glyph_recognition, subject_similarity
 
-        similarity, images = self.subject(pipe)
+        images = samples(pipe, [PROMPT] * self.p.n_subject, self.p.sampling())
         folder = self.work / "grid" / label
         folder.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images[:GRID_COLUMNS]):
             im.save(folder / f"{i}.png")
         retained = samples(pipe, self.prompts, self.p.sampling())
-        return {"subject_similarity": similarity, "fid_vs_openmoji": fid(retained, self.reference),
-                **glyph_recognition(retained, self.prompts)}  # fmt: skip
-
-
-def _with_final(best: dict | None, row: dict, label: str, steps: int) -> dict | None:
-    """The best checkpoint, or the final model when it scores higher (a float LoRA's final state is scored by its
-    final row only); None for the EDA-DM baseline (no selection over checkpoints)."""
-    if label in QLORA_MERGES and QLORA_MERGES[label] is None:
-        return None
-    final = {"subject_similarity": row["subject_similarity"], "step": steps}
-    return final if best is None or final["subject_similarity"] > best["subject_similarity"] else best
+        out = {"fid_vs_openmoji": fid(retained, self.reference), **glyph_recognition(retained, self.prompts)}
+        return out | ({"subject_similarity": subject_similarity(images, self.instance)} if subject else {})
 
 
 def _rgb(path: Path):
@@ -178,43 +187,39 @@ def label_of(method: str, zero_fix: str) -> str:
     return name + (", mid-rise" if zero_fix == "midrise" else "")
 
 
-def final_models(ctx: Context, method: str, bits: str) -> dict:
-    """label -> (pipeline to score, merge error, per-layer diagnostics) of the run's final state."""
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label)
+
+
+def final_models(ctx: Context, cfg, bits: str) -> dict:
+    """label -> (reloaded pipeline to score, its training weights for the merge error, per-layer diagnostics)."""
     from quantune.models import load_pipeline
-    from quantune.train.config import config_from_dict
+    from quantune.train.merge_run import load_run
 
     run_dir = ctx.work / "run"
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    if method == "lora":
+    if cfg.method == "lora":
         pipe = load_pipeline(ctx.p.model)
         pipe.load_lora_weights(str(run_dir / "pytorch_lora_weights.safetensors"))  # diffusers' own loader
-        return {label_of(method, "none"): (pipe, float("nan"), None)}
-    if method == "qlora":
-        return {label: _qlora_model(ctx, cfg, label, bits) for label in QLORA_MERGES}
-    from quantune.train.merge_run import load_run
-
-    _, pipe, trained = load_run(run_dir, "intlora")
-    denoiser = family_of(pipe).denoiser_of(pipe)
-    diag = {name: layer.diagnostics() for name, layer in intlora_layers(denoiser).items()}
+        return {label_of(cfg.method, "none"): (pipe, None, None)}
+    _, pipe, trained = load_run(run_dir, "qlora" if cfg.method == "qlora" else "intlora")
+    family = family_of(pipe)
+    denoiser = family.denoiser_of(pipe)
     weights = training_weights(denoiser)
-    trained.merge(pipe, cfg)
-    label = label_of(method, cfg.quant.zero_fix)
-    return {label: (_reload(pipe, ctx.work / "merged"), merge_error(weights, denoiser), diag)}
-
-
-def _qlora_model(ctx: Context, cfg, label: str, bits: str) -> tuple:
-    from quantune.train.merge_run import load_run
-
-    _, pipe, _ = load_run(ctx.work / "run", "qlora")
-    denoiser = family_of(pipe).denoiser_of(pipe)
-    weights = training_weights(denoiser)
-    if QLORA_MERGES[label] is None:
-        pipe = _float_merge_eda_dm(ctx, cfg, bits)
-        denoiser = family_of(pipe).denoiser_of(pipe)
-    else:
-        requantize_all(denoiser, *QLORA_MERGES[label])
-    err = merge_error(weights, denoiser)
-    return _reload(pipe, ctx.work / label.replace(" ", "_").replace(",", "")), err, None
+    if cfg.method != "qlora":
+        diag = {name: layer.diagnostics() for name, layer in intlora_layers(denoiser).items()}
+        trained.merge(pipe, cfg)
+        label = label_of(cfg.method, cfg.quant.zero_fix)
+        return {label: (_reload(pipe, ctx.work / slug(label)), weights, diag)}
+    out = {}
+    for label, how in QLORA_MERGES.items():
+        if how is None:
+            merged = _float_merge_eda_dm(ctx, cfg, bits)
+        else:
+            setattr(pipe, family.denoiser, copy.deepcopy(denoiser))
+            requantize_layers(family.denoiser_of(pipe), *how)
+            merged = pipe
+        out[label] = (_reload(merged, ctx.work / slug(label)), weights, None)
+    return out
 
 
 def _float_merge_eda_dm(ctx: Context, cfg, bits: str):
@@ -234,28 +239,11 @@ def _float_merge_eda_dm(ctx: Context, cfg, bits: str):
 
 
 def _reload(pipe, folder: Path):
-    """Save the integer model and load it back with its default backend, as a user runs it."""
+    """Save the integer model and load it back (torch backend: the integer layers stay modules of their names)."""
     from quantune.models import load_pipeline
     from quantune.models.integer import save_integer_pipeline
 
-    return load_pipeline(str(save_integer_pipeline(pipe, folder)))
-
-
-def intlora_layers(denoiser) -> dict:
-    from quantune.train.quant_methods import intlora_layers as layers
-
-    return layers(denoiser)
-
-
-def requantize_all(denoiser, search: str, per_channel: bool) -> None:
-    """QLoRA's merge with a stated re-quantization: every LoRA layer on an integer base, in place."""
-    from quantune.lora.inject import lora_layers
-    from quantune.modules import set_module
-    from quantune.train.quant_methods import requantize
-
-    with torch.no_grad():
-        for name, layer in lora_layers(denoiser).items():
-            set_module(denoiser, name, requantize(layer, search, per_channel))
+    return load_pipeline(str(save_integer_pipeline(pipe, folder)), backend="torch")
 
 
 @torch.no_grad()
@@ -289,34 +277,38 @@ def merge_error(weights: dict, merged) -> float:
     return (err / upd) ** 0.5 if upd else float("nan")
 
 
-def best_of_checkpoints(ctx: Context, method: str) -> dict[str, dict]:
-    """label -> {"subject_similarity", "step"}: the best of the run's checkpoints and its final state by subject
-    similarity, each model scored in memory (QLoRA: both re-quantizations; not the EDA-DM baseline)."""
+def best_of_checkpoints(ctx: Context, cfg) -> dict[str, dict]:
+    """label -> {"subject_similarity", "step"}: the best of the run's checkpoints (and, trained on an integer
+    base, its final state) by subject similarity, each model scored in memory on the torch backend (QLoRA: both
+    re-quantizations; not the EDA-DM baseline)."""
     from quantune.io import load_safetensors
-    from quantune.train.config import config_from_dict
+    from quantune.train.checkpoint import list_checkpoints
     from quantune.train.merge_run import prepare_run
     from quantune.train.quant_methods import STATE_FILE
 
     run_dir = ctx.work / "run"
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    states = {int(c.name.split("-")[1]): c / "trainable.safetensors" for c in (run_dir / "checkpoints").iterdir()}
-    if method != "lora":  # a float LoRA's final state is its diffusers file: scored by the final model's row
+    states = {
+        int(c.name.split("-")[1]): c / "trainable.safetensors" for c in list_checkpoints(run_dir / "checkpoints")
+    }
+    if cfg.method != "lora":  # a float LoRA's final state is its diffusers file: scored by the final model's row
         states[cfg.train.steps] = run_dir / STATE_FILE
+    if not states:
+        return {}
     pipe, trained = prepare_run(cfg, states[min(states)])
     best: dict[str, dict] = {}
     for step, path in sorted(states.items()):
         trained.load_trainable_state(pipe, load_safetensors(path)[0])
-        for label, score in _scores_in_memory(ctx, pipe, method, cfg.quant.zero_fix).items():
+        for label, score in _scores_in_memory(ctx, pipe, cfg).items():
             if label not in best or score > best[label]["subject_similarity"]:
                 best[label] = {"subject_similarity": score, "step": step}
     return best
 
 
-def _scores_in_memory(ctx: Context, pipe, method: str, zero_fix: str) -> dict[str, float]:
+def _scores_in_memory(ctx: Context, pipe, cfg) -> dict[str, float]:
     """Subject similarity of the pipeline as it is (LoRA; IntLoRA, whose training weight is its merge) or of
     each QLoRA re-quantization of a copy of its denoiser."""
-    if method != "qlora":
-        return {label_of(method, zero_fix): ctx.subject(pipe)[0]}
+    if cfg.method != "qlora":
+        return {label_of(cfg.method, cfg.quant.zero_fix): ctx.subject(pipe)[0]}
     family = family_of(pipe)
     trained = family.denoiser_of(pipe)
     out = {}
@@ -324,7 +316,7 @@ def _scores_in_memory(ctx: Context, pipe, method: str, zero_fix: str) -> dict[st
         if how is None:
             continue
         merged = copy.deepcopy(trained)
-        requantize_all(merged, *how)
+        requantize_layers(merged, *how)
         setattr(pipe, family.denoiser, merged)
         out[label] = ctx.subject(pipe)[0]
     setattr(pipe, family.denoiser, trained)

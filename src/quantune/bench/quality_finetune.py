@@ -32,12 +32,15 @@ from quantune.bench.cells import CellCache
 from quantune.bench.common import Plot, Table, model_table_name, override, run_child, table_main
 from quantune.bench.finetune_runs import (
     CONFIG,
+    DIAGNOSTICS,
+    GRID_COLUMNS,
     PROMPT,
     SUBJECTS,
     Context,
     Protocol,
     label_of,
     run_one,
+    slug,
 )
 from quantune.bench.quality_ptq import fid_notes, prompts_and_reference
 from quantune.bench.stats import format_ms, mean_sd, paired_p
@@ -48,8 +51,9 @@ RUNS = [("qlora", "none"), ("intlora-mul", "none"), ("intlora-mul", "midrise"), 
 MODEL_VARIABLE = "QUANTUNE_FT_MODEL"
 SETTINGS_VARIABLE = "QUANTUNE_FT_SETTINGS"
 REFERENCE = "IntLoRA-MUL"  # the paper's method: each row's paired test is against it
-METRICS = {"subject_similarity": 4, "best_similarity": 4, "glyph_top1": 3, "glyph_top5": 3, "fid_vs_openmoji": 2,
-           "merge_error": 4, "zero_share": 4, "aux_ratio": 3, "u_clipped": 4, "train_s": 0}  # fmt: skip
+METRICS = {"subject_similarity": 4, "subject_gain": 4, "best_similarity": 4, "glyph_top1": 3, "glyph_top5": 3,
+           "fid_vs_openmoji": 2, "merge_error": 4, "zero_share": 4, "aux_ratio": 3, "u_clipped": 4,
+           "train_s": 0}  # fmt: skip
 
 
 def protocol(quick: bool) -> Protocol:
@@ -88,13 +92,9 @@ def cell(cache: CellCache, p: Protocol, spec: tuple, tmp: Path) -> dict:
         cache.folder.mkdir(parents=True, exist_ok=True)
         for label in row["models"]:
             images = [Image.open(f).convert("RGB") for f in sorted((work / "grid" / label).glob("*.png"))]
-            make_grid([images]).save(cache.folder / f"{key}__{_slug(label)}.png")
+            make_grid([images]).save(cache.folder / f"{key}__{slug(label)}.png")
     cache.put(key, row)
     return row
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label)
 
 
 def run_cells(cache: CellCache, p: Protocol, specs: list[tuple], tmp: Path) -> dict[tuple, dict]:
@@ -124,18 +124,19 @@ def base_row(cache: CellCache, p: Protocol, tmp: Path) -> dict:
 
 
 def _base(p: Protocol, work: Path) -> dict:
-    """The un-tuned model's figures: subject similarity to each subject, retention once."""
+    """The un-tuned model's figures: retention, and the similarity of its samples of the prompt to each subject."""
     from quantune.bench.finetune_runs import _rgb
     from quantune.demo import instance_images
+    from quantune.eval import subject_similarity
     from quantune.models import load_pipeline
 
     pipe = load_pipeline(p.model)
-    prompts, reference = prompts_and_reference(p.n)
-    per = []
-    for i, subject in enumerate(SUBJECTS):
-        ctx = Context(p, work, [_rgb(f) for f in instance_images(work / f"instance{i}", subject)], prompts, reference)
-        per.append(ctx.subject(pipe)[0])
-    return ctx.evaluate(pipe, "base") | {"per_subject": per}
+    ctx = Context(p, work, [], *prompts_and_reference(p.n))
+    row = ctx.evaluate(pipe, "base", subject=False)
+    images = [_rgb(f) for f in sorted((work / "grid" / "base").glob("*.png"))]
+    per = [subject_similarity(images, [_rgb(f) for f in instance_images(work / f"instance{i}", s)])
+           for i, s in enumerate(SUBJECTS)]  # fmt: skip
+    return row | {"per_subject": per}
 
 
 def class_images(p: Protocol, folder: Path) -> None:
@@ -151,12 +152,14 @@ def class_images(p: Protocol, folder: Path) -> None:
     ensure_class_images(pipe, folder, d.class_prompt, d.num_class_images, d.resolution, 0)
 
 
-def summarize(p: Protocol, done: dict[tuple, dict]) -> list[dict]:
-    """One row per (lr, bits, model): mean +- sd over the units, the paired test against IntLoRA-MUL."""
+def summarize(p: Protocol, done: dict[tuple, dict], base: dict) -> list[dict]:
+    """One row per (lr, bits, model): mean +- sd over the units, the paired test against IntLoRA-MUL; the gain:
+    each unit's subject similarity less the un-tuned model's for that subject."""
     groups: dict[tuple, dict] = {}
     for (_, bits, _, lr, subject, seed), row in done.items():
         for label, figures in row["models"].items():
             unit = figures | _diagnostics(row.get("layers")) | {"train_s": row["train_s"]}
+            unit["subject_gain"] = figures["subject_similarity"] - base["per_subject"][subject]
             unit["best_similarity"] = (figures.get("best") or {}).get("subject_similarity", float("nan"))
             groups.setdefault((lr, bits, label), {})[(subject, seed)] = unit
     rows = []
@@ -178,7 +181,7 @@ def summarize(p: Protocol, done: dict[tuple, dict]) -> list[dict]:
 def _diagnostics(layers: dict | None) -> dict:
     if not layers:
         return {}
-    return {k: sum(d[k] for d in layers.values()) / len(layers) for k in ("zero_share", "aux_ratio", "u_clipped")}
+    return {k: sum(d[k] for d in layers.values()) / len(layers) for k in DIAGNOSTICS}
 
 
 def write_layers(path: Path, done: dict[tuple, dict]) -> None:
@@ -191,9 +194,9 @@ def write_layers(path: Path, done: dict[tuple, dict]) -> None:
         return
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["lr", "bits", "model", "layer", "units", "zero_share", "aux_ratio", "u_clipped"])
+        w.writerow(["lr", "bits", "model", "layer", "units", *DIAGNOSTICS])
         for (lr, bits, label, layer), ds in acc.items():
-            means = [sum(d[k] for d in ds) / len(ds) for k in ("zero_share", "aux_ratio", "u_clipped")]
+            means = [sum(d[k] for d in ds) / len(ds) for k in DIAGNOSTICS]
             w.writerow([lr, bits, label, layer, len(ds), *(f"{m:.6g}" for m in means)])
 
 
@@ -207,7 +210,7 @@ def grid(cache: CellCache, p: Protocol, specs: list[tuple], out: Path, name: str
     for spec in specs:
         if spec[3] == p.lr_list()[0] and spec[4] == spec[5] == 0:
             key = key_of(spec)
-            files += [cache.folder / f"{key}__{_slug(label)}.png" for label in cache.get(key)["models"]]
+            files += [cache.folder / f"{key}__{slug(label)}.png" for label in cache.get(key)["models"]]
     strips = []
     for f in files:
         strip = Image.open(f).convert("RGB")
@@ -223,7 +226,7 @@ def grid(cache: CellCache, p: Protocol, specs: list[tuple], out: Path, name: str
 def table(quick: bool, out: Path) -> Table:
     p = protocol(quick)
     name = model_table_name("quality_finetune", p.model)
-    cache = CellCache(out / "cells" / name, p.shared() | {"quick": quick})
+    cache = CellCache(out / "cells" / name, p.cell_settings() | {"quick": quick})
     specs = plan(p)
     with tempfile.TemporaryDirectory() as tmp:
         class_images(p, Path(tmp) / "class_images")
@@ -232,7 +235,7 @@ def table(quick: bool, out: Path) -> Table:
     rows = [{"lr": "-", "bits": "FP32", "model": f"{p.model}, no fine-tuning", "units": p.subjects,
              **{f"{k}_ms": format_ms([base[k]], d) for k, d in METRICS.items() if k in base},
              "subject_similarity_ms": format_ms(base["per_subject"][: p.subjects], 4)}]  # fmt: skip
-    rows += summarize(p, done)
+    rows += summarize(p, done, base)
     write_layers(out / f"{name}_layers.csv", done)
     images = [grid(cache, p, specs, out, name)]
     return Table(name, caption(p), COLUMNS, rows,
@@ -246,14 +249,15 @@ def caption(p: Protocol) -> str:
     subset = [f"{k} {getattr(p, k)} of {getattr(full, k)}" for k in ("lrs", "subjects", "seeds", "bits")
               if getattr(p, k) != getattr(full, k)]  # fmt: skip
     return (f"DreamBooth on {p.model} by the IntLoRA reference's protocol: {p.steps} steps, rank 4, attention "
-            f"projections, denoiser only, constant lr; {p.subjects} subjects x {p.seeds} seeds; merged models; "
+            f"projections, denoiser only, constant lr; {p.subjects} subjects x {p.seeds} seeds; integer models "
+            "merged, reloaded and sampled (float LoRA: loaded by diffusers); "
             f"subject similarity of {p.n_subject} samples, retention on {p.n} OpenMoji captions"
             + (f"; a stated subset: {', '.join(subset)}" if subset else ""))  # fmt: skip
 
 
 COLUMNS = {"lr": "{lr}", "bits": "{bits}", "model": "{model}", "units": "{units}",
-           "subject similarity, final": "{subject_similarity_ms}",
-           "best of 10 checkpoints (by the test metric)": "{best_similarity_ms}",
+           "subject similarity, final": "{subject_similarity_ms}", "gain over the base": "{subject_gain_ms}",
+           "best of 10 states (by the test metric)": "{best_similarity_ms}",
            f"p (final vs {REFERENCE})": "{p:.3g}", "top-1": "{glyph_top1_ms}", "top-5": "{glyph_top5_ms}",
            "FID vs OpenMoji": "{fid_vs_openmoji_ms}", "merge error / update": "{merge_error_ms}",
            "zero-dropped": "{zero_share_ms}", "|R*| / |W|": "{aux_ratio_ms}", "U clipped": "{u_clipped_ms}",
@@ -266,9 +270,10 @@ def notes(p: Protocol) -> list[str]:
         f"prompt {PROMPT!r}; units: (subject, seed) pairs; subject similarity: the OpenMoji feature network's "
         "cosine to the 4 instance views (a DINO-style metric); retention: top-1 / top-5 glyph recognition and FID "
         "of the OpenMoji captions after fine-tuning",
-        "best of 10: the highest subject similarity over the run's checkpoints (every tenth of the steps) and its "
-        "final state, scored in memory: the reference's selection by the test metric, optimistic; none for the "
-        "EDA-DM baseline",
+        "gain over the base: each unit's final subject similarity less the un-tuned model's for the same subject "
+        "(the subjects start far apart); best of 10 states: the highest subject similarity over the run's 9 "
+        "checkpoints (every tenth of the steps) and its final state: the reference's selection by the test "
+        "metric, optimistic; none for the EDA-DM baseline (a PTQ run per checkpoint)",
         "QLoRA rows share one training run per unit, put back into an integer model three ways: W_q + B A "
         "re-quantized with one min-max scale per tensor; re-quantized per output channel with the L2.4 search "
         "(quantune's `qlora merge`); B A added to the float weights, then EDA-DM "
@@ -278,9 +283,11 @@ def notes(p: Protocol) -> list[str]:
         "_layers.csv): zero-dropped, the share of W_int = 0 (R* + B A lost there); |R*| / |W|; U clipped, the "
         "share of U outside its grid at the end (MUL: codes clamped; SHIFT: exponents below k_max - span)",
         f"p: two-sided sign-flip permutation test of the final subject similarity against {REFERENCE} at the same "
-        "bits and lr, paired by unit (with few units its smallest possible value is large: 2 / 2^units)",
-        f"{p.workers} run(s) at a time, each on one thread: train (s) is comparable within this table only",
-        "grid rows: the first lr's first subject and seed, each model in table order (8 samples of the prompt)",
+        "bits and lr, paired by unit (its smallest possible value is 2 / 2^units); none for the float LoRA",
+        f"{p.workers} run(s) at a time, each on one thread: train (s) is comparable within this table only; "
+        "integer models sampled on the torch backend's integer kernels",
+        f"grid rows: the un-tuned model, then the first lr's first subject and seed, each model in table order "
+        f"({min(GRID_COLUMNS, p.n_subject)} samples of the prompt)",
     ]
 
 

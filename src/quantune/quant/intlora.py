@@ -226,10 +226,10 @@ class IntLoraLayer(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """Where IntLoRA loses the trained update (the table's per-layer figures): `zero_share`, the share of
-        entries with W_int = 0 (their R* + B A is dropped); `aux_ratio`, |R*| / |W| with W = s W_int + R*; and
-        `u_clipped`, the share of U outside its grid now (MUL: the codes clamped to [0, 2^b - 1]; SHIFT: the
-        exponents clamped below k_max - shift_span)."""
+        """Where IntLoRA loses the trained update (the fine-tuning table's per-layer figures): `zero_share`, the
+        share of entries with W_int = 0 (their R* + B A is dropped); `aux_ratio`, |R*| / |W| with W = s W_int +
+        R*; `u_clipped`, the share of the other entries whose U is outside its grid now (MUL: the codes clamped to
+        [0, 2^b - 1]; SHIFT: the exponents clamped below k_max - shift_span)."""
         w_int = self.int_base()
         r_star = self.r_star()
         U = self._adaptation(w_int, self.delta())
@@ -239,9 +239,10 @@ class IntLoraLayer(nn.Module):
         else:
             k = torch.round(torch.log2(U.abs() + 1e-16))
             clipped = k < k.amax(1, keepdim=True) - self.shift_span
+        used = w_int != 0  # U is multiplied by 0 elsewhere: neither used nor clipped
         w = self.scale * w_int + r_star
-        return {"zero_share": float((w_int == 0).float().mean()), "aux_ratio": float(r_star.norm() / w.norm()),
-                "u_clipped": float(clipped.float().mean())}  # fmt: skip
+        return {"zero_share": self.zero_fraction(), "aux_ratio": float(r_star.norm() / w.norm()),
+                "u_clipped": float((clipped & used).sum() / used.sum().clamp(min=1))}  # fmt: skip
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -113,14 +113,19 @@ class QLoraMethod(_QuantBase, LoraMethod):
     @torch.no_grad()
     def merge(self, pipe, cfg=None) -> int:
         """Dequantize + add the LoRA delta + re-quantize (same bits and search) every adapted base."""
-        search = cfg.quant.search if cfg is not None else "l2.4"
-        denoiser = family_of(pipe).denoiser_of(pipe)
-        layers = lora_layers(denoiser)
-        for name, layer in layers.items():
-            set_module(denoiser, name, requantize(layer, search))
+        n = requantize_layers(family_of(pipe).denoiser_of(pipe), cfg.quant.search if cfg is not None else "l2.4")
         merge_text_encoder_loras(pipe)  # the text encoders are float: a plain LoRA merge
-        logger.info("qlora merge: %d layers dequantized, added to and re-quantized", len(layers))
-        return len(layers)
+        logger.info("qlora merge: %d layers dequantized, added to and re-quantized", n)
+        return n
+
+
+@torch.no_grad()
+def requantize_layers(denoiser, search: str = "l2.4", per_channel: bool = True) -> int:
+    """QLoRA's merge of every LoRA layer on an integer base in `denoiser` (in place); returns how many."""
+    layers = lora_layers(denoiser)
+    for name, layer in layers.items():
+        set_module(denoiser, name, requantize(layer, search, per_channel))
+    return len(layers)
 
 
 def requantize(layer, search: str = "l2.4", per_channel: bool = True):
