@@ -130,7 +130,7 @@ def run_one(p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subje
     start = time.time()
     train(resolve_config(str(CONFIG), training_sets(p, method, bits, zero_fix, lr, seed, work)))
     out = {"train_s": time.time() - start, "models": {}}
-    ctx = Context(p, work, [_rgb(f) for f in instance], *prompts_and_reference(p.n))
+    ctx = Context(p, work, [rgb(f) for f in instance], *prompts_and_reference(p.n))
     cfg = config_from_dict(json.loads((work / "run" / "config.json").read_text()))
     best = best_of_checkpoints(ctx, cfg)
     for label, (pipe, weights, diag) in final_models(ctx, cfg, bits).items():
@@ -176,7 +176,7 @@ class Context:
         return out | ({"subject_similarity": subject_similarity(images, self.instance)} if subject else {})
 
 
-def _rgb(path: Path):
+def rgb(path: Path):
     from PIL import Image
 
     return Image.open(path).convert("RGB")

@@ -39,10 +39,11 @@ from quantune.bench.finetune_runs import (
     Context,
     Protocol,
     label_of,
+    rgb,
     run_one,
     slug,
 )
-from quantune.bench.quality_ptq import fid_notes, prompts_and_reference
+from quantune.bench.quality_ptq import fid_notes, grid_strip, prompts_and_reference
 from quantune.bench.stats import format_ms, mean_sd, paired_p
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ def key_of(spec: tuple) -> str:
 def cell(cache: CellCache, p: Protocol, spec: tuple, tmp: Path) -> dict:
     """One run, from the cache or trained and scored in its own process (one thread); for the first subject and
     seed the subject samples of each model are kept next to the cell for the grid."""
-    from PIL import Image
 
     from quantune.io import make_grid
 
@@ -91,7 +91,7 @@ def cell(cache: CellCache, p: Protocol, spec: tuple, tmp: Path) -> dict:
     if spec[4] == 0 and spec[5] == 0:
         cache.folder.mkdir(parents=True, exist_ok=True)
         for label in row["models"]:
-            images = [Image.open(f).convert("RGB") for f in sorted((work / "grid" / label).glob("*.png"))]
+            images = [rgb(f) for f in sorted((work / "grid" / label).glob("*.png"))]
             make_grid([images]).save(cache.folder / f"{key}__{slug(label)}.png")
     cache.put(key, row)
     return row
@@ -107,7 +107,6 @@ def run_cells(cache: CellCache, p: Protocol, specs: list[tuple], tmp: Path) -> d
 def base_row(cache: CellCache, p: Protocol, tmp: Path) -> dict:
     """The model before fine-tuning, scored like every row (subject similarity against each subject's images);
     its subject samples kept for the grid's first row."""
-    from PIL import Image
 
     from quantune.io import make_grid
 
@@ -117,7 +116,7 @@ def base_row(cache: CellCache, p: Protocol, tmp: Path) -> dict:
         row = run_child("quantune.bench.quality_finetune", ["--one", json.dumps(p.shared()), "base", "FP32",
                                                             "none", 0.0, 0, 0, work, 2])  # fmt: skip
         cache.folder.mkdir(parents=True, exist_ok=True)
-        images = [Image.open(f).convert("RGB") for f in sorted((work / "grid" / "base").glob("*.png"))]
+        images = [rgb(f) for f in sorted((work / "grid" / "base").glob("*.png"))]
         make_grid([images]).save(cache.folder / "base.png")
         cache.put("base", row)
     return row
@@ -125,7 +124,6 @@ def base_row(cache: CellCache, p: Protocol, tmp: Path) -> dict:
 
 def _base(p: Protocol, work: Path) -> dict:
     """The un-tuned model's figures: retention, and the similarity of its samples of the prompt to each subject."""
-    from quantune.bench.finetune_runs import _rgb
     from quantune.demo import instance_images
     from quantune.eval import subject_similarity
     from quantune.models import load_pipeline
@@ -133,8 +131,8 @@ def _base(p: Protocol, work: Path) -> dict:
     pipe = load_pipeline(p.model)
     ctx = Context(p, work, [], *prompts_and_reference(p.n))
     row = ctx.evaluate(pipe, "base", subject=False)
-    images = [_rgb(f) for f in sorted((work / "grid" / "base").glob("*.png"))]
-    per = [subject_similarity(images, [_rgb(f) for f in instance_images(work / f"instance{i}", s)])
+    images = [rgb(f) for f in sorted((work / "grid" / "base").glob("*.png"))]
+    per = [subject_similarity(images, [rgb(f) for f in instance_images(work / f"instance{i}", s)])
            for i, s in enumerate(SUBJECTS)]  # fmt: skip
     return row | {"per_subject": per}
 
@@ -206,16 +204,11 @@ def grid(cache: CellCache, p: Protocol, specs: list[tuple], out: Path, name: str
 
     from quantune.io import make_grid
 
-    files = [cache.folder / "base.png"]
+    keys = ["base"]
     for spec in specs:
         if spec[3] == p.lr_list()[0] and spec[4] == spec[5] == 0:
-            key = key_of(spec)
-            files += [cache.folder / f"{key}__{slug(label)}.png" for label in cache.get(key)["models"]]
-    strips = []
-    for f in files:
-        strip = Image.open(f).convert("RGB")
-        h = strip.height
-        strips.append([strip.crop((i * h, 0, (i + 1) * h, h)) for i in range(strip.width // h)])
+            keys += [f"{key_of(spec)}__{slug(label)}" for label in cache.get(key_of(spec))["models"]]
+    strips = [grid_strip(cache, k) for k in keys]
     path = out / "grids" / f"{name.replace('quality_', '')}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     width = max(len(s) for s in strips)

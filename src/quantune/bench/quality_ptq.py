@@ -247,7 +247,7 @@ def table(quick: bool, out: Path) -> Table:
                 for v in variants(denoiser, bits)}  # fmt: skip
         for variant, cells in runs.items():
             rows.append(summary(bits, variant, cells, runs["eda-dm"] if variant != "eda-dm" else None))
-            strips.append(_strip(cache, f"{bits}_{variant.replace(' ', '-')}_s0"))
+            strips.append(grid_strip(cache, f"{bits}_{variant.replace(' ', '-')}_s0"))
     rows[0].update(unet_mb=rows[1]["fp32_unet_mb"], ptq_seconds=0.0)
     if reference is not None:  # n other real glyphs against the reference glyphs: FID's scale
         rows.insert(0, {"bits": "OpenMoji", "method": "other glyphs", "fid_vs_openmoji_ms":
@@ -292,7 +292,7 @@ def fid_of_glyphs(n: int, reference) -> float:
     return fid(prompts_and_reference(n, 1)[1], reference)
 
 
-def _strip(cache: CellCache, key: str) -> list:
+def grid_strip(cache: CellCache, key: str) -> list:
     """The grid columns kept with a cell, split back into images."""
     from PIL import Image
 
