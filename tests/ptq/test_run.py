@@ -30,7 +30,7 @@ def _out(pipe, probe):
         return pipe.unet(*probe).sample
 
 
-@pytest.mark.parametrize("method", ["minmax", "qdiffusion", "eda-dm"])
+@pytest.mark.parametrize("method", ["minmax", "qdiffusion", "eda-dm", "eda-dm-reference"])
 def test_method_w8a8_end_to_end(tiny, method):
     probe = _probe(tiny)
     fp = _out(tiny, probe)
@@ -38,7 +38,10 @@ def test_method_w8a8_end_to_end(tiny, method):
     assert report["layers"] == len(quant_layers(tiny.unet)) == 83
     assert report["shortcut_splits"] == 4 and report["calib_rows"] == 16  # 8 samples x (uncond, cond)
     assert sum(report["samples_per_step"]) == 8
-    if method == "eda-dm":
+    split = [m for m in quant_layers(tiny.unet).values() if m.act_quant is not None and m.act_quant.split]
+    assert len(split) == 4  # the up-block shortcut convs: input split in two parts, and the weight too in the preset
+    assert all(m.weight_split == (m.act_quant.split if method == "eda-dm-reference" else 0) for m in split)
+    if method.startswith("eda-dm"):
         assert report["samples_per_step"] != [2, 2, 2, 2] and len(report["losses"]) == report["units"]
     else:
         assert report["samples_per_step"] == [2, 2, 2, 2]  # uniform calibration
@@ -59,11 +62,12 @@ def test_weight_only_w4a16(tiny):
     assert sqnr_db(fp, _out(tiny, probe)) > 10  # W4 min-max, round to nearest, random weights
 
 
-def test_w4a8_save_load_round_trip(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["eda-dm", "eda-dm-reference"])  # the reference: split weight grids saved too
+def test_w4a8_save_load_round_trip(tiny, tmp_path, method):
     import quantune
 
     probe = _probe(tiny)
-    report = quantize_pipeline(tiny, PTQConfig(method="eda-dm", wbits=4, **SMALL), progress=False)
+    report = quantize_pipeline(tiny, PTQConfig(method=method, wbits=4, **SMALL), progress=False)
     out = save_ptq_pipeline(tiny, tmp_path / "int", report)
     assert (out / "quantune_ptq.json").is_file() and (out / "unet" / "quantune_quant.json").is_file()
     prepare_int_kernels(tiny.unet)

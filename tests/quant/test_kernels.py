@@ -68,6 +68,29 @@ def test_split_activation_kernel(backend, kernel, symmetric):
     assert sqnr_db(ref, out) > 60
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)])
+def test_split_weight_kernel(backend, kernel, bits, symmetric):
+    """The shortcut split of the weight too (EDA-DM's reference): each part's product with its own weight grid."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 16, kernel, padding=kernel // 2)
+    with torch.no_grad():
+        conv.weight[:, 10:] *= 0.05  # the skip's weights far smaller than h's: one grid per row would waste them
+    x = torch.cat([torch.randn(2, 10, 7, 7) * 5, torch.randn(2, 14, 7, 7) * 0.3 + 1], 1)
+    q = from_float(conv, bits, symmetric=symmetric, act_bits=8, split=10)
+    calibrate(q, lambda: q(x))
+    assert q.weight_split == 10 and q.scale.shape == (16, 2) and q.act_quant.split == 10
+    with torch.no_grad():
+        ref = q(x)
+        assert prepare_int_kernels(q, backend) == {f"int8 ({backend})": 1}
+        out = q(x)
+    assert sqnr_db(ref, out) > 60  # same integers, float summation order only
+    one = from_float(conv, bits, symmetric=symmetric)
+    w = conv.weight.detach()
+    assert sqnr_db(w[:, 10:], q.dequantize()[:, 10:]) > sqnr_db(w[:, 10:], one.dequantize()[:, 10:]) + 10
+
+
 def test_unsupported_layers_fall_back_and_are_counted():
     from quantune.quant.layers import from_int
 

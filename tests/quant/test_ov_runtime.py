@@ -90,7 +90,9 @@ def test_split_and_smoothed_layers():
     smoothed = from_float(lin, 8, symmetric=True, weight=lin.weight.detach() * smooth, act_bits=8)
     smoothed.act_quant = aq
     calibrate(smoothed, lambda: smoothed(xs))
-    for layer, inp in ((split, x), (smoothed, xs)):
+    split_weight = from_float(conv, 8, symmetric=False, act_bits=8, split=10)  # a weight grid per part too
+    calibrate(split_weight, lambda: split_weight(x))
+    for layer, inp in ((split, x), (smoothed, xs), (split_weight, x)):
         with torch.no_grad():
             prepare_int_kernels(layer)
             deployed = OpenVINOModule(layer)

@@ -91,3 +91,22 @@ def test_sample_values_is_not_strided():
     assert s.numel() == 1 << 16 and 0.45 < float(s.mean()) < 0.55
     assert torch.equal(s, sample_values(x, 1 << 16))  # seeded
     assert torch.equal(sample_values(x[:100], 1 << 16), x[:100])  # small tensors whole
+
+
+def test_grouped_search_is_the_search_of_each_part():
+    from quantune.quant.primitives import per_column, search_grouped, split_groups
+
+    w = torch.randn(6, 5, 3, 3)  # conv rows of 5 input channels x 9 taps
+    rows = w.reshape(6, -1)
+    groups = split_groups(rows.shape[1], 5, 2)
+    assert groups == (18, 27) and split_groups(45, 5, 0) is None
+    qp = search_grouped(rows, 4, groups)
+    for i, part in enumerate((rows[:, :18], rows[:, 18:])):
+        one = search_qparams(part, 4)
+        assert torch.equal(qp.scale[:, i : i + 1], one.scale)
+        assert torch.equal(qp.zero_point[:, i : i + 1], one.zero_point)
+    spread = per_column(qp.scale, groups)
+    assert spread.shape == rows.shape
+    assert torch.equal(spread[:, 17], qp.scale[:, 0]) and torch.equal(spread[:, 18], qp.scale[:, 1])
+    with pytest.raises(QuantuneError, match="empty part"):
+        split_groups(45, 5, 5)

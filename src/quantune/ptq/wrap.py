@@ -6,7 +6,9 @@ higher precision, the shortcut split, the reconstruction units; docs/quantizatio
   channel) and an LSQ activation quantizer (per tensor) on its input, as PTQConfig.weight_for / act_for say
   (the quantization core's WeightQuant / ActQuant, quant/config.py); `keep_8bit` layers get 8-bit weights,
   `act_fp` layers no input quantizer, `keep_fp` layers stay float. The shortcut conv of an up-block ResNet, whose
-  input is concat(h, skip), gets a split input quantizer (one per part).
+  input is concat(h, skip), gets a split input quantizer (one per part) and, with `split_weight` (the reference
+  code's QuantModule: weight_quantizer / weight_quantizer_0), a weight grid per part too: a scale and zero point
+  per output channel for the input channels of h and another for those of skip.
 - Every diffusers Attention gets a QuantAttnProcessor with LSQ quantizers on q, k, v and the softmax output.
 - Units, in the order the forward calls them: ResnetBlock2D, BasicTransformerBlock and standalone Attention blocks
   are reconstructed as blocks; every PTQLayer outside them (conv_in, time embedding, proj_in/out, down/upsamplers,
@@ -33,6 +35,7 @@ from quantune.ptq.config import PTQConfig
 from quantune.quant.attention import QuantAttnProcessor, attentions, quantize_attention, unsupported_reason
 from quantune.quant.config import ActQuant, WeightQuant
 from quantune.quant.layers import from_codes
+from quantune.quant.primitives import split_groups
 from quantune.targets import listed
 
 logger = logging.getLogger(__name__)
@@ -43,21 +46,25 @@ FLOAT_TABLES = ("scale_shift_table",)  # PixArt's ada_norm_single modulation (mo
 
 class PTQLayer(nn.Module):
     """A float nn.Linear / nn.Conv2d with an AdaRound weight quantizer (`weight`) and, unless `act` is None, an LSQ
-    quantizer on its input (`split` > 0: the shortcut split); `smooth`: SmoothQuant's s (ptq/smooth.py), the
-    quantizers then see W diag(s) and x / s; float while `quant` is off."""
+    quantizer on its input (`split` > 0: the shortcut split; `split_weight`: of the weight's grid too, module
+    docstring); `smooth`: SmoothQuant's s (ptq/smooth.py), the quantizers then see W diag(s) and x / s; float while
+    `quant` is off."""
 
     def __init__(
         self, layer: nn.Module, weight: WeightQuant, act: ActQuant | None, split: int = 0, smooth=None,
-        learn: bool = True,
+        learn: bool = True, split_weight: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.layer = layer.requires_grad_(False)
         self.register_buffer("smooth", smooth.to(layer.weight.device) if smooth is not None else None)
+        self.weight_split = split if split_weight else 0
+        cols = layer.weight[0].numel()
+        groups = split_groups(cols, layer.weight.shape[1], self.weight_split)
         if learn:  # AdaRound; a method that learns no rounding: round to nearest, no copy of the weight
             w = layer.weight if smooth is None else layer.weight * self.smooth
-            self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search)
+            self.wq = AdaRoundQuantizer(w, weight.bits, weight.symmetric, weight.search, groups)
         else:
-            self.wq = NearestQuantizer(layer, weight.bits, weight.symmetric, weight.search, smooth)
+            self.wq = NearestQuantizer(layer, weight.bits, weight.symmetric, weight.search, smooth, groups)
         self.aq = LSQActQuantizer(act.bits, split, act.search) if act is not None else None
         self.quant = False
 
@@ -77,7 +84,8 @@ class PTQLayer(nn.Module):
 
     def export(self) -> nn.Module:
         aq = self.aq.to_act_quantizer(self.smooth) if self.aq is not None else None
-        return from_codes(self.layer, self.wq.hard_codes(), self.wq.qp, act_quant=aq)
+        codes = self.wq.hard_codes()
+        return from_codes(self.layer, codes, self.wq.qp, act_quant=aq, weight_split=self.weight_split)
 
 
 def set_quant(module: nn.Module, on: bool) -> None:
@@ -135,19 +143,20 @@ def shortcut_splits(unet: nn.Module, run) -> dict[str, int]:
 
 
 def wrap_for_ptq(
-    unet: nn.Module, cfg: PTQConfig, splits: dict[str, int], smooth: dict | None = None
+    unet: nn.Module, cfg: PTQConfig, splits: dict[str, int], smooth: dict | None = None, split_weight: bool = False
 ) -> dict[str, PTQLayer]:
-    """Replace the model's layers by PTQLayers (`smooth`: SmoothQuant's s by layer name) and its attention
-    processors by quantized ones (in place)."""
+    """Replace the model's layers by PTQLayers (`smooth`: SmoothQuant's s by layer name; `split_weight`: the
+    shortcut split of the weight grid as well as of the input) and its attention processors by quantized ones (in
+    place)."""
     smooth = smooth or {}
     check_supported(unet, cfg)
     wrapped = {}
     for name, m in list(unet.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or listed(cfg.keep_fp, name):
             continue
-        wrapped[name] = PTQLayer(
-            m, cfg.weight_for(name), cfg.act_for(name), splits.get(name, 0), smooth.get(name), learn=cfg.learns
-        )
+        split = splits.get(name, 0)
+        wrapped[name] = PTQLayer(m, cfg.weight_for(name), cfg.act_for(name), split, smooth.get(name),
+                                 learn=cfg.learns, split_weight=split_weight)  # fmt: skip
         set_module(unet, name, wrapped[name])
     if cfg.attn is not None:
         for attn in attentions(unet).values():

@@ -3,7 +3,9 @@
 A quantized weight is W = scale (.) ((q - zero_point) << shift), with
 - q: the integer codes, stored as uint8 / int8 / int16 / int32 (the narrowest that holds them) or, for 4 bits or
   fewer, two codes per byte (`packed`, see primitives.pack_int4); `code_offset` maps a stored code back to q;
-- scale: fp32 per output row [C_out, 1]; zero_point: int32 per row (None for symmetric and merged weights);
+- scale: fp32 per output row [C_out, 1]; zero_point: int32 per row (None for symmetric and merged weights); with
+  `weight_split` = c > 0 (the shortcut split of a weight whose input is concat(h, skip), EDA-DM / Q-Diffusion) one
+  of each per row for input channels [:c] and another for [c:]: [C_out, 2];
 - shift: uint8 per element (None except for IntLoRA-SHIFT merges: left shifts of the integer, common 2^k factored
   into scale; IntLoRA, Guo et al. 2024, arXiv 2410.21759).
 The weight's memory is the integer storage plus the scales: about b/32 of fp32 (tests/quant/test_layers.py).
@@ -33,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from quantune.quant import kernels
 from quantune.quant.act import ActQuantizer
-from quantune.quant.primitives import pack_int4, unpack_int4
+from quantune.quant.primitives import pack_int4, per_column, split_groups, unpack_int4
 from quantune.quant.train_kernels import IntegerForward, integer_training_kernel
 
 
@@ -50,6 +52,7 @@ class Storage:
     act_bits: int | None = None
     act_split: int = 0
     act_smooth: int = 0  # SmoothQuant: the smoothed input channels (0: none)
+    weight_split: int = 0  # input channels of the first weight grid (0: one grid per row)
 
     def to_spec(self) -> dict:
         return {
@@ -62,13 +65,14 @@ class Storage:
             "act_bits": self.act_bits,
             "act_split": self.act_split,
             "act_smooth": self.act_smooth,
+            "weight_split": self.weight_split,
         }
 
     @classmethod
     def from_spec(cls, spec: dict) -> Storage:
         return cls(spec["bits"], spec["packed"], spec["code_offset"], getattr(torch, spec["qdtype"]),
                    spec["zero_point"], spec["shift"], spec["act_bits"], spec.get("act_split", 0),
-                   spec.get("act_smooth", 0))  # fmt: skip
+                   spec.get("act_smooth", 0), spec.get("weight_split", 0))  # fmt: skip
 
 
 class _QuantWeight(nn.Module):
@@ -80,9 +84,12 @@ class _QuantWeight(nn.Module):
         self.weight_shape = tuple(weight_shape)
         self.bits, self.packed, self.code_offset = st.bits, st.packed, st.code_offset
         rows, cols = weight_shape[0], int(torch.Size(weight_shape[1:]).numel())
+        self.weight_split = st.weight_split
+        self.weight_groups = split_groups(cols, self.weight_shape[1], st.weight_split)  # column counts, or None
+        g = 2 if st.weight_split else 1
         self.register_buffer("qweight", torch.zeros(rows, (cols + 1) // 2 if st.packed else cols, dtype=st.qdtype))
-        self.register_buffer("scale", torch.ones(rows, 1))
-        self.register_buffer("zero_point", torch.zeros(rows, 1, dtype=torch.int32) if st.zero_point else None)
+        self.register_buffer("scale", torch.ones(rows, g))
+        self.register_buffer("zero_point", torch.zeros(rows, g, dtype=torch.int32) if st.zero_point else None)
         self.register_buffer("shift", torch.zeros(rows, cols, dtype=torch.uint8) if st.shift else None)
         self.act_quant: ActQuantizer | None = (
             ActQuantizer(st.act_bits, split=st.act_split, smooth=st.act_smooth) if st.act_bits else None
@@ -102,14 +109,14 @@ class _QuantWeight(nn.Module):
         q = unpack_int4(self.qweight, self.cols) if self.packed else self.qweight
         w = q.to(torch.int32) + self.code_offset
         if self.zero_point is not None:
-            w = w - self.zero_point
+            w = w - self.per_column(self.zero_point)
         if self.shift is not None:
             w = w.to(torch.int64) << self.shift.to(torch.int64)
         return w
 
     def dequantize(self) -> torch.Tensor:
         """The float weight W. Smoothed (SmoothQuant, quant/act.py): the integers are of W diag(s), s divided out."""
-        w = self.scale * self.int_weight().float()
+        w = self.per_column(self.scale) * self.int_weight().float()
         smooth = self.smoothing()
         return (w / smooth if smooth is not None else w).view(self.weight_shape)
 
@@ -124,8 +131,12 @@ class _QuantWeight(nn.Module):
         if self.code_offset:
             w.add_(self.code_offset)
         if self.zero_point is not None:
-            w.sub_(self.zero_point.to(dtype))
-        return w.mul_(self.scale.to(dtype)).view(self.weight_shape)
+            w.sub_(self.per_column(self.zero_point).to(dtype))
+        return w.mul_(self.per_column(self.scale).to(dtype)).view(self.weight_shape)
+
+    def per_column(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row, per-grid parameter ([C_out, 1] or, split, [C_out, 2]) as it applies to the columns."""
+        return per_column(t, self.weight_groups)
 
     def smoothing(self) -> torch.Tensor | None:
         """SmoothQuant's s [cols] (its input quantizer's), or None."""
@@ -141,7 +152,7 @@ class _QuantWeight(nn.Module):
         smooth = self.smoothing()
         weight = weight * smooth.view(1, -1) if smooth is not None else weight  # the integers are of W diag(s)
         grid = {"per_channel": per_channel, "symmetric": symmetric, "pack": self.packed, "search": search}
-        merged = from_float(self, self.bits, weight=weight, **grid)
+        merged = from_float(self, self.bits, weight=weight, split=self.weight_split if per_channel else 0, **grid)
         merged.act_quant = self.act_quant
         return merged
 
@@ -235,7 +246,7 @@ class _QuantWeight(nn.Module):
         aq = self.act_quant
         act_bits, act_split, smooth = (aq.bits, aq.split, aq.channels) if aq is not None else (None, 0, 0)
         return Storage(self.bits, self.packed, self.code_offset, self.qweight.dtype, self.zero_point is not None,
-                       self.shift is not None, act_bits, act_split, smooth)  # fmt: skip
+                       self.shift is not None, act_bits, act_split, smooth, self.weight_split)  # fmt: skip
 
     def spec(self) -> dict:
         """What `from_spec` needs to rebuild an empty layer of this shape (saved beside a quantized model)."""

@@ -24,7 +24,8 @@ with q - 128 plus a row term s_a s_w[n] (128 - z[n]) sum_k (x_q[k] - z_a) (`int8
 Neither covers weight-only layers (W4A16 / W8A16), activation bits other than 8, other integers beyond int8 (IntLoRA
 W8 merges), SHIFT merges, grouped convs (`unsupported_reason`). A split activation quantizer (the shortcut
 split: one (s_a, z_a) for h and one for the skip in concat(h, skip)) runs as two integer products summed
-(SplitKernel). A new kernel is one KernelChoice added to KERNELS (`register_kernel`).
+(SplitKernel), each part with its own weight grid when the weight is split too (EDA-DM's reference preset). A new
+kernel is one KernelChoice added to KERNELS (`register_kernel`).
 
 `prepare_int_kernels(model)` selects a kernel per layer for the device its weights are on; a layer moved later
 (`.to()`) selects again on its next forward without gradients (quant/intlayer.py), so kernels follow the model.
@@ -78,30 +79,34 @@ def unsupported_reason(layer) -> str | None:
         return "shift merge"
     if int8_weight(layer) is None:
         return "weight integers beyond int8"
+    if layer.weight_split and layer.weight_split != aq.split:
+        return "weight split at another channel than its input"
     if _is_conv(layer) and (layer.groups != 1 or isinstance(layer.padding, str)):
         return "grouped conv or string padding"
     return None
 
 
 def int8_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(W_c int8 [C_out, cols], c int32 [C_out] or None) with W_int = W_c + c per row, or None when no such split
-    exists. Asymmetric 8-bit codes q in [0, 255] with zero points z give W_int = q - z in [-255, 255]: W_c = q - 128
-    and c = 128 - z (the kernel adds the row term, IntKernel.offset_term)."""
+    """(W_c int8 [C_out, cols], c int32 [C_out, G] or None) with W_int = W_c + c per row (and weight grid: G = 2 for
+    a split weight), or None when no such split exists. Asymmetric 8-bit codes q in [0, 255] with zero points z give
+    W_int = q - z in [-255, 255]: W_c = q - 128 and c = 128 - z (the kernel adds the row term,
+    IntKernel.offset_term)."""
     w = layer.int_weight()
     if int(w.min()) >= -128 and int(w.max()) <= 127:
         return w.to(torch.int8), None
     if layer.zero_point is None:
         return None
-    c = 128 - layer.zero_point.reshape(-1, 1)
-    w = w - c
+    c = 128 - layer.zero_point
+    w = w - layer.per_column(c)
     if int(w.min()) < -128 or int(w.max()) > 127:
         return None
-    return w.to(torch.int8), c.reshape(-1)
+    return w.to(torch.int8), c
 
 
 class IntKernel:
     """The integer forward of one layer, or of input channels [lo, hi) of it (`part`, for a split activation
-    quantizer); holds the int8 weight (and its prepacked form), scales and bias (the first part's)."""
+    quantizer, with the part's weight grid when the weight is split too); holds the int8 weight (and its
+    prepacked form), scales and bias (the first part's)."""
 
     def __init__(self, layer, backend: str, part: int = 0) -> None:
         self.backend, self.is_conv = backend, _is_conv(layer)
@@ -116,8 +121,10 @@ class IntKernel:
         channels = w.shape[1]
         lo, hi = (0, channels) if not aq.split else ((0, aq.split) if part == 0 else (aq.split, channels))
         w = w[:, lo:hi].contiguous()  # not kept: the prepacked or transposed copy is (one int8 copy per layer)
-        self.s_w = layer.scale.reshape(-1).float()
-        self.row_offset = self.s_a * self.s_w * offset.float() if offset is not None else None  # s_a s_w[n] c[n]
+        grid = part if layer.weight_split else 0  # the weight grid of these input channels
+        self.s_w = layer.scale[:, grid].float().contiguous()
+        c = offset[:, grid].float() if offset is not None else None
+        self.row_offset = self.s_a * self.s_w * c if c is not None else None  # s_a s_w[n] c[n]
         self.bias = layer.bias.float() if layer.bias is not None and part == 0 else None
         self.out_features = layer.weight_shape[0]
         if self.is_conv:

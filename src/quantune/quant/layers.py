@@ -30,7 +30,15 @@ from quantune.quant.intlayer import (
     quantizable_names,
     register_int_layer,
 )
-from quantune.quant.primitives import QParams, quantize, search_qparams, smallest_int_dtype
+from quantune.quant.primitives import (
+    QParams,
+    per_column,
+    quantize,
+    search_grouped,
+    search_qparams,
+    smallest_int_dtype,
+    split_groups,
+)
 
 __all__ = [
     "INT_LAYERS",
@@ -170,16 +178,25 @@ def _storage_for(bits: int, symmetric: bool, pack: bool) -> tuple[bool, int, tor
 
 
 def quantize_layer(
-    layer: nn.Module, weight: WeightQuant, act: ActQuant | None = None, *, tensor: torch.Tensor | None = None
-) -> _QuantWeight:
+    layer: nn.Module, weight: WeightQuant, act: ActQuant | None = None, *, tensor: torch.Tensor | None = None,
+    split: int = 0,
+) -> _QuantWeight:  # fmt: skip
     """Quantize a float layer (or `tensor`, a weight for a layer of its shape) into its integer layer; `act`: an
-    (uncalibrated) input quantizer."""
+    (uncalibrated) input quantizer; `split` > 0 (per channel only): a grid for input channels [:split] and one for
+    the rest, and an input quantizer split there too (the shortcut split, quant/intlayer.py)."""
     w = (layer.weight if tensor is None else tensor).detach().float()
     rows = w.reshape(w.shape[0], -1)
-    qp = search_qparams(rows, weight.bits, per_channel=weight.per_channel, symmetric=weight.symmetric,
-                        search=weight.search)  # fmt: skip
-    aq = ActQuantizer(act.bits, act.search) if act is not None else None
-    return from_codes(layer, quantize(rows, qp), qp, pack=weight.pack, act_quant=aq)
+    kwargs = {"symmetric": weight.symmetric, "search": weight.search}
+    if split and weight.per_channel:
+        groups = split_groups(rows.shape[1], w.shape[1], split)
+        qp = search_grouped(rows, weight.bits, groups, **kwargs)
+        codes = quantize(rows, QParams(per_column(qp.scale, groups), per_column(qp.zero_point, groups), qp.bits))
+    else:
+        split = 0
+        qp = search_qparams(rows, weight.bits, per_channel=weight.per_channel, **kwargs)
+        codes = quantize(rows, qp)
+    aq = ActQuantizer(act.bits, act.search, split=split) if act is not None else None
+    return from_codes(layer, codes, qp, pack=weight.pack, act_quant=aq, weight_split=split)
 
 
 def from_float(
@@ -192,29 +209,31 @@ def from_float(
     pack: bool = True,
     act_bits: int | None = None,
     weight: torch.Tensor | None = None,
+    split: int = 0,
 ) -> _QuantWeight:
     """`quantize_layer` spelled with keywords: WeightQuant(bits, per_channel, symmetric, search, pack) and, when
     `act_bits`, an L2.4 ActQuant(act_bits)."""
     wq = WeightQuant(bits, per_channel, symmetric, search, pack)
-    return quantize_layer(layer, wq, ActQuant(act_bits) if act_bits else None, tensor=weight)
+    return quantize_layer(layer, wq, ActQuant(act_bits) if act_bits else None, tensor=weight, split=split)
 
 
 def from_codes(
-    layer: nn.Module, codes: torch.Tensor, qp: QParams, *, pack: bool = True, act_quant: ActQuantizer | None = None
-) -> _QuantWeight:
+    layer: nn.Module, codes: torch.Tensor, qp: QParams, *, pack: bool = True, act_quant: ActQuantizer | None = None,
+    weight_split: int = 0,
+) -> _QuantWeight:  # fmt: skip
     """An integer layer shaped like float `layer` from codes [C_out, cols] in [qp.qmin, qp.qmax] and their params
-    (PTQ hands over its learned rounding this way)."""
+    (PTQ hands over its learned rounding this way); `weight_split` > 0: qp holds [C_out, 2], one grid per part."""
     packed, code_offset, qdtype = _storage_for(qp.bits, qp.symmetric, pack)
     aq = act_quant
     act_bits, act_split, smooth = (aq.bits, aq.split, aq.channels) if aq is not None else (None, 0, 0)
     storage = Storage(qp.bits, packed, code_offset, qdtype, not qp.symmetric, act_bits=act_bits, act_split=act_split,
-                      act_smooth=smooth)  # fmt: skip
+                      act_smooth=smooth, weight_split=weight_split)  # fmt: skip
     q = _empty_like_float(layer, storage)
-    rows = codes.shape[0]
+    rows, g = codes.shape[0], q.scale.shape[1]
     with torch.no_grad():
-        q.scale.copy_(qp.scale.reshape(-1, 1).expand(rows, 1))
+        q.scale.copy_(qp.scale.reshape(-1, g).expand(rows, g))
         if qp.zero_point is not None:
-            q.zero_point.copy_(qp.zero_point.reshape(-1, 1).expand(rows, 1).to(torch.int32))
+            q.zero_point.copy_(qp.zero_point.reshape(-1, g).expand(rows, g).to(torch.int32))
         q._store_codes(codes)
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())

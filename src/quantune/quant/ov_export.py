@@ -91,12 +91,14 @@ class _ExportLayer(nn.Module):
         self.register_buffer("bias", layer.bias.detach().float().clone() if layer.bias is not None else None)
         if int(w.min()) >= -128 and int(w.max()) <= 127:
             self.register_buffer("w_int", w.to(torch.int8).view(layer.weight_shape))
-            self.register_buffer("w_scale", layer.scale.float().reshape(shape).clone())
+            scale = layer.per_column(layer.scale).float()  # [C_out, 1], or per column for a split weight
+            self.register_buffer("w_scale", (scale.reshape(shape) if scale.shape[1] == 1 else
+                                             scale.view(layer.weight_shape)).clone())  # fmt: skip
             self.register_buffer("w_float", None)
         else:  # beyond int8 (module docstring): the float weight of the integers W diag(s)
             logger.info("%s %s: integers beyond int8, exported as float", type(layer).__name__, layer.weight_shape)
             self.register_buffer("w_int", None)
-            self.register_buffer("w_float", (layer.scale * w.float()).view(layer.weight_shape))
+            self.register_buffer("w_float", (layer.per_column(layer.scale) * w.float()).view(layer.weight_shape))
 
     def weight(self) -> torch.Tensor:
         return self.w_float if self.w_int is None else self.w_int.to(torch.float32) * self.w_scale

@@ -7,6 +7,9 @@ Range search (`search="l2.4"`, IntLoRA's and q-diffusion's "L2.4 search"): for i
 [min (1 - 0.01 i), max (1 - 0.01 i)] (symmetric: max|x| (1 - 0.01 i)), quantize, and keep per row the candidate
 with the smallest mean |x_hat - x|^2.4. `search="l2.4-full"` runs i = 0..99, down to 1 % of the range (EDA-DM's
 reference code: candidates (i / 100) max|x|, i = 1..100). `search="minmax"` takes i = 0 only.
+Column groups (`groups`, the shortcut split of a weight: Q-Diffusion / EDA-DM quantize the input channels of h and
+of skip in concat(h, skip) with a weight quantizer each): the columns of a row split into consecutive groups, each
+with its own scale and zero point per row, shaped [rows, G]; `per_column` spreads them over the columns.
 `offset=0.5` gives a mid-rise grid x_hat = s (q - z + 1/2) (no level at zero; used by IntLoRA's zero-drop fix).
 Asymmetric candidates widen [lo, hi] to hold 0 (zero point in [0, 2^b - 1]: weights, activations) unless
 `include_zero=False`: then z = round(-lo / s) may leave [0, 2^b - 1] (IntLoRA-MUL's U; IntLoRA, Guo et al. 2024,
@@ -135,7 +138,37 @@ def _search_errors(x2, xmin, xmax, shrink, bits, symmetric, offset, include_zero
     return ((v + offset) * qp.scale - x2).abs().pow(SEARCH_NORM).mean(-1)
 
 
+def split_groups(cols: int, channels: int, split: int) -> tuple[int, int] | None:
+    """The column counts of input channels [:split] and [split:] in weight rows [C_out, cols] with `channels` input
+    channels (cols = channels * kernel taps), or None when `split` is 0."""
+    if not split:
+        return None
+    if not 0 < split < channels:
+        raise QuantuneError(f"a weight split at input channel {split} of {channels} leaves an empty part")
+    taps = cols // channels
+    return split * taps, cols - split * taps
+
+
+def per_column(t: torch.Tensor | None, groups: tuple[int, ...] | None) -> torch.Tensor | None:
+    """[rows, G] per-group parameters as [rows, cols] (groups: the column counts), `t` itself without groups."""
+    if t is None or not groups:
+        return t
+    return torch.repeat_interleave(t, torch.tensor(groups, device=t.device), dim=1)
+
+
+def search_grouped(rows: torch.Tensor, bits: int, groups: tuple[int, ...] | None, **kwargs) -> QParams:
+    """search_qparams per row for each column group of `rows` [C_out, cols] on its own: scale (and zero point)
+    [C_out, G]; one group (None) is search_qparams(rows, per_channel=True)."""
+    if not groups:
+        return search_qparams(rows, bits, per_channel=True, **kwargs)
+    parts = [search_qparams(p, bits, per_channel=True, **kwargs) for p in rows.split(list(groups), dim=1)]
+    zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts], 1)
+    return QParams(torch.cat([p.scale for p in parts], 1), zero, bits, parts[0].offset)
+
+
 def _shape(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if t.shape == x.shape:  # per element (per_column's [rows, cols])
+        return t
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1))) if t.shape[0] > 1 else t.reshape(-1)[:1]
 
 

@@ -38,6 +38,7 @@ class PTQMethod:
 
     name: ClassVar[str] = ""
     search: ClassVar[str] = "l2.4"  # range search of weights and activations: "l2.4" or "minmax"
+    split_weight: ClassVar[bool] = False  # the shortcut split of the weight grid too, not only of the input
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, cfg) -> None:
@@ -67,7 +68,7 @@ class PTQMethod:
         return torch.ones(steps), uniform_counts(steps, total)
 
     def wrap(self, model: nn.Module, splits: dict[str, int], smooth: dict | None = None) -> dict[str, PTQLayer]:
-        return wrap_for_ptq(model, self.cfg, splits, smooth)
+        return wrap_for_ptq(model, self.cfg, splits, smooth, split_weight=self.split_weight)
 
     def reconstruct(self, unit: nn.Module, fp_in, q_in, generator: torch.Generator) -> float:
         raise NotImplementedError(f"{self.name} does not reconstruct")

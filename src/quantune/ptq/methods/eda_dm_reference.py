@@ -6,10 +6,14 @@ can be compared in one table (docs/quantization.md):
   (quantune's eda-dm: 0.5 at W4);
 - the L2.4 range search over the reference's candidates (i / 100) max|x|, i = 1..100, down to 1 % of the range
   (quantune: 80 candidates, down to 21 %), for weights and activations.
-TDAC, FBR (add_loss), QDrop and the joint one-stage reconstruction are eda-dm's. Two differences remain, stated:
+- the shortcut split of the weight as well as of the input (qdiff/quant_layer.py's weight_quantizer and
+  weight_quantizer_0): the up-block shortcut conv, whose input is concat(h, skip), gets a weight grid (scale and
+  zero point per output channel) for the input channels of h and another for those of skip; the integer layer
+  stores both (quant/intlayer.py: `weight_split`) and its kernel runs the two products it already ran for the
+  split input, each with its part's scales (quant/kernels.py: SplitKernel).
+TDAC, FBR (add_loss), QDrop and the joint one-stage reconstruction are eda-dm's. One difference remains, stated:
 the activation step size is learned as log s with eda-dm's lr_a (the reference's absolute lr_a = 1e-4 on s itself
-has no equivalent in that parameterization), and the shortcut conv's weight is not split in two quantizers (only its
-input is): the integer layer stores one scale per output channel.
+has no equivalent in that parameterization).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class EdaDmReference(EdaDm):
 
     name = "eda-dm-reference"
     search = "l2.4-full"
+    split_weight = True
 
     def __init__(self, cfg) -> None:
         # the reconstruction's settings: the reference's, whatever the run's flags say for them
