@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -54,7 +55,10 @@ def test_report_and_readme(tmp_path):
     finish_table([_table("files_adapters"), _table("files_models")], out, quick=True)
     costs = json.loads((out / "costs.json").read_text())
     assert set(costs) == {"training", "files"} and costs["files"]["quick"] is True
+    finish_table(dataclasses.replace(_table(), earlier={"cells": 3, "timed_cells": 2, "seconds": 600.0}), out, True)
+    assert json.loads((out / "costs.json").read_text())["training"]["earlier"]["cells"] == 3
     report = write_report(out).read_text()
+    assert "+ 3 cells of earlier runs (10.0 min, 2 of them timed)" in report  # a resumed table's cost
     assert report.startswith("# quantune benchmark report (quick run)")
     assert report.index("files_adapters.png") < report.index("files_models.png")  # tables in TABLES order
     assert report.index("training.png") < report.index("files_adapters.png")

@@ -39,6 +39,17 @@ def test_cell_cache_reuses_only_cells_of_the_same_settings(tmp_path):
         cache.path("../x")
 
 
+def test_a_resumed_table_counts_the_cells_of_earlier_runs(tmp_path):
+    first = CellCache(tmp_path / "t", {"n": 2})
+    first.put("a", {"fid": 1.0}, seconds=60.0)
+    first.put("b", {"fid": 2.0})  # written before cells kept their seconds
+    assert first.get("a") == {"fid": 1.0} and first.earlier()["cells"] == 0  # this process's own cells
+    resumed = CellCache(tmp_path / "t", {"n": 2})
+    assert resumed.get("a") and resumed.get("b") and resumed.get("a")  # read twice, counted once
+    resumed.put("c", {"fid": 3.0}, seconds=5.0)
+    assert resumed.earlier() == {"cells": 2, "timed_cells": 1, "seconds": 60.0}
+
+
 def test_ptq_table_settings_take_a_stated_smaller_run(monkeypatch):
     from quantune.bench import quality_ptq as q
 

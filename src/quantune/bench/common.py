@@ -228,6 +228,7 @@ class Table:
     plot: Plot | None = None
     notes: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)  # sample grids (paths relative to the table's folder)
+    earlier: dict | None = None  # a resumed table's cells from earlier runs (bench/cells.py: CellCache.earlier)
 
     def __post_init__(self) -> None:
         if not self.name.replace("_", "").isalnum():

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def cell(cache: CellCache, p: Protocol, spec: tuple, tmp: Path) -> dict:
     row = cache.get(key)
     if row is not None:
         return row
-    work = tmp / key
+    work, start = tmp / key, time.time()
     work.mkdir(parents=True)
     row = run_child("quantune.bench.quality_finetune", ["--one", json.dumps(p.shared()), *spec, work, 1])
     if spec[4] == 0 and spec[5] == 0:
@@ -93,7 +94,7 @@ def cell(cache: CellCache, p: Protocol, spec: tuple, tmp: Path) -> dict:
         for label in row["models"]:
             images = [rgb(f) for f in sorted((work / "grid" / label).glob("*.png"))]
             make_grid([images]).save(cache.folder / f"{key}__{slug(label)}.png")
-    cache.put(key, row)
+    cache.put(key, row, seconds=time.time() - start)
     return row
 
 
@@ -112,13 +113,13 @@ def base_row(cache: CellCache, p: Protocol, tmp: Path) -> dict:
 
     row = cache.get("base")
     if row is None:
-        work = tmp / "base"
+        work, start = tmp / "base", time.time()
         row = run_child("quantune.bench.quality_finetune", ["--one", json.dumps(p.shared()), "base", "FP32",
                                                             "none", 0.0, 0, 0, work, 2])  # fmt: skip
         cache.folder.mkdir(parents=True, exist_ok=True)
         images = [rgb(f) for f in sorted((work / "grid" / "base").glob("*.png"))]
         make_grid([images]).save(cache.folder / "base.png")
-        cache.put("base", row)
+        cache.put("base", row, seconds=time.time() - start)
     return row
 
 
@@ -234,7 +235,7 @@ def table(quick: bool, out: Path) -> Table:
     return Table(name, caption(p), COLUMNS, rows,
                  Plot("{lr} {bits} {model}", {"subject similarity (final)": "subject_similarity",
                                               "FID vs OpenMoji": "fid_vs_openmoji"}),
-                 notes=fid_notes(p.n) + notes(p), images=images)  # fmt: skip
+                 notes=fid_notes(p.n) + notes(p), images=images, earlier=cache.earlier())  # fmt: skip
 
 
 def caption(p: Protocol) -> str:

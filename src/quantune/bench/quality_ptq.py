@@ -188,6 +188,7 @@ def cell(cache: CellCache, s: Settings, variant: str, bits: str, seed: int, fp: 
     if row is not None:
         return row
     fp_images, reference, prompts = fp
+    start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         stats = run_child("quantune.bench.quality_ptq", ["--one", variant, bits, seed, tmp, *s.args()])
         images = [Image.open(f).convert("RGB") for f in sorted(Path(tmp).glob("*.png"))]
@@ -195,7 +196,7 @@ def cell(cache: CellCache, s: Settings, variant: str, bits: str, seed: int, fp: 
     if seed == 0:
         cache.folder.mkdir(parents=True, exist_ok=True)
         make_grid([images[:GRID_COLUMNS]]).save(cache.folder / f"{key}.png")
-    cache.put(key, row)
+    cache.put(key, row, seconds=time.time() - start)
     return row
 
 

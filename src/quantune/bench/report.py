@@ -41,8 +41,9 @@ def partial_rows(out: str | Path, name: str) -> Path:
 
 
 def finish_table(table: Table | list[Table], out: str | Path, quick: bool) -> None:
-    """Write the table(s) and record this process's wall time (the table's cost) in OUT/costs.json; a table's
-    partial rows file goes once the table is written with every row measured."""
+    """Write the table(s) and record this process's wall time (the table's cost) in OUT/costs.json, with the cells
+    a resumed table reused from earlier runs (their count and summed seconds); a table's partial rows file goes
+    once the table is written with every row measured."""
     import psutil
 
     info = machine()
@@ -56,6 +57,9 @@ def finish_table(table: Table | list[Table], out: str | Path, quick: bool) -> No
     costs = json.loads(path.read_text()) if path.exists() else {}
     module = tables[0].name.split("_")[0] if tables[0].name.startswith("files") else tables[0].name
     costs[module] = {"seconds": round(time.time() - psutil.Process().create_time(), 1), "quick": quick}
+    earlier = [t.earlier for t in tables if t.earlier and t.earlier["cells"]]
+    if earlier:
+        costs[module]["earlier"] = {k: sum(e[k] for e in earlier) for k in earlier[0]}
     path.write_text(json.dumps(costs, indent=1))
 
 
@@ -107,6 +111,15 @@ def _tables_in(out: Path) -> list[tuple[str, dict]]:
     return found
 
 
+def _earlier(e: dict | None) -> str:
+    """' + 12 cells of earlier runs (95.0 min, 10 of them timed)': what a resumed table's cost leaves out."""
+    if not e:
+        return ""
+    timed = f", {e['timed_cells']} of them timed" if e["timed_cells"] < e["cells"] else ""
+    spent = f" ({e['seconds'] / 60:.1f} min{timed})" if e["timed_cells"] else " (untimed)"
+    return f" + {e['cells']} cells of earlier runs{spent}"
+
+
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     tables = _tables_in(out)
@@ -117,7 +130,7 @@ def write_report(out: str | Path) -> Path:
     modes = {c["quick"] for c in costs.values()}
     mode = "quick" if modes == {True} else "full" if modes == {False} else "mixed quick and full"
     total = sum(c["seconds"] for c in costs.values())
-    cost = ", ".join(f"{k} {c['seconds'] / 60:.1f} min" for k, c in costs.items())
+    cost = ", ".join(f"{k} {c['seconds'] / 60:.1f} min{_earlier(c.get('earlier'))}" for k, c in costs.items())
     head = [f"# quantune benchmark report ({mode} run)", "", f"Machine: {machine_line(info)}.",
             f"Command: `quantune bench{' --quick' if mode == 'quick' else ''} --out DIR`; wall time "
             f"{total / 60:.1f} min in all ({cost}).", ""]  # fmt: skip
