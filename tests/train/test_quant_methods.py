@@ -107,6 +107,22 @@ def test_mixed_precision_cast_keeps_integer_layers_in_fp32():
     assert pipe.unet.conv_norm_out.weight.dtype == torch.float16  # the float rest is halved
 
 
+def test_activation_ranges_from_more_calibration_batches(tmp_path):
+    """quant.calib_batches = N: the training-time input quantizers see the first N batches, each at its own
+    timestep; 1 (the default, IntLoRA's reference) is the first batch only."""
+    from safetensors.torch import load_file
+
+    def ranges(n: int) -> dict[str, torch.Tensor]:
+        run = tmp_path / f"calib{n}"
+        train(_cfg(run, "train.steps=1", "quant.act_bits=8", f"quant.calib_batches={n}", config="tiny_qlora.toml"))
+        return {k: v for k, v in load_file(run / "adapter_state.safetensors").items() if k.endswith("act_quant.scale")}
+
+    one, four = ranges(1), ranges(4)
+    assert len(one) > 30 and one.keys() == four.keys()
+    changed = sum(not torch.equal(one[k], four[k]) for k in one)
+    assert changed > 0.8 * len(one)  # every layer's input range is searched over the other batches' values too
+
+
 def test_merge_refuses_other_runs(tmp_path, capsys):
     train(_cfg(tmp_path / "lora", "train.steps=1"))
     assert main(["intlora", "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "m")]) == 2
@@ -121,6 +137,7 @@ def test_merge_refuses_other_runs(tmp_path, capsys):
         ("quant.bits=1", "quant.bits = 1 is not supported"),
         ("quant.zero_fix='x'", "quant.zero_fix"),
         ("quant.act_bits=20", "quant.act_bits = 20"),
+        ("quant.calib_batches=0", "quant.calib_batches = 0"),
     ],
 )
 def test_bad_quant_config(override, match):

@@ -142,6 +142,7 @@ class QuantSection:
     search: str = "l2.4"  # range search of weights and activations: l2.4 or minmax
     cache_aux: bool = True  # IntLoRA: keep R* in memory (fp16) instead of regenerating it every forward
     backward_dtype: str = "auto"  # dL/dx through the frozen integer weights: auto (bf16 where native), fp32, bf16
+    calib_batches: int = 1  # activation ranges from the first N batches, each at its own timestep (1: the reference)
 
     def __post_init__(self) -> None:
         self.act_bits = self.act_bits or None  # 0: the older spelling of weight-only
@@ -157,6 +158,8 @@ class QuantSection:
         _positive("quant.vmc_alpha", self.vmc_alpha)
         if not isinstance(self.shift_span, int) or not 1 <= self.shift_span <= 22:
             raise QuantuneError(f"quant.shift_span = {self.shift_span!r} must be an integer from 1 to 22")
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise QuantuneError(f"quant.calib_batches = {self.calib_batches!r} must be a whole number of at least 1")
 
     @property
     def weight(self):

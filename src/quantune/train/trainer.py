@@ -209,8 +209,8 @@ def _start(cfg: TrainConfig, resume: str | None) -> _Run:
     _cast_frozen(pipe, accelerator.mixed_precision)
     pipe.to(accelerator.device)
     noise_scheduler = training_scheduler(pipe)
-    if not resume:  # e.g. activation quantizers: once, on the first batch (the same one on every rank)
-        method.calibrate(pipe, lambda: _first_batch_forward(pipe, cfg, train_set, noise_scheduler, accelerator))
+    if not resume:  # e.g. activation quantizers: once, on the first batches (the same ones on every rank)
+        method.calibrate(pipe, lambda: _calibration_forwards(pipe, cfg, train_set, noise_scheduler, accelerator))
     optimizer = make_optimizer(groups, cfg)
     lr_scheduler = get_scheduler(
         cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
@@ -344,14 +344,18 @@ def _finish(run: _Run, seconds: float, loss_value: float) -> TrainResult:
     return result
 
 
-def _first_batch_forward(pipe, cfg: TrainConfig, train_set, noise_scheduler, accelerator) -> None:
-    """One denoiser forward on the first batch of the data stream (rank 0's slice), for calibration."""
-    generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, 0, 0))
-    batcher = Batcher(train_set, cfg.data.resolution)
-    idx = stream_indices(len(train_set), cfg.train.seed, 0, cfg.train.batch_size)[: cfg.train.batch_size]
-    latents = _latents(pipe, batcher, idx, generator, cache=False)
-    with accelerator.autocast():
-        denoising_loss(pipe, latents, batcher.captions(idx), generator, options=cfg.train, scheduler=noise_scheduler)
+def _calibration_forwards(pipe, cfg: TrainConfig, train_set, noise_scheduler, accelerator) -> None:
+    """Denoiser forwards on the first `quant.calib_batches` batches of the data stream (rank 0's slice), each with
+    its step's seed (its own noise and timestep), for calibration; 1: the first batch only, as IntLoRA's reference."""
+    batcher, b = Batcher(train_set, cfg.data.resolution), cfg.train.batch_size
+    stream = stream_indices(len(train_set), cfg.train.seed, 0, b * cfg.quant.calib_batches)
+    for j in range(cfg.quant.calib_batches):
+        generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, j, 0))
+        idx = stream[j * b : (j + 1) * b]
+        latents = _latents(pipe, batcher, idx, generator, cache=False)
+        with accelerator.autocast():
+            denoising_loss(pipe, latents, batcher.captions(idx), generator, options=cfg.train,
+                           scheduler=noise_scheduler)  # fmt: skip
 
 
 def _latents(pipe, batcher: Batcher, idx: list[int], generator: torch.Generator, cache: bool) -> torch.Tensor:
