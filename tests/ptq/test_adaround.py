@@ -66,3 +66,28 @@ def test_nearest_quantizer_is_adaround_hard_at_its_start(symmetric):
     ada.hard = True
     assert torch.equal(near(), ada())
     assert not list(near.parameters()) and near.qp.bits == 4
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_split_grids_are_each_parts_own(symmetric):
+    """groups (the shortcut split of the weight): the codes of each part are those of a quantizer on that part
+    alone, for AdaRound (at its start) and round-to-nearest alike; the grid is stored [C_out, 2]."""
+    from torch import nn
+
+    from quantune.ptq.adaround import NearestQuantizer
+    from quantune.quant.primitives import split_groups
+
+    conv = nn.Conv2d(6, 5, 3)
+    with torch.no_grad():
+        conv.weight[:, 2:] *= 0.01  # the skip part's weights far smaller
+    groups = split_groups(54, 6, 2)
+    ada, near = (
+        AdaRoundQuantizer(conv.weight, 4, symmetric, groups=groups),
+        NearestQuantizer(conv, 4, symmetric, groups=groups),
+    )
+    assert ada.qp.scale.shape == near.qp.scale.shape == (5, 2)
+    parts = [AdaRoundQuantizer(conv.weight[:, :2], 4, symmetric), AdaRoundQuantizer(conv.weight[:, 2:], 4, symmetric)]
+    expected = torch.cat([p.hard_codes() for p in parts], 1)
+    assert torch.equal(ada.hard_codes(), expected) and torch.equal(near.hard_codes(), expected)
+    ada.hard = True
+    assert torch.equal(near(), ada()) and near().shape == conv.weight.shape

@@ -89,6 +89,12 @@ def test_split_weight_kernel(backend, kernel, bits, symmetric):
     one = from_float(conv, bits, symmetric=symmetric)
     w = conv.weight.detach()
     assert sqnr_db(w[:, 10:], q.dequantize()[:, 10:]) > sqnr_db(w[:, 10:], one.dequantize()[:, 10:]) + 10
+    merged = q.with_weight(w * 1.01)  # the QLoRA + PTQ merge keeps the layer's grids and input quantizer
+    assert merged.weight_split == 10 and merged.scale.shape == (16, 2) and merged.act_quant is q.act_quant
+    assert sqnr_db(w * 1.01, merged.dequantize()) > sqnr_db(w * 1.01, one.with_weight(w * 1.01).dequantize())
+    other = from_float(conv, bits, symmetric=symmetric, act_bits=8, split=12)
+    other.act_quant = q.act_quant  # its input split at channel 10: no kernel pairs the parts
+    assert unsupported_reason(other) == "weight split at another channel than its input"
 
 
 def test_unsupported_layers_fall_back_and_are_counted():

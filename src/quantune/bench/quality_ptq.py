@@ -262,7 +262,8 @@ def table(quick: bool, out: Path) -> Table:
                  f"{s.seeds} calibration seeds", COLUMNS, rows,
                  Plot("{bits} {method}", {"FID vs OpenMoji": "fid_vs_openmoji", "FID vs FP": "fid_vs_fp",
                                           "PSNR vs FP (dB)": "psnr_db"}),
-                 notes=fid_notes(s.n) + NOTES, images=[str(grid.relative_to(out))])  # fmt: skip
+                 notes=fid_notes(s.n) + NOTES, images=[str(grid.relative_to(out))],
+                 earlier=cache.earlier())  # fmt: skip
 
 
 COLUMNS = {"bits": "{bits}", "method": "{method}", "FID vs FP": "{fid_vs_fp_ms}",

@@ -188,7 +188,8 @@ def quantize_layer(
     rows = w.reshape(w.shape[0], -1)
     kwargs = {"symmetric": weight.symmetric, "search": weight.search}
     if split and weight.per_channel:
-        groups = split_groups(rows.shape[1], w.shape[1], split)
+        shape = getattr(layer, "weight_shape", None) or tuple(layer.weight.shape)  # an integer or a float layer
+        groups = split_groups(rows.shape[1], shape[1], split)
         qp = search_grouped(rows, weight.bits, groups, **kwargs)
         codes = quantize(rows, QParams(per_column(qp.scale, groups), per_column(qp.zero_point, groups), qp.bits))
     else:

@@ -10,7 +10,8 @@ quantune's calibration (EDA-DM, Q-Diffusion, minmax) on its own kernels; NNCF, O
 pattern from its calibration. The export swaps, for the duration of the trace only (`export_view`):
 - every integer layer (QuantLinear / QuantConv2d) for an `_ExportLayer`: torch.fake_quantize_per_tensor_affine on
   its input (on x / s for a SmoothQuant-ed one, whose integers are of W diag(s); a split quantizer's layer is two
-  products, one per part, summed: OpenVINO would requantize a concat of the parts to one scale),
+  products, one per part, summed: OpenVINO would requantize a concat of the parts to one scale; a split weight
+  grid, EDA-DM's reference preset, gives each part's product its own int8 constant and s_w[n]),
   and its integers as an int8 buffer dequantized in the graph. Integers beyond int8 (asymmetric 8-bit, IntLoRA
   SHIFT merges) are exported as their float weight (OpenVINO then runs that layer in float, as it would say);
   weight-only layers (W4A16) have no FakeQuantize and keep int8 weights (OpenVINO decompresses them in its
@@ -80,28 +81,41 @@ class _ExportAct(nn.Module):
 
 class _ExportLayer(nn.Module):
     """An integer layer as OpenVINO reads it: FakeQuantize'd input, int8 weight dequantized in the graph, then the
-    layer's own `product` (F.linear, F.conv2d: any registered integer layer class exports through it)."""
+    layer's own `product` (F.linear, F.conv2d: any registered integer layer class exports through it). A split
+    weight grid is one int8 constant and scale per part (`w_int1`, `w_scale1` for the second)."""
 
     def __init__(self, layer: _QuantWeight) -> None:
         super().__init__()
         self._product = layer.product  # the layer's own float op (a bound method: the layer is not a submodule)
         self.act = _ExportAct(layer.act_quant) if layer.act_quant is not None else None
-        w = layer.int_weight()
-        shape = (-1,) + (1,) * (len(layer.weight_shape) - 1)
+        w = layer.int_weight().view(layer.weight_shape)
         self.register_buffer("bias", layer.bias.detach().float().clone() if layer.bias is not None else None)
+        self.split = layer.weight_split  # input channels of the first weight grid (0: one grid)
         if int(w.min()) >= -128 and int(w.max()) <= 127:
-            self.register_buffer("w_int", w.to(torch.int8).view(layer.weight_shape))
-            scale = layer.per_column(layer.scale).float()  # [C_out, 1], or per column for a split weight
-            self.register_buffer("w_scale", (scale.reshape(shape) if scale.shape[1] == 1 else
-                                             scale.view(layer.weight_shape)).clone())  # fmt: skip
+            shape = (-1,) + (1,) * (len(layer.weight_shape) - 1)
+            c = self.split
+            ints = [w[:, :c], w[:, c:]] if c else [w]
+            self.grids = len(ints)
+            for i, part in enumerate(ints):  # buffers: traced as constants, the int8 ones kept int8
+                self.register_buffer(f"w_int{i or ''}", part.to(torch.int8).contiguous())
+                self.register_buffer(f"w_scale{i or ''}", layer.scale[:, i].float().reshape(shape).clone())
             self.register_buffer("w_float", None)
         else:  # beyond int8 (module docstring): the float weight of the integers W diag(s)
             logger.info("%s %s: integers beyond int8, exported as float", type(layer).__name__, layer.weight_shape)
-            self.register_buffer("w_int", None)
-            self.register_buffer("w_float", (layer.per_column(layer.scale) * w.float()).view(layer.weight_shape))
+            self.grids = 0
+            rows = layer.per_column(layer.scale) * w.reshape(w.shape[0], -1).float()
+            self.register_buffer("w_float", rows.view(layer.weight_shape))
 
-    def weight(self) -> torch.Tensor:
-        return self.w_float if self.w_int is None else self.w_int.to(torch.float32) * self.w_scale
+    def weight(self, part: int | None = None) -> torch.Tensor:
+        """The dequantized weight, or the input channels of one weight grid (`part`, when the weight is split)."""
+        if not self.grids:
+            w = self.w_float
+            return w if part is None else (w[:, : self.split] if part == 0 else w[:, self.split :])
+        names = ["", "1"][: self.grids]
+        parts = [getattr(self, f"w_int{n}").to(torch.float32) * getattr(self, f"w_scale{n}") for n in names]
+        if part is not None:
+            return parts[part]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -112,8 +126,13 @@ class _ExportLayer(nn.Module):
             return self._product(parts[0], self.weight(), self.bias)
         # a split quantizer: two products, each on its part's uint8 codes (one scale per part, as SplitKernel),
         # where a concat of the two would be requantized to one scale by OpenVINO
-        c, w = self.act.split, self.weight()
-        return self._product(parts[0], w[:, :c], self.bias) + self._product(parts[1], w[:, c:], None)
+        c = self.act.split
+        if self.split == c:  # the weight split at the same channel: each product on its own int8 constant
+            w0, w1 = self.weight(0), self.weight(1)
+        else:
+            w = self.weight()
+            w0, w1 = w[:, :c], w[:, c:]
+        return self._product(parts[0], w0, self.bias) + self._product(parts[1], w1, None)
 
 
 ATTENTION = ("calibrated", "fused", "float")

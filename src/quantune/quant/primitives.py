@@ -50,7 +50,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QParams:
-    """scale (and zero point when asymmetric), shaped [rows, 1] per channel or [1, 1] per tensor."""
+    """scale (and zero point when asymmetric), shaped [rows, 1] per channel or [1, 1] per tensor ([rows, G] per
+    row and column group: `search_grouped`; [rows, cols] once spread by `per_column`)."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor | None
@@ -153,7 +154,7 @@ def per_column(t: torch.Tensor | None, groups: tuple[int, ...] | None) -> torch.
     """[rows, G] per-group parameters as [rows, cols] (groups: the column counts), `t` itself without groups."""
     if t is None or not groups:
         return t
-    return torch.repeat_interleave(t, torch.tensor(groups, device=t.device), dim=1)
+    return torch.cat([t[:, i : i + 1].expand(-1, n) for i, n in enumerate(groups)], 1)  # no index tensor, no sync
 
 
 def search_grouped(rows: torch.Tensor, bits: int, groups: tuple[int, ...] | None, **kwargs) -> QParams:

@@ -130,7 +130,7 @@ def requantize_layers(denoiser, search: str = "l2.4", per_channel: bool = True) 
 
 def requantize(layer, search: str = "l2.4", per_channel: bool = True):
     """QLoRA + PTQ for one LoraLayer on an integer base: dequantize, add the delta, quantize again (same bits; one
-    scale per output row, or per tensor)."""
+    scale per output row and weight grid, or per tensor)."""
     base = layer.base_layer
     return base.with_weight(base.dequantize() + layer.weight_update() * layer.multiplier, search, per_channel)
 
