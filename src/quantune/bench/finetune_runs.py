@@ -117,9 +117,13 @@ def training_sets(p: Protocol, method: str, bits: str, zero_fix: str, lr: float,
     return sets
 
 
-def run_one(p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subject: int, seed: int, work: Path):
+def run_one(
+    p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subject: int, seed: int, work: Path,
+    extra: tuple[str, ...] = (),
+):  # fmt: skip
     """Train, then score every model the run yields: {label: figures}, the training time and IntLoRA's per-layer
-    diagnostics. The first grid columns of each model's subject samples are saved under work/grid/<label>/."""
+    diagnostics. The first grid columns of each model's subject samples are saved under work/grid/<label>/.
+    `extra`: more config overrides after the recipe's (an experiment beside the table, e.g. benchmarks/)."""
     from quantune.demo import instance_images
     from quantune.train.config import config_from_dict, resolve_config
     from quantune.train.trainer import train
@@ -128,7 +132,7 @@ def run_one(p: Protocol, method: str, bits: str, zero_fix: str, lr: float, subje
         raise QuantuneError(f"{CONFIG} is missing: run the benchmark from the root of a quantune checkout")
     instance = instance_images(work / "instance", SUBJECTS[subject])
     start = time.time()
-    train(resolve_config(str(CONFIG), training_sets(p, method, bits, zero_fix, lr, seed, work)))
+    train(resolve_config(str(CONFIG), [*training_sets(p, method, bits, zero_fix, lr, seed, work), *extra]))
     out = {"train_s": time.time() - start, "models": {}}
     ctx = Context(p, work, [rgb(f) for f in instance], *prompts_and_reference(p.n))
     cfg = config_from_dict(json.loads((work / "run" / "config.json").read_text()))
