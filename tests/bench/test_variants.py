@@ -172,10 +172,21 @@ def test_inference_row_on_openvino(tmp_path):
     assert row["status"] == "ok" and 15 < row["sqnr_db"] < 100 and row["prepare_s"] > 0
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None,
-    reason="NNCF (a benchmark peer) or OpenVINO is not installed",
-)
+NO_NNCF = importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None
+
+
+@pytest.mark.skipif(NO_NNCF, reason="NNCF (a benchmark peer) or OpenVINO is not installed")
+@pytest.mark.parametrize("variant", ["openvino INT8 (nncf)", "openvino INT4 weight-only (nncf)"])
+def test_inference_row_of_the_openvino_peers(tmp_path, variant):
+    """The OpenVINO peers of the inference table: NNCF's INT8 quantization and INT4 weight compression run, and
+    stay close to the float model."""
+    ref = str(tmp_path / "fp32.pt")
+    inference.run_variant("fp32", "zoo:tiny", "denoiser", 16, 2, 1, ref)
+    row = inference.run_variant(variant, "zoo:tiny", "denoiser", 16, 2, 1, ref)
+    assert row["status"] == "ok" and 10 < row["sqnr_db"] < 100, row
+
+
+@pytest.mark.skipif(NO_NNCF, reason="NNCF (a benchmark peer) or OpenVINO is not installed")
 def test_ptq_quality_nncf_row(tmp_path):
     """quality_ptq's NNCF run: nncf.quantize of the float UNet on quantune's calibration set, sampled in the
     pipeline through OpenVINO."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from quantune.errors import QuantuneError
 from quantune.quant import ActQuant, QuantConfig, WeightQuant, calibrate, quantize_
 from quantune.quant.layers import QuantConv2d, QuantLinear, from_float
 from quantune.quant.primitives import sqnr_db
-from quantune.quant.quantize import load_quantized_model, save_quantized_model, weight_memory
+from quantune.quant.quantize import SPEC_VERSION, _read_spec, load_quantized_model, save_quantized_model, weight_memory
 
 torch.manual_seed(0)
 
@@ -74,6 +76,30 @@ def test_save_load_round_trip_is_exact(tmp_path):
     spec.write_text(spec.read_text().replace('"packed": true', '"packed": false', 1))
     with pytest.raises(QuantuneError, match="does not match its quantune_quant.json"):
         load_quantized_model(tmp_path / "unet", UNet2DConditionModel)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda meta: meta.update(version=99), "spec version 99, written by a newer quantune"),
+        (lambda meta: meta.update(version="2"), "no valid spec version"),
+        (lambda meta: meta.update(format="quantune-lora"), "not a quantune integer model"),
+        (lambda meta: meta.pop("layers"), "is unreadable"),
+        (lambda meta: meta.update(version=1), None),  # the first layout still loads
+    ],
+)
+def test_spec_format_and_version_are_checked(tmp_path, edit, message):
+    """quantune_quant.json names its format and layout version: another file, a later version or a broken one is
+    refused with the fix; an earlier version loads."""
+    spec = tmp_path / "quantune_quant.json"
+    meta = {"format": "quantune-int", "version": SPEC_VERSION, "layers": {}, "attention": {}}
+    edit(meta)
+    spec.write_text(json.dumps(meta))
+    if message is None:
+        assert _read_spec(spec)[0] == {}
+    else:
+        with pytest.raises(QuantuneError, match=message):
+            _read_spec(spec)
 
 
 def test_bad_targets_and_bits():

@@ -151,10 +151,12 @@ VARIANTS = {
     "torchao int8 weight-only": _torchao("wo"),
     "quanto W8A8": _quanto(8, True),
     "quanto W4 weight-only": _quanto(4, False),
-    "openvino fp32": openvino_variant(int8=False),
-    "openvino INT8 (nncf)": openvino_variant(int8=True),
+    "openvino fp32": openvino_variant("fp32"),
+    "openvino INT8 (nncf)": openvino_variant("int8"),
+    "openvino INT4 weight-only (nncf)": openvino_variant("int4"),
 }
-NOT_IN_PIPELINES = ("openvino fp32", "openvino INT8 (nncf)")  # callables, not modules a pipeline can hold
+# callables, not modules a pipeline can hold
+NOT_IN_PIPELINES = ("openvino fp32", "openvino INT8 (nncf)", "openvino INT4 weight-only (nncf)")
 
 
 def _prepared(name: str, bm: BenchModel, calib: list[dict]):
@@ -264,8 +266,9 @@ COLUMNS = {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}
            "quantune W8A8 (default backend) ahead by": "{w8a8_ahead_x:.2f}x", "SQNR vs fp32 (dB)": "{sqnr_db:.1f}",
            "prepare (s)": "{prepare_s:.1f}", "status": "{status}"}  # fmt: skip
 NOTES = [
-    "OpenVINO: the float model converted to IR, fp32 or INT8 by nncf.quantize (model_type TRANSFORMER) on the same "
-    "two calibration batches; torchao quantizes Linear layers only, with dynamic per-token activation scales; quanto "
+    "OpenVINO: the float model converted to IR, fp32, INT8 by nncf.quantize (model_type TRANSFORMER) on the same "
+    "two calibration batches, or INT4 weight-only by nncf.compress_weights (INT4_ASYM, per output channel, every "
+    "layer); torchao quantizes Linear layers only, with dynamic per-token activation scales; quanto "
     "quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales calibrated on the same two batches; "
     "quantune quantizes Linear and Conv2d (and attention's q / k / v) with static calibrated scales",
     "quantune W8A8 / W4A8 / W4A16: PyTorch's oneDNN kernels (or weights dequantized per forward); (openvino): the "

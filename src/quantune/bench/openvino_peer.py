@@ -1,9 +1,13 @@
 """OpenVINO as a peer of the inference table: the float denoiser converted to OpenVINO IR (`openvino.convert_model`,
-traced on one batch of its forward arguments), run as is ("openvino fp32") or after NNCF's post-training
+traced on one batch of its forward arguments), run as is ("openvino fp32"), after NNCF's post-training
 quantization ("openvino INT8": `nncf.quantize` on the same calibration batches as every variant, model_type
-TRANSFORMER, NNCF's defaults otherwise), compiled for the CPU (OpenVINO runs on the CPU here; its GPU plugin is
-Intel's). The fp32 row asks for f32 inference precision; the INT8 row keeps OpenVINO's default, which on a CPU with
-native bf16 (AVX512-BF16, AMX: this project's) runs the ops NNCF left in float in bf16, the fastest a user gets.
+TRANSFORMER, NNCF's defaults otherwise) or after NNCF's weight compression ("openvino INT4 weight-only":
+`nncf.compress_weights` INT4_ASYM, one scale per output channel (group_size -1, like quantune's W4), every layer
+(ratio 1, all_layers: NNCF's default keeps the first and last layers and a share of the rest in int8), no data;
+NNCF compresses MatMuls to INT4 and keeps convolutions in its INT8 backup mode, so a UNet's convs stay 8-bit),
+compiled for the CPU (OpenVINO runs on the CPU here; its GPU plugin is Intel's). The fp32 row asks for f32
+inference precision; the quantized rows keep OpenVINO's default, which on a CPU with native bf16 (AVX512-BF16,
+AMX) runs the ops NNCF left in float in bf16, the fastest a user gets.
 The engine CPU users of diffusers pick (optimum-intel), so the one quantune's CPU speed is measured against.
 Benchmark requirements only (benchmarks/requirements.txt), imported in the variant's own process.
 """
@@ -31,7 +35,27 @@ class OpenVINODenoiser:
         return torch.from_numpy(self.compiled(inputs)[0].copy())
 
 
-def openvino_variant(int8: bool):
+MODES = ("fp32", "int8", "int4")
+
+
+def _compress(ov_model, mode: str, model: nn.Module, calib: list[dict]):
+    """NNCF's INT8 post-training quantization or INT4 weight-only compression of `ov_model` (module docstring)."""
+    import nncf
+
+    from quantune.quant.ov_runtime import flat_inputs
+
+    if mode == "int4":
+        return nncf.compress_weights(
+            ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=-1, all_layers=True
+        )
+    data = nncf.Dataset([tuple(t.numpy() for t in flat_inputs(model, b)) for b in calib])
+    return nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+
+
+def openvino_variant(mode: str):
+    if mode not in MODES:
+        raise ValueError(f"unknown OpenVINO peer mode {mode!r}: one of {MODES}")
+
     def apply(model: nn.Module, calib: list[dict]):
         import openvino as ov
 
@@ -43,12 +67,9 @@ def openvino_variant(int8: bool):
             ov_model = ov.convert_model(
                 _Traced(model, calib[0]).eval(), example_input=tuple(flat_inputs(model, calib[0]))
             )
-        if int8:
-            import nncf
-
-            data = nncf.Dataset([tuple(t.numpy() for t in flat_inputs(model, b)) for b in calib])
-            ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
-        config = {} if int8 else {"INFERENCE_PRECISION_HINT": "f32"}  # INT8: OpenVINO's defaults (module docstring)
+        if mode != "fp32":
+            ov_model = _compress(ov_model, mode, model, calib)
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if mode == "fp32" else {}  # else OpenVINO's defaults (docstring)
         return OpenVINODenoiser(ov.Core().compile_model(ov_model, "CPU", config), model)
 
     return apply

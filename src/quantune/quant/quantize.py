@@ -28,6 +28,10 @@ from quantune.quant.layers import _QuantWeight, layer_from_spec, quantizable, qu
 
 logger = logging.getLogger(__name__)
 SPEC_FILE = "quantune_quant.json"
+SPEC_FORMAT = "quantune-int"
+# 1: the first layout; 2: a layer spec may hold `weight_split` (a weight grid per input group, [C_out, G] scales).
+# A reader takes every version up to its own; a file of a later one names the upgrade instead of half-loading.
+SPEC_VERSION = 2
 
 
 def quantize_(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -87,7 +91,7 @@ def write_spec(model, folder: Path) -> None:
     """The integer layers' specs, beside a saved model's weights (what load_quantized_model rebuilds from)."""
 
     specs = {name: layer.spec() for name, layer in quant_layers(model).items()}
-    meta = {"format": "quantune-int", "version": 1, "layers": specs, "attention": quant_attentions(model)}
+    meta = {"format": SPEC_FORMAT, "version": SPEC_VERSION, "layers": specs, "attention": quant_attentions(model)}
     (folder / SPEC_FILE).write_text(json.dumps(meta, indent=1))
 
 
@@ -111,15 +115,30 @@ def _from_spec(spec: dict) -> nn.Module:
     return layer
 
 
+def _read_spec(path: Path) -> tuple[dict, dict]:
+    """The layer specs and the whole of a quantune_quant.json, its format and version checked."""
+    try:
+        meta = json.loads(path.read_text())
+        layers, fmt, version = meta["layers"], meta.get("format"), meta.get("version")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QuantuneError(f"{path} is unreadable ({e}): re-export the quantized model") from None
+    if fmt != SPEC_FORMAT or not isinstance(layers, dict):
+        raise QuantuneError(f"{path} is not a quantune integer model (format {fmt!r}): re-export the quantized model")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise QuantuneError(f"{path} has no valid spec version ({version!r}): re-export the quantized model")
+    if version > SPEC_VERSION:
+        raise QuantuneError(
+            f"{path} is spec version {version}, written by a newer quantune (this one reads up to "
+            f"{SPEC_VERSION}): upgrade quantune"
+        )
+    return layers, meta
+
+
 def load_quantized_model(folder: str | Path, cls):
     """Rebuild a model class `cls` (e.g. UNet2DConditionModel) saved by save_quantized_model."""
 
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / SPEC_FILE).read_text())
-        layers = meta["layers"]
-    except (OSError, ValueError, KeyError) as e:
-        raise QuantuneError(f"{folder / SPEC_FILE} is unreadable ({e}): re-export the quantized model") from None
+    layers, meta = _read_spec(folder / SPEC_FILE)
     config = cls.load_config(folder)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (PixArt's positions) computed
         model = cls.from_config(config)
