@@ -187,6 +187,19 @@ def test_inference_row_of_the_openvino_peers(tmp_path, variant):
 
 
 @pytest.mark.skipif(NO_NNCF, reason="NNCF (a benchmark peer) or OpenVINO is not installed")
+def test_openvino_int4_peer_holds_4_bit_weights():
+    """The INT4 peer's IR holds u4 weight constants for every MatMul (the last one too: all_layers)."""
+    import openvino as ov
+
+    from quantune.bench.openvino_peer import _compress
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    ir = _compress(ov.convert_model(model, example_input=torch.randn(2, 64)), "int4", model, [])
+    u4 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u4]
+    assert [tuple(op.get_output_shape(0)) for op in u4].count((64, 64)) == 2  # both weights, as 4-bit codes
+
+
+@pytest.mark.skipif(NO_NNCF, reason="NNCF (a benchmark peer) or OpenVINO is not installed")
 def test_ptq_quality_nncf_row(tmp_path):
     """quality_ptq's NNCF run: nncf.quantize of the float UNet on quantune's calibration set, sampled in the
     pipeline through OpenVINO."""

@@ -85,6 +85,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
         (lambda meta: meta.update(version="2"), "no valid spec version"),
         (lambda meta: meta.update(format="quantune-lora"), "not a quantune integer model"),
         (lambda meta: meta.pop("layers"), "is unreadable"),
+        (lambda meta: meta.update(layers=[]), "not a mapping"),
+        (lambda meta: meta.update(version=True), "no valid spec version"),
         (lambda meta: meta.update(version=1), None),  # the first layout still loads
     ],
 )

@@ -1,8 +1,8 @@
 """Table 3, inference: denoiser forward latency, and whole-pipeline latency, fp32 against quantune's integer models
 (W8A8, W4A8: int8 kernels; W4A16: weights dequantized on the fly) and the engines a user would pick instead:
-OpenVINO (its fp32 graph, and INT8 by NNCF's post-training quantization: bench/openvino_peer.py), torchao (int8
-dynamic activations + int8 weights; int8 weight-only) and optimum-quanto (qint8 weights and activations; qint4
-weights). bf16 autocast is the float alternative.
+OpenVINO (its fp32 graph, INT8 by NNCF's post-training quantization and INT4 weight-only by NNCF's weight
+compression: bench/openvino_peer.py), torchao (int8 dynamic activations + int8 weights; int8 weight-only) and
+optimum-quanto (qint8 weights and activations; qint4 weights). bf16 autocast is the float alternative.
 
 Models: zoo:emoji, the SD-1.5 UNet architecture, PixArt-Sigma (0.6 B) and SD3.5-medium (2.5 B) at real size,
 randomly initialised (bench/models.py). The denoiser's forward arguments are those its family's `predict` passes
@@ -268,9 +268,10 @@ COLUMNS = {"model": "{model}", "what": "{kind}", "res x batch": "{res} x {batch}
 NOTES = [
     "OpenVINO: the float model converted to IR, fp32, INT8 by nncf.quantize (model_type TRANSFORMER) on the same "
     "two calibration batches, or INT4 weight-only by nncf.compress_weights (INT4_ASYM, per output channel, every "
-    "layer); torchao quantizes Linear layers only, with dynamic per-token activation scales; quanto "
-    "quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales calibrated on the same two batches; "
-    "quantune quantizes Linear and Conv2d (and attention's q / k / v) with static calibrated scales",
+    "MatMul; NNCF keeps convolutions in INT8); torchao quantizes Linear layers only, with dynamic per-token "
+    "activation scales; quanto quantizes Linear, Conv2d (and LayerNorm outputs) with activation scales calibrated "
+    "on the same two batches; quantune quantizes Linear and Conv2d (and attention's q / k / v) with static "
+    "calibrated scales",
     "quantune W8A8 / W4A8 / W4A16: PyTorch's oneDNN kernels (or weights dequantized per forward); (openvino): the "
     "same integer model on OpenVINO (quantune's integers and scales as FakeQuantize and int8 constants; the default "
     "CPU backend), conversion included in prepare",

@@ -3,7 +3,7 @@ traced on one batch of its forward arguments), run as is ("openvino fp32"), afte
 quantization ("openvino INT8": `nncf.quantize` on the same calibration batches as every variant, model_type
 TRANSFORMER, NNCF's defaults otherwise) or after NNCF's weight compression ("openvino INT4 weight-only":
 `nncf.compress_weights` INT4_ASYM, one scale per output channel (group_size -1, like quantune's W4), every layer
-(ratio 1, all_layers: NNCF's default keeps the first and last layers and a share of the rest in int8), no data;
+(ratio 1, all_layers: NNCF's default keeps embeddings and the last MatMul in int8), no data;
 NNCF compresses MatMuls to INT4 and keeps convolutions in its INT8 backup mode, so a UNet's convs stay 8-bit),
 compiled for the CPU (OpenVINO runs on the CPU here; its GPU plugin is Intel's). The fp32 row asks for f32
 inference precision; the quantized rows keep OpenVINO's default, which on a CPU with native bf16 (AVX512-BF16,
@@ -53,6 +53,7 @@ def _compress(ov_model, mode: str, model: nn.Module, calib: list[dict]):
 
 
 def openvino_variant(mode: str):
+    """The inference table's `apply(model, calib)` for one OpenVINO peer: `mode` fp32, int8 or int4 (docstring)."""
     if mode not in MODES:
         raise ValueError(f"unknown OpenVINO peer mode {mode!r}: one of {MODES}")
 

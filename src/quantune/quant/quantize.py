@@ -29,7 +29,7 @@ from quantune.quant.layers import _QuantWeight, layer_from_spec, quantizable, qu
 logger = logging.getLogger(__name__)
 SPEC_FILE = "quantune_quant.json"
 SPEC_FORMAT = "quantune-int"
-# 1: the first layout; 2: a layer spec may hold `weight_split` (a weight grid per input group, [C_out, G] scales).
+# 1: before the check (some such files already hold `weight_split`); 2: written since; both read the same way.
 # A reader takes every version up to its own; a file of a later one names the upgrade instead of half-loading.
 SPEC_VERSION = 2
 
@@ -122,8 +122,10 @@ def _read_spec(path: Path) -> tuple[dict, dict]:
         layers, fmt, version = meta["layers"], meta.get("format"), meta.get("version")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise QuantuneError(f"{path} is unreadable ({e}): re-export the quantized model") from None
-    if fmt != SPEC_FORMAT or not isinstance(layers, dict):
+    if fmt != SPEC_FORMAT:
         raise QuantuneError(f"{path} is not a quantune integer model (format {fmt!r}): re-export the quantized model")
+    if not isinstance(layers, dict) or not isinstance(meta.get("attention", {}), dict):
+        raise QuantuneError(f"{path}: its layers or attention are not a mapping; re-export the quantized model")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise QuantuneError(f"{path} has no valid spec version ({version!r}): re-export the quantized model")
     if version > SPEC_VERSION:
