@@ -155,8 +155,6 @@ VARIANTS = {
     "openvino INT8 (nncf)": openvino_variant("int8"),
     "openvino INT4 weight-only (nncf)": openvino_variant("int4"),
 }
-# callables, not modules a pipeline can hold
-NOT_IN_PIPELINES = ("openvino fp32", "openvino INT8 (nncf)", "openvino INT4 weight-only (nncf)")
 
 
 def _prepared(name: str, bm: BenchModel, calib: list[dict]):
