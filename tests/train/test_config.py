@@ -67,3 +67,20 @@ def test_a_folder_or_binary_file_is_not_a_config(tmp_path):
     (tmp_path / "x.toml").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(QuantuneError, match="not UTF-8"):
         resolve_config(tmp_path / "x.toml")
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "pixart", "sd3", "flux"])
+def test_lora_targets_attention_is_the_familys_attention_projections(name):
+    """lora.targets unset: the family's default; "attention": its attention projections only (FLUX's default
+    adds the feed-forwards); a list: as given."""
+    from quantune.families import FAMILIES
+
+    family = FAMILIES[name]
+    default = resolve_config(None, []).lora.denoiser_config(family)
+    attention = resolve_config(None, ['lora.targets="attention"']).lora.denoiser_config(family)
+    assert default.targets == list(family.denoiser_targets)
+    assert attention.targets == list(family.attention_targets)
+    assert not any(t.startswith(("ff", "proj_mlp")) or ".ff" in t for t in attention.targets)
+    assert (default.targets != attention.targets) == (name == "flux")
+    given = resolve_config(None, ['lora.targets=["to_q"]']).lora.denoiser_config(family)
+    assert given.targets == ["to_q"]

@@ -37,7 +37,8 @@ class Family:
     model_classes: ClassVar[tuple[str, ...]] = ()  # denoiser classes known for a bare model besides denoiser_classes
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     lora_text_encoders: ClassVar[tuple[str, ...] | None] = None  # those a text-encoder LoRA adapts (None: all)
-    denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)
+    denoiser_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)  # the LoRA default (lora.targets unset)
+    attention_targets: ClassVar[tuple[str, ...]] = tuple(ATTENTION_TARGETS)  # lora.targets = "attention"
     text_encoder_targets: ClassVar[tuple[str, ...]] = tuple(TEXT_ENCODER_TARGETS)
     t5_tokens: ClassVar[int] = 0  # T5 families: the caption length the pipeline encodes (0: no T5)
     t5_tokenizer: ClassVar[str] = "tokenizer"  # the pipeline attribute holding T5's tokenizer

@@ -46,10 +46,12 @@ class Flux(Family):
     objective = "flow"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen
-    # diffusers' train_dreambooth_lora_flux.py: both streams' attention projections and feed-forwards
-    denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                        "ff_context.net.2")  # fmt: skip
+    # the attention projections of both streams (a single-stream block's attention has q / k / v only: its output
+    # projection, proj_out, is shared with the MLP); the default adds the feed-forwards, as diffusers'
+    # train_dreambooth_lora_flux.py does
+    attention_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                         "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
+    denoiser_targets = (*attention_targets, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
     # PTQ: 8-bit weights for the patch and context embedders, the time / guidance / pooled-text embedders, every
     # adaLN modulation (one row per sample: no speed cost, and its error scales every token), the output norm's

@@ -37,6 +37,7 @@ class StableDiffusion3(Family):
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's projections of both streams
     denoiser_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                         "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
+    attention_targets = denoiser_targets
     # PTQ: 8-bit weights for the patch embedding, the time / pooled-text and context embedders, every adaLN
     # modulation (one row per sample: no speed cost, and its error scales every token), the output norm's
     # modulation and the last layer, whose input stays float (EDA-DM keeps the first and last layers at 8 bits)

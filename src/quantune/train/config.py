@@ -23,6 +23,7 @@ from quantune.train.flow_matching import WEIGHTING_SCHEMES
 TASKS = ("dreambooth", "text-to-image", "full", "autoencoder")
 METHODS = ("lora", "full", "qlora", "intlora-mul", "intlora-shift")  # train/methods.py, train/quant_methods.py
 QUANT_METHODS = ("qlora", "intlora-mul", "intlora-shift")
+TARGETS_ATTENTION = "attention"  # lora.targets: the family's attention projections only (Family.attention_targets)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -96,7 +97,9 @@ class LoraSection:
     use_tucker: bool = False  # LoHa / LoKr: Tucker cores on convs with a kernel
     r: int = 4
     alpha: float | None = None
-    targets: str | list[str] | None = None  # None: the model family's (quantune.families), e.g. attention q/k/v/out
+    # None: the model family's default (quantune.families: e.g. attention q / k / v / out on a UNet, FLUX's attention
+    # and feed-forwards); "attention": the family's attention projections only; else peft's rules (lora/config.py)
+    targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -112,11 +115,14 @@ class LoraSection:
     def __post_init__(self) -> None:
         self.denoiser_config()  # validates through LoraConfig
 
-    def denoiser_config(self, default_targets=ATTENTION_TARGETS, seed: int | None = None) -> LoraConfig:
-        """The denoiser's LoraConfig; `default_targets` (the family's) where `targets` is not set."""
+    def denoiser_config(self, family=None, seed: int | None = None) -> LoraConfig:
+        """The denoiser's LoraConfig; `targets` None or "attention" read from `family` (a quantune.families
+        Family; None: a UNet's, ATTENTION_TARGETS)."""
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
-        kwargs["targets"] = list(default_targets) if self.targets is None else self.targets
+        if self.targets is None or self.targets == TARGETS_ATTENTION:
+            name = "attention_targets" if self.targets == TARGETS_ATTENTION else "denoiser_targets"
+            kwargs["targets"] = list(getattr(family, name, ATTENTION_TARGETS))
         return LoraConfig(**kwargs, seed=seed)
 
     def text_encoder_config(self, default_targets=TEXT_ENCODER_TARGETS, seed: int | None = None) -> LoraConfig:

@@ -123,7 +123,7 @@ class LoraMethod(TrainingMethod):
         if lora_layers(denoiser):  # a `lora embed` folder's adapter: trained further, whatever its type
             continue_embedded(denoiser, cfg)
         else:
-            add_lora(denoiser, cfg.lora.denoiser_config(family.denoiser_targets, seed=cfg.train.seed))
+            add_lora(denoiser, cfg.lora.denoiser_config(family, seed=cfg.train.seed))
         groups = [{"params": lora_parameters(denoiser), "lr": cfg.optim.lr}]
         for p in groups[0]["params"]:
             p.requires_grad_(True)
@@ -133,7 +133,7 @@ class LoraMethod(TrainingMethod):
 
     def export(self, pipe, out_dir: Path, cfg) -> list[Path]:
         weights = get_lora_weights(pipe)
-        config = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets)
+        config = cfg.lora.denoiser_config(family_of(pipe))
         q = write_lora(weights, out_dir / "lora.safetensors", "quantune", config.to_json(), overwrite=True)
         return [q, *interop_export(weights, out_dir, pipe)]
 

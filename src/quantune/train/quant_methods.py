@@ -142,7 +142,7 @@ class IntLoraMethod(_QuantBase):
         self.backward = cfg.quant.backward_dtype
         freeze_all(pipe)
         denoiser = family_of(pipe).denoiser_of(pipe)
-        lc = cfg.lora.denoiser_config(family_of(pipe).denoiser_targets, seed=cfg.train.seed)
+        lc = cfg.lora.denoiser_config(family_of(pipe), seed=cfg.train.seed)
         q = cfg.quant
         if lc.conv_mode == "soft":
             raise QuantuneError("IntLoRA merges into the base: lora.conv_mode = 'soft' cannot be used, set 'hard'")
