@@ -80,6 +80,7 @@ def test_lora_targets_attention_is_the_familys_attention_projections(name):
     attention = resolve_config(None, ['lora.targets="attention"']).lora.denoiser_config(family)
     assert default.targets == list(family.denoiser_targets)
     assert attention.targets == list(family.attention_targets)
+    assert attention.targets and set(attention.targets) <= set(default.targets)
     assert not any(t.startswith(("ff", "proj_mlp")) or ".ff" in t for t in attention.targets)
     assert (default.targets != attention.targets) == (name == "flux")
     given = resolve_config(None, ['lora.targets=["to_q"]']).lora.denoiser_config(family)
